@@ -1,0 +1,278 @@
+//! The inside of a container sandbox: what runs between `fork` and the
+//! guest's init. Everything here executes in a freshly forked child of the
+//! single-threaded supervisor, on data prepared before the fork.
+//!
+//! Layout of processes (host view):
+//!
+//! ```text
+//! supervisor ── C: joins the cgroup, unshares the user namespace (the
+//!               │   supervisor writes its id maps), then mount, UTS, IPC,
+//!               │   network and PID namespaces; waits for G
+//!               └── G: PID 1 of the sandbox: mounts the overlay root,
+//!                      /proc, /sys, /dev, pivot_root, exec tini → sshd
+//! ```
+//!
+//! C and G carry PR_SET_PDEATHSIG(SIGKILL), so `kill -9` of the supervisor
+//! takes the whole sandbox down: C dies, G (PID 1) dies, and the kernel
+//! kills every process in its PID namespace.
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::unistd::{chdir, pivot_root, sethostname};
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// All inputs of the in-namespace setup, prepared before fork.
+pub struct InitSpec {
+    pub hostname: String,
+    pub lower: PathBuf,
+    /// Persistent upper/work dirs, or None for a volatile (tmpfs) upper.
+    pub upper: Option<(PathBuf, PathBuf)>,
+    /// Scratch directory in the sandbox dir (mount point for the root and
+    /// for a volatile upper layer).
+    pub scratch: PathBuf,
+    pub guest_dir: PathBuf,
+    pub rootless: bool,
+    pub kvm: bool,
+    pub hosts: String,
+    pub resolv: String,
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+}
+
+/// Body of C: never returns.
+pub fn child(spec: &InitSpec, sync_up: OwnedFd, sync_down: OwnedFd, pid_out: OwnedFd, err_out: OwnedFd) -> ! {
+    let fail = |msg: String| -> ! {
+        let _ = nix::unistd::write(&err_out, msg.as_bytes());
+        // SAFETY: _exit in a forked child never runs destructors of the
+        // parent's state.
+        unsafe { libc::_exit(1) }
+    };
+    // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag on this task.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    if nix::unistd::getppid().as_raw() == 1 {
+        fail("supervisor exited during start".into());
+    }
+    let _ = nix::unistd::setsid();
+    if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
+        fail(format!("cannot create a user namespace: {e}"));
+    }
+    // Tell the supervisor to write our id maps, and wait until it has.
+    let _ = nix::unistd::write(&sync_up, b"u");
+    let mut b = [0u8; 1];
+    if nix::unistd::read(sync_down.as_raw_fd(), &mut b) != Ok(1) {
+        fail("supervisor did not map ids".into());
+    }
+    drop(sync_up);
+    drop(sync_down);
+    let root = nix::unistd::Uid::from_raw(0);
+    let rootg = nix::unistd::Gid::from_raw(0);
+    if let Err(e) = nix::unistd::setresgid(rootg, rootg, rootg).and(nix::unistd::setresuid(root, root, root)) {
+        fail(format!("cannot become root in the user namespace: {e}"));
+    }
+    let _ = nix::unistd::setgroups(&[]);
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWCGROUP;
+    if let Err(e) = unshare(flags) {
+        fail(format!("cannot create namespaces: {e}"));
+    }
+    // SAFETY: still single-threaded; G only uses prepared data.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => fail(format!("fork: {e}")),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(pid_out);
+            if let Err(msg) = pid1(spec) {
+                fail(msg);
+            }
+            unreachable_exit()
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            let _ = nix::unistd::write(&pid_out, &child.as_raw().to_ne_bytes());
+            drop(pid_out);
+            drop(err_out);
+            let code = match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
+                Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
+                _ => 1,
+            };
+            // SAFETY: _exit in a forked child.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+fn unreachable_exit() -> ! {
+    // SAFETY: _exit in a forked child.
+    unsafe { libc::_exit(127) }
+}
+
+fn m(
+    src: Option<&str>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
+    mount(src, target, fstype, flags, data).map_err(|e| {
+        format!(
+            "mount {} on {} ({}): {e}",
+            src.unwrap_or("-"),
+            target.display(),
+            fstype.unwrap_or("bind")
+        )
+    })
+}
+
+/// Body of G, PID 1 of the sandbox: set up the root and exec the init.
+fn pid1(spec: &InitSpec) -> Result<(), String> {
+    // SAFETY: prctl only sets a flag on this task.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+
+    let root = spec.scratch.join("root");
+    let (upper, work) = match &spec.upper {
+        Some((u, w)) => (u.clone(), w.clone()),
+        None => {
+            let vol = spec.scratch.join("volatile");
+            m(Some("tmpfs"), &vol, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))?;
+            let (u, w) = (vol.join("upper"), vol.join("work"));
+            fs::create_dir_all(&u).map_err(|e| e.to_string())?;
+            fs::create_dir_all(&w).map_err(|e| e.to_string())?;
+            (u, w)
+        }
+    };
+    let mut opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        spec.lower.display(),
+        upper.display(),
+        work.display()
+    );
+    if spec.rootless {
+        opts.push_str(",userxattr");
+    }
+    m(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(&opts))?;
+
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m(Some("proc"), &root.join("proc"), Some("proc"), nosuid, None)?;
+    if m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None).is_err() {
+        // Without a sysfs of our own, leave /sys empty rather than show the host's.
+    }
+    setup_dev(&root, spec.kvm)?;
+    m(Some("tmpfs"), &root.join("run"), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    fs::create_dir_all(root.join("run/sshd")).map_err(|e| format!("/run/sshd: {e}"))?;
+    let keys = root.join("etc/keystone");
+    fs::create_dir_all(&keys).map_err(|e| format!("/etc/keystone: {e}"))?;
+    m(
+        Some(&spec.guest_dir.display().to_string()),
+        &keys,
+        None,
+        MsFlags::MS_BIND,
+        None,
+    )?;
+    // Read-only: the guest may not replace its own authorized keys.
+    m(
+        None,
+        &keys,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None,
+    )?;
+    fs::write(root.join("etc/hosts"), &spec.hosts).map_err(|e| format!("/etc/hosts: {e}"))?;
+    let resolv = root.join("etc/resolv.conf");
+    let _ = fs::remove_file(&resolv);
+    fs::write(&resolv, &spec.resolv).map_err(|e| format!("/etc/resolv.conf: {e}"))?;
+    fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname)).map_err(|e| format!("/etc/hostname: {e}"))?;
+
+    chdir(&root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
+    pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| format!("detach old root: {e}"))?;
+    chdir("/").map_err(|e| format!("chdir /: {e}"))?;
+
+    sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    loopback_up().map_err(|e| format!("bring up lo: {e}"))?;
+    crate::signals::unblock_all();
+    let e = nix::unistd::execve(&spec.argv[0], &spec.argv, &spec.env);
+    Err(format!("exec {:?}: {e:?}", spec.argv[0]))
+}
+
+fn setup_dev(root: &Path, kvm: bool) -> Result<(), String> {
+    let dev = root.join("dev");
+    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    let mut nodes = vec!["null", "zero", "full", "random", "urandom", "tty"];
+    if kvm {
+        nodes.push("kvm");
+    }
+    for node in nodes {
+        let target = dev.join(node);
+        fs::write(&target, b"").map_err(|e| format!("{}: {e}", target.display()))?;
+        m(
+            Some(&format!("/dev/{node}")),
+            &target,
+            None,
+            MsFlags::MS_BIND,
+            None,
+        )?;
+    }
+    let pts = dev.join("pts");
+    fs::create_dir_all(&pts).map_err(|e| e.to_string())?;
+    m(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .or_else(|_| {
+        m(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        )
+    })?;
+    symlink("pts/ptmx", dev.join("ptmx")).map_err(|e| e.to_string())?;
+    let shm = dev.join("shm");
+    fs::create_dir_all(&shm).map_err(|e| e.to_string())?;
+    fs::set_permissions(&shm, fs::Permissions::from_mode(0o1777)).map_err(|e| e.to_string())?;
+    m(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(name)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// `ip link set lo up`, with one ioctl.
+fn loopback_up() -> Result<(), String> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo\0".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: valid socket fd and a properly initialized ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    // SAFETY: the kernel filled ifru_flags in the call above.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! The backend interface, and the backends behind it.
+//!
+//! A backend turns a guest image into a running sandbox whose SSH server is
+//! reachable on a host Unix socket ([`Instance::socket`]); everything else
+//! (exec, attach, git, rsync, the proxy) rides on SSH and is the same for
+//! every backend (DESIGN.md). The interface is deliberately small:
+//!
+//! - [`Backend::prepare`] runs in the CLI, where progress can be shown
+//!   (e.g. unpacking the image for this user);
+//! - [`Backend::run`] runs in the sandbox's supervisor process and blocks
+//!   for the sandbox's whole life, calling `on_ready` once the guest's sshd
+//!   answers, and returning once the sandbox is down and its teardown has
+//!   been verified. The supervisor asks it to stop with SIGTERM (graceful)
+//!   or SIGUSR1 (force);
+//! - [`Backend::reap`] cleans up after a supervisor that died;
+//! - [`Backend::discard_disk`] implements `--fresh` and `destroy`.
+//!
+//! Backends live in their own modules and never reach into each other.
+
+pub mod container;
+mod signals;
+
+pub use signals::{StopRequest, STOP_FORCE, STOP_GRACEFUL};
+
+use keystone_registry::Settings;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Everything a backend needs to know about one sandbox.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub name: String,
+    pub id: String,
+    /// The sandbox's directory (disk, logs).
+    pub dir: PathBuf,
+    pub settings: Settings,
+    /// The guest image's root filesystem tarball and id.
+    pub image_tar: PathBuf,
+    pub image_id: String,
+    /// Host directory with the guest's host key and authorized_keys, to be
+    /// made visible read-only at `/etc/keystone` in the guest.
+    pub guest_dir: PathBuf,
+    /// Host Unix socket on which the guest's sshd must be reachable.
+    pub socket: PathBuf,
+    /// Where backend caches live (e.g. unpacked images).
+    pub cache_dir: PathBuf,
+}
+
+impl Instance {
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+}
+
+/// Facts about a started sandbox, recorded in the registry.
+#[derive(Clone, Debug, Default)]
+pub struct Running {
+    pub runtime: BTreeMap<String, serde_json::Value>,
+    /// Lines for the user (e.g. "nested virtualization: off (...)").
+    pub notes: Vec<String>,
+}
+
+/// How a sandbox ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped because it was asked to.
+    Stopped,
+    /// The guest went down on its own (its init exited).
+    Exited(String),
+}
+
+/// Resources used right now.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Usage {
+    pub memory_bytes: Option<u64>,
+    pub disk_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Requirement(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the {backend} backend is not available yet: {what}")]
+    NotImplemented { backend: &'static str, what: String },
+}
+
+impl BackendError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
+        let context = context.into();
+        move |source| BackendError::Io { context, source }
+    }
+}
+
+impl From<nix::Error> for BackendError {
+    fn from(e: nix::Error) -> Self {
+        BackendError::Failed(e.desc().to_string())
+    }
+}
+
+pub trait Backend {
+    fn kind(&self) -> &'static str;
+
+    /// Work done in the CLI before the supervisor starts, with progress.
+    fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError>;
+
+    /// Run the sandbox (in the supervisor). See the module docs.
+    fn run(
+        &self,
+        inst: &Instance,
+        on_ready: &mut dyn FnMut(&Running) -> Result<(), String>,
+    ) -> Result<Ended, BackendError>;
+
+    /// Clean up what a dead supervisor left (processes, cgroups, sockets).
+    fn reap(&self, inst: &Instance);
+
+    /// Remove the sandbox's persistent disk.
+    fn discard_disk(&self, inst: &Instance) -> Result<(), BackendError>;
+
+    fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage;
+}
+
+/// The size of a directory tree, not following symlinks or other mounts.
+pub fn dir_size(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.blocks() * 512;
+    }
+    let dev = meta.dev();
+    let mut total = meta.blocks() * 512;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.dev() != dev {
+                continue;
+            }
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
+}
