@@ -1,0 +1,278 @@
+//! The `git` program, run on the host with a clean environment.
+
+use keystone_channel::Channel;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("git is not installed: apt-get install git")]
+    Missing,
+    #[error("{path} is not inside a git repository; run `git init` there or pass the path of a repository")]
+    NotARepo { path: PathBuf },
+    #[error("`git {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+pub struct Git {
+    repo: PathBuf,
+}
+
+/// Settings every git process we start gets, whatever the repository or
+/// user config says: no hooks, no fsmonitor, checked objects.
+const SAFE: &[&str] = &[
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "transfer.fsckObjects=true",
+    "-c",
+    "protocol.allow=never",
+    "-c",
+    "protocol.ssh.allow=always",
+];
+
+fn base(dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    // Cleared environment (as uv-git does): no GIT_DIR, GIT_SSH_COMMAND,
+    // GIT_CONFIG_* or other GIT_* from the caller can redirect us.
+    cmd.env_clear();
+    for (k, v) in keystone_channel::passthrough_env() {
+        cmd.env(k, v);
+    }
+    cmd.env("GIT_TERMINAL_PROMPT", "0");
+    cmd.arg("-C").arg(dir);
+    cmd.args(SAFE);
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+impl Git {
+    pub fn toplevel(path: &Path) -> Result<PathBuf, GitError> {
+        let out = base(path)
+            .args(["rev-parse", "--show-toplevel"])
+            .output()
+            .map_err(|_| GitError::Missing)?;
+        if !out.status.success() {
+            return Err(GitError::NotARepo { path: path.into() });
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+
+    pub fn open(repo: &Path) -> Git {
+        Git { repo: repo.into() }
+    }
+
+    fn output(&self, args: &[&str]) -> Result<Output, GitError> {
+        base(&self.repo).args(args).output().map_err(|_| GitError::Missing)
+    }
+
+    fn ok(&self, args: &[&str]) -> Result<String, GitError> {
+        let out = self.output(args)?;
+        if !out.status.success() {
+            return Err(GitError::Failed {
+                args: args.join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Run a git command that talks to the sandbox through its channel.
+    pub fn remote_op(&self, channel: &Channel, args: &[&str]) -> Result<String, GitError> {
+        channel.write_config().map_err(|e| GitError::Failed {
+            args: args.join(" "),
+            stderr: e.to_string(),
+        })?;
+        let out = base(&self.repo)
+            .env("GIT_SSH_COMMAND", channel.git_ssh_command())
+            .args(args)
+            .output()
+            .map_err(|_| GitError::Missing)?;
+        if !out.status.success() {
+            return Err(GitError::Failed {
+                args: args.iter().take(2).copied().collect::<Vec<_>>().join(" "),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn current_branch(&self) -> Result<Option<String>, GitError> {
+        let out = self.output(&["symbolic-ref", "-q", "--short", "HEAD"])?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+            .filter(|s| !s.is_empty()))
+    }
+
+    pub fn head(&self) -> Result<Option<String>, GitError> {
+        self.rev_parse("HEAD")
+    }
+
+    pub fn rev_parse(&self, rev: &str) -> Result<Option<String>, GitError> {
+        let out = self.output(&["rev-parse", "-q", "--verify", &format!("{rev}^{{commit}}")])?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+
+    /// Tracked changes (staged or not); untracked files do not count.
+    pub fn is_dirty(&self) -> Result<bool, GitError> {
+        Ok(!self.ok(&["status", "--porcelain", "--untracked-files=no"])?.is_empty())
+    }
+
+    /// Any change at all, untracked files included (for `start`'s warning).
+    pub fn has_local_changes(&self) -> Result<bool, GitError> {
+        Ok(!self.ok(&["status", "--porcelain"])?.is_empty())
+    }
+
+    pub fn identity(&self) -> (Option<String>, Option<String>) {
+        let get = |k: &str| self.ok(&["config", "--get", k]).ok().filter(|s| !s.is_empty());
+        (get("user.name"), get("user.email"))
+    }
+
+    pub fn is_ancestor(&self, a: &str, b: &str) -> Result<bool, GitError> {
+        Ok(self.output(&["merge-base", "--is-ancestor", a, b])?.status.success())
+    }
+
+    pub fn refs_under(&self, prefix: &str) -> Result<BTreeMap<String, String>, GitError> {
+        let text = self.ok(&["for-each-ref", "--format=%(objectname) %(refname)", prefix])?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let (sha, name) = l.split_once(' ')?;
+                Some((name.strip_prefix(prefix)?.to_string(), sha.to_string()))
+            })
+            .collect())
+    }
+
+    pub fn count_not_on_branches(&self, sha: &str) -> Result<u64, GitError> {
+        Ok(self
+            .ok(&["rev-list", "--count", sha, "--not", "--branches"])?
+            .parse()
+            .unwrap_or(0))
+    }
+
+    pub fn delete_ref(&self, name: &str) -> Result<(), GitError> {
+        self.ok(&["update-ref", "-d", name]).map(|_| ())
+    }
+
+    pub fn diff_report(&self, from: Option<&str>, to: &str) -> Result<crate::Report, GitError> {
+        let range = match from {
+            Some(f) => format!("{f}..{to}"),
+            None => to.to_string(),
+        };
+        let commits = self.ok(&["rev-list", "--count", &range])?.parse().unwrap_or(0);
+        let (mut files, mut ins, mut del) = (0, 0, 0);
+        let numstat = match from {
+            Some(f) => self.ok(&["diff", "--numstat", "--no-renames", f, to])?,
+            None => self.ok(&["show", "--numstat", "--format=", to])?,
+        };
+        for line in numstat.lines() {
+            let mut f = line.split('\t');
+            let (a, d) = (f.next().unwrap_or("-"), f.next().unwrap_or("-"));
+            files += 1;
+            ins += a.parse::<u64>().unwrap_or(0);
+            del += d.parse::<u64>().unwrap_or(0);
+        }
+        Ok(crate::Report {
+            branch: String::new(),
+            from: from.map(str::to_string),
+            to: to.to_string(),
+            commits,
+            files_changed: files,
+            insertions: ins,
+            deletions: del,
+            dry_run: false,
+        })
+    }
+
+    /// Move `branch` from `from` to `to` (a fast-forward) and update the
+    /// working tree; all or nothing.
+    pub fn fast_forward(&self, branch: &str, from: Option<&str>, to: &str) -> Result<(), GitError> {
+        match from {
+            // The host is on this branch (checked by the caller): a
+            // two-tree read-tree -u -m refuses to clobber local changes
+            // and only then do we move the ref.
+            Some(f) => {
+                self.ok(&["read-tree", "-u", "-m", f, to])?;
+                self.ok(&["update-ref", "-m", "keystone sync", &format!("refs/heads/{branch}"), to, f])
+                    .map(|_| ())
+            }
+            None => {
+                self.ok(&["read-tree", "-u", "-m", "HEAD", to])
+                    .or_else(|_| self.ok(&["read-tree", "-u", to]))?;
+                self.ok(&["update-ref", "-m", "keystone sync", &format!("refs/heads/{branch}"), to])
+                    .map(|_| ())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> (tempfile::TempDir, Git) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = |args: &[&str]| {
+            let ok = Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@e"])
+                .args(args)
+                .output()
+                .expect("git")
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        run(&["init", "-q", "-b", "main"]);
+        std::fs::write(dir.path().join("a"), "1\n").expect("write");
+        run(&["add", "a"]);
+        run(&["commit", "-qm", "one"]);
+        run(&["checkout", "-qb", "side"]);
+        std::fs::write(dir.path().join("a"), "1\n2\n").expect("write");
+        std::fs::write(dir.path().join("b"), "x\n").expect("write");
+        run(&["add", "a", "b"]);
+        run(&["commit", "-qm", "two"]);
+        run(&["checkout", "-q", "main"]);
+        let git = Git::open(dir.path());
+        (dir, git)
+    }
+
+    #[test]
+    fn not_a_repo_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(Git::toplevel(dir.path()), Err(GitError::NotARepo { .. })));
+    }
+
+    #[test]
+    fn fast_forward_moves_branch_and_tree() {
+        let (dir, git) = repo();
+        let main = git.rev_parse("main").expect("rev").expect("main");
+        let side = git.rev_parse("side").expect("rev").expect("side");
+        let report = git.diff_report(Some(&main), &side).expect("report");
+        assert_eq!((report.commits, report.files_changed, report.insertions), (1, 2, 2));
+        git.fast_forward("main", Some(&main), &side).expect("ff");
+        assert_eq!(git.rev_parse("main").expect("rev"), Some(side));
+        assert_eq!(std::fs::read_to_string(dir.path().join("b")).expect("b"), "x\n");
+        assert!(!git.is_dirty().expect("status"));
+    }
+
+    #[test]
+    fn fast_forward_refuses_to_clobber_local_changes() {
+        let (dir, git) = repo();
+        let main = git.rev_parse("main").expect("rev").expect("main");
+        let side = git.rev_parse("side").expect("rev").expect("side");
+        std::fs::write(dir.path().join("a"), "local\n").expect("write");
+        assert!(git.fast_forward("main", Some(&main), &side).is_err());
+        assert_eq!(git.rev_parse("main").expect("rev"), Some(main));
+        assert_eq!(std::fs::read_to_string(dir.path().join("a")).expect("a"), "local\n");
+    }
+}
