@@ -1,0 +1,1252 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::file::line_column;
+
+/// A project dir and a user file in a temporary directory.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn user_path(&self) -> PathBuf {
+        self.dir.path().join("user").join("agent.toml")
+    }
+
+    fn project_dir(&self) -> PathBuf {
+        self.dir.path().join("project")
+    }
+
+    fn project_path(&self) -> PathBuf {
+        self.project_dir().join(PROJECT_FILE)
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+
+    fn user(&self, text: &str) -> &Self {
+        Self::write(&self.user_path(), text);
+        self
+    }
+
+    fn project(&self, text: &str) -> &Self {
+        Self::write(&self.project_path(), text);
+        self
+    }
+
+    fn inputs(&self) -> Inputs {
+        Inputs {
+            user_file: Some(self.user_path()),
+            project_dir: Some(self.project_dir()),
+            env: BTreeMap::new(),
+            flags: Vec::new(),
+        }
+    }
+}
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Loads a user file with `text` and returns the error message.
+fn file_error(text: &str) -> (String, PathBuf) {
+    let fx = Fixture::new();
+    fx.user(text);
+    let err = load(&fx.inputs()).expect_err("the file should be rejected");
+    assert!(matches!(err, ConfigError::File { .. }), "{err:?}");
+    (err.to_string(), fx.user_path())
+}
+
+fn file_ok(text: &str) -> Effective {
+    let fx = Fixture::new();
+    fx.user(text);
+    load(&fx.inputs()).expect("the file should load")
+}
+
+fn flag_result(key: &'static str, value: &str) -> Result<Effective, ConfigError> {
+    load(&Inputs {
+        flags: vec![Flag::new(key, "--test", value)],
+        ..Inputs::default()
+    })
+}
+
+// ---- defaults and precedence ----
+
+#[test]
+fn no_inputs_gives_the_defaults_with_default_origins() {
+    let effective = load(&Inputs::default()).expect("load");
+    assert_eq!(effective.config, Config::default());
+    assert_eq!(effective.config.defaults.memory, 8192);
+    assert_eq!(effective.config.defaults.vcpus, 4);
+    assert_eq!(effective.config.backend.kind, BackendKind::Microvm);
+    assert_eq!(effective.config.proxy.domain, "sandbox.localhost");
+    assert!(effective.config.guest.agents.claude.enable);
+    assert!(!effective.config.guest.agents.gemini.enable);
+    assert!(effective.config.guest.agents.codex.auto_accept);
+    assert_eq!(
+        effective.config.guest.forward_env,
+        DEFAULT_FORWARD_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    );
+    for entry in effective.entries() {
+        assert_eq!(entry.origin, Origin::Default, "{}", entry.key);
+    }
+}
+
+#[test]
+fn missing_user_and_project_files_are_not_errors() {
+    let fx = Fixture::new();
+    assert!(!fx.user_path().exists());
+    let effective = load(&fx.inputs()).expect("missing files are fine");
+    assert_eq!(effective.config, Config::default());
+}
+
+#[test]
+fn precedence_flag_over_env_over_project_over_user_over_default() {
+    let fx = Fixture::new();
+    fx.user(
+        "[defaults]\nmemory = 2048\nvcpus = 2\nnetwork = \"none\"\nsync_mode = \"auto-idle\"\n",
+    );
+    fx.project("[defaults]\nmemory = 4096\nvcpus = 8\nnetwork = \"bridge\"\n");
+    let mut inputs = fx.inputs();
+    inputs.env = env(&[
+        ("KEYSTONE_AGENT_MEMORY", "6144"),
+        ("KEYSTONE_AGENT_VCPUS", "16"),
+    ]);
+    inputs.flags = vec![Flag::new("defaults.memory", "--memory", "16384")];
+
+    let effective = load(&inputs).expect("load");
+    let d = &effective.config.defaults;
+    assert_eq!(d.memory, 16384);
+    assert_eq!(d.vcpus, 16);
+    assert_eq!(d.network, NetworkMode::Bridge);
+    assert_eq!(d.sync_mode, SyncMode::AutoIdle);
+    assert_eq!(d.sync_idle_seconds, 30);
+
+    let origin = |key| effective.origin(key).cloned().expect(key);
+    assert_eq!(origin("defaults.memory"), Origin::Flag("--memory".into()));
+    assert_eq!(
+        origin("defaults.vcpus"),
+        Origin::Env("KEYSTONE_AGENT_VCPUS".into())
+    );
+    assert_eq!(
+        origin("defaults.network"),
+        Origin::ProjectFile(fx.project_path())
+    );
+    assert_eq!(
+        origin("defaults.sync_mode"),
+        Origin::UserFile(fx.user_path())
+    );
+    assert_eq!(origin("defaults.sync_idle_seconds"), Origin::Default);
+    assert_eq!(effective.origin("defaults.nope"), None);
+}
+
+#[test]
+fn later_flags_win_over_earlier_ones() {
+    let effective = load(&Inputs {
+        flags: vec![
+            Flag::new("defaults.nested_virt", "--nested", "true"),
+            Flag::new("defaults.nested_virt", "--no-nested", "false"),
+        ],
+        ..Inputs::default()
+    })
+    .expect("load");
+    assert!(!effective.config.defaults.nested_virt);
+    assert_eq!(
+        effective.origin("defaults.nested_virt"),
+        Some(&Origin::Flag("--no-nested".into()))
+    );
+}
+
+#[test]
+fn lists_from_a_higher_layer_replace_lower_ones() {
+    let fx = Fixture::new();
+    fx.user("[guest]\npackages = [\"git\", \"jq\"]\n");
+    fx.project("[guest]\npackages = [\"ripgrep\"]\n");
+    let effective = load(&fx.inputs()).expect("load");
+    assert_eq!(effective.config.guest.packages, vec!["ripgrep"]);
+}
+
+#[test]
+fn origin_display() {
+    assert_eq!(Origin::Default.to_string(), "default");
+    assert_eq!(
+        Origin::UserFile("/home/u/.config/keystone/agent.toml".into()).to_string(),
+        "user file /home/u/.config/keystone/agent.toml"
+    );
+    assert_eq!(
+        Origin::ProjectFile("/p/.keystone/agent.toml".into()).to_string(),
+        "project file /p/.keystone/agent.toml"
+    );
+    assert_eq!(
+        Origin::Env("KEYSTONE_AGENT_MEMORY".into()).to_string(),
+        "env KEYSTONE_AGENT_MEMORY"
+    );
+    assert_eq!(Origin::Flag("--memory".into()).to_string(), "flag --memory");
+}
+
+#[test]
+fn origin_and_entry_serialize_to_json() {
+    let json = serde_json::to_value(Origin::UserFile("/u.toml".into())).expect("json");
+    assert_eq!(
+        json,
+        serde_json::json!({"kind": "user-file", "source": "/u.toml"})
+    );
+    let json = serde_json::to_value(Origin::Default).expect("json");
+    assert_eq!(json, serde_json::json!({"kind": "default"}));
+    let effective = Effective::default();
+    let entries = serde_json::to_value(effective.entries()).expect("json");
+    assert_eq!(
+        entries[0],
+        serde_json::json!({"key": "defaults.memory", "value": "8192", "origin": {"kind": "default"}})
+    );
+}
+
+// ---- files: positions ----
+
+#[test]
+fn line_column_is_one_based_and_counts_characters() {
+    let text = "ab\ncdé fg\n";
+    assert_eq!(line_column(text, 0), (1, 1));
+    assert_eq!(line_column(text, 3), (2, 1));
+    // 'é' is two bytes but one column: 'f' is the 5th character of line 2.
+    assert_eq!(line_column(text, text.find('f').expect("f")), (2, 5));
+    assert_eq!(line_column(text, 999), (3, 1));
+}
+
+#[test]
+fn syntax_error_reports_path_line_column() {
+    let (message, path) = file_error("[defaults]\nmemory = 4096\nvcpus = = 2\n");
+    let prefix = format!("{}:3:9: invalid TOML: ", path.display());
+    assert!(message.starts_with(&prefix), "{message}");
+}
+
+#[test]
+fn unterminated_table_header_is_a_syntax_error() {
+    let (message, path) = file_error("\n\n[defaults\nmemory = 4096\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:3:10: invalid TOML: invalid table header; expected `.`, `]`",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn duplicate_key_is_reported_with_position() {
+    let (message, path) = file_error("[defaults]\nmemory = 4096\nmemory = 2048\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:3:1: invalid TOML: duplicate key `memory` in table `defaults`",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn unknown_key_points_at_the_key_and_lists_allowed_keys() {
+    let (message, path) = file_error("[defaults]\nmemory = 4096\n  memroy = 1\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:3:3: unknown key `memroy` in [defaults] (did you mean `memory`?); allowed keys are: \
+             memory, vcpus, nested_virt, network, sync_mode, sync_idle_seconds, env_files, persist, \
+             artifacts, strict",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn unknown_key_in_nested_and_dotted_tables() {
+    let (message, path) = file_error("[guest.agents.claude]\nenable = true\nauto-accept = true\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:3:1: unknown key `auto-accept` in [guest.agents.claude] (did you mean `auto_accept`?); \
+             allowed keys are: enable, auto_accept",
+            path.display()
+        )
+    );
+
+    let (message, _) = file_error("[guest.agents.copilot]\nenable = true\n");
+    assert!(
+        message.contains(
+            "unknown key `copilot` in [guest.agents]; allowed keys are: claude, gemini, codex"
+        ),
+        "{message}"
+    );
+
+    let (message, path) = file_error("proxy.enable = true\nproxy.prot = 1\n");
+    assert!(
+        message.starts_with(&format!(
+            "{}:2:7: unknown key `prot` in [proxy]",
+            path.display()
+        )),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_top_level_key_lists_the_tables() {
+    let (message, path) = file_error("\nmemory = 4096\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:2:1: unknown top-level key `memory`; the top level only holds the tables: \
+             defaults, backend, proxy, guest, session",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn unknown_top_level_table_lists_the_tables() {
+    let (message, path) = file_error("[default]\nmemory = 4096\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:1:2: unknown table `default` (did you mean `defaults`?); the top level only \
+             holds the tables: defaults, backend, proxy, guest, session",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn bad_enum_in_file_points_at_the_value() {
+    let (message, path) = file_error("[defaults]\nnetwork = \"wifi\"\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:2:11: network must be one of: nat, none, bridge",
+            path.display()
+        )
+    );
+    let (message, path) = file_error("[backend]\ntype = \"docker\"\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:2:8: backend.type must be one of: microvm, container, kubernetes",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn memory_512_in_file_points_at_the_value() {
+    let (message, path) = file_error("# mine\n[defaults]\nmemory = 512\n");
+    assert_eq!(
+        message,
+        format!("{}:3:10: memory must be at least 1024 MB", path.display())
+    );
+}
+
+#[test]
+fn wrong_type_in_file_points_at_the_value() {
+    let (message, path) = file_error("[defaults]\nmemory = \"lots\"\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:2:10: memory must be an integer, not a string",
+            path.display()
+        )
+    );
+    let (message, _) = file_error("[proxy]\nenable = \"yes\"\n");
+    assert!(
+        message.ends_with(":2:10: proxy.enable must be true or false, not a string"),
+        "{message}"
+    );
+    let (message, _) = file_error("[guest]\npackages = \"git\"\n");
+    assert!(
+        message.ends_with(":2:12: guest.packages must be a list of strings, not a string"),
+        "{message}"
+    );
+    let (message, _) = file_error("[defaults]\nnetwork = 1\n");
+    assert!(
+        message.ends_with(
+            ":2:11: network must be one of the strings nat, none, bridge, not an integer"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_list_element_points_at_the_element() {
+    let (message, path) = file_error("[guest]\npackages = [\"git\", 7, \"jq\"]\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:2:20: guest.packages must be a list of strings, but this element is an integer",
+            path.display()
+        )
+    );
+    let (message, _) = file_error("[guest]\npackages = [\"git\", \"Bad_Pkg\"]\n");
+    assert!(
+        message.contains(":2:20: guest.packages entry \"Bad_Pkg\" is not a Debian package name"),
+        "{message}"
+    );
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let (message, _) =
+        file_error("guest = { mirror = \"http://ü.example/debian\", suite = \"Trixie\" }\n");
+    // `"Trixie"` starts at character 55 (byte 56: 'ü' is two bytes).
+    assert!(message.contains(":1:55: guest.suite must be"), "{message}");
+}
+
+#[test]
+fn tables_and_values_must_not_be_swapped() {
+    let (message, path) = file_error("defaults = 3\n");
+    assert_eq!(
+        message,
+        format!(
+            "{}:1:1: `defaults` must be a table, written [defaults]",
+            path.display()
+        )
+    );
+    let (message, path) = file_error("[defaults.memory]\nsize = 1\n");
+    assert!(
+        message.starts_with(&format!(
+            "{}:1:11: memory must be a value, not a table",
+            path.display()
+        )),
+        "{message}"
+    );
+    let (message, _) = file_error("[[guest]]\nsuite = \"sid\"\n");
+    assert!(message.contains("`guest` must be a table"), "{message}");
+}
+
+#[test]
+fn dotted_keys_and_inline_tables_are_accepted() {
+    let effective = file_ok(
+        "defaults.memory = 2048\nproxy = { port = 9000, domain = \"dev.localhost\" }\n\
+         [guest]\nagents.gemini.enable = true\n",
+    );
+    assert_eq!(effective.config.defaults.memory, 2048);
+    assert_eq!(effective.config.proxy.port, 9000);
+    assert_eq!(effective.config.proxy.domain, "dev.localhost");
+    assert!(effective.config.guest.agents.gemini.enable);
+}
+
+#[test]
+fn the_spec_example_file_loads() {
+    let effective = file_ok(
+        r#"
+[defaults]
+memory = 8192
+vcpus = 4
+nested_virt = true
+network = "nat"          # nat | none | bridge
+sync_mode = "manual"     # manual | auto-commit | auto-idle
+sync_idle_seconds = 30
+env_files = [".env*"]
+persist = true
+
+[backend]
+type = "microvm"         # microvm | container | kubernetes
+
+[backend.microvm]
+hypervisor = "qemu"      # qemu | firecracker | cloud-hypervisor
+share_proto = "virtiofs" # virtiofs | 9p, for the opt-in live share
+
+[backend.kubernetes]
+context = ""
+namespace = "agent-sandboxes"
+storage_class = "standard"
+
+[proxy]
+enable = true
+domain = "sandbox.localhost"
+port = 8080
+
+[guest]
+packages = []
+[guest.agents.claude]
+enable = true
+auto_accept = true
+[guest.agents.gemini]
+enable = false
+[guest.agents.codex]
+enable = false
+"#,
+    );
+    assert_eq!(effective.config, Config::default());
+    assert!(matches!(
+        effective.origin("backend.type"),
+        Some(Origin::UserFile(_))
+    ));
+    assert_eq!(effective.origin("guest.suite"), Some(&Origin::Default));
+}
+
+#[test]
+fn a_bad_file_is_reported_even_when_a_flag_overrides_the_key() {
+    let fx = Fixture::new();
+    fx.project("[defaults]\nmemory = 512\n");
+    let mut inputs = fx.inputs();
+    inputs.flags = vec![Flag::new("defaults.memory", "--memory", "4096")];
+    let err = load(&inputs).expect_err("bad project file");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}:2:10: memory must be at least 1024 MB",
+            fx.project_path().display()
+        )
+    );
+    assert_eq!(
+        err.location(),
+        Some(format!("{}:2:10", fx.project_path().display()))
+    );
+}
+
+#[test]
+fn an_unreadable_user_file_is_an_error() {
+    let fx = Fixture::new();
+    std::fs::create_dir_all(fx.user_path()).expect("mkdir");
+    let err = load(&fx.inputs()).expect_err("a directory is not a file");
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot read config file {}",
+            fx.user_path().display()
+        )),
+        "{err}"
+    );
+}
+
+// ---- environment ----
+
+#[test]
+fn env_invalid_value_names_the_variable_and_value() {
+    let err = load(&Inputs {
+        env: env(&[("KEYSTONE_AGENT_MEMORY", "512")]),
+        ..Inputs::default()
+    })
+    .expect_err("512 MB is too little");
+    assert_eq!(
+        err.to_string(),
+        "KEYSTONE_AGENT_MEMORY=512: memory must be at least 1024 MB"
+    );
+    assert_eq!(err.location(), Some("KEYSTONE_AGENT_MEMORY".to_string()));
+
+    let err = load(&Inputs {
+        env: env(&[("KEYSTONE_AGENT_VCPUS", "four")]),
+        ..Inputs::default()
+    })
+    .expect_err("not a number");
+    assert_eq!(
+        err.to_string(),
+        "KEYSTONE_AGENT_VCPUS=four: vcpus must be a whole number"
+    );
+}
+
+#[test]
+fn env_booleans_accept_true_false_1_0() {
+    for (text, expected) in [
+        ("true", true),
+        ("false", false),
+        ("1", true),
+        ("0", false),
+        ("TRUE", true),
+        (" False ", false),
+    ] {
+        let effective = load(&Inputs {
+            env: env(&[
+                ("KEYSTONE_AGENT_PERSIST", text),
+                ("KEYSTONE_AGENT_NESTED_VIRT", text),
+            ]),
+            ..Inputs::default()
+        })
+        .expect(text);
+        assert_eq!(effective.config.defaults.persist, expected, "{text}");
+        assert_eq!(effective.config.defaults.nested_virt, expected, "{text}");
+    }
+    for text in ["yes", "2", ""] {
+        let err = load(&Inputs {
+            env: env(&[("KEYSTONE_AGENT_PERSIST", text)]),
+            ..Inputs::default()
+        })
+        .expect_err(text);
+        assert_eq!(
+            err.to_string(),
+            format!("KEYSTONE_AGENT_PERSIST={text}: persist must be true or false (or 1 or 0)")
+        );
+    }
+}
+
+#[test]
+fn env_lists_are_comma_separated() {
+    let effective = load(&Inputs {
+        env: env(&[
+            ("KEYSTONE_AGENT_PACKAGES", "git, ripgrep,,jq "),
+            ("KEYSTONE_AGENT_FORWARD_ENV", ""),
+            ("KEYSTONE_AGENT_ARTIFACTS", "target/release/app,dist"),
+        ]),
+        ..Inputs::default()
+    })
+    .expect("load");
+    assert_eq!(
+        effective.config.guest.packages,
+        vec!["git", "ripgrep", "jq"]
+    );
+    assert!(effective.config.guest.forward_env.is_empty());
+    assert_eq!(
+        effective.config.defaults.artifacts,
+        vec!["target/release/app", "dist"]
+    );
+    assert_eq!(
+        effective.origin("guest.forward_env"),
+        Some(&Origin::Env("KEYSTONE_AGENT_FORWARD_ENV".into()))
+    );
+
+    let err = load(&Inputs {
+        env: env(&[("KEYSTONE_AGENT_ARTIFACTS", "dist,../outside")]),
+        ..Inputs::default()
+    })
+    .expect_err("escapes the workspace");
+    assert!(
+        err.to_string().starts_with(
+            "KEYSTONE_AGENT_ARTIFACTS=dist,../outside: artifacts entry \"../outside\" must be"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn env_names_from_the_spec_set_their_keys() {
+    let effective = load(&Inputs {
+        env: env(&[
+            ("KEYSTONE_AGENT_BACKEND", "kubernetes"),
+            ("KEYSTONE_AGENT_MEMORY", "2048"),
+            ("KEYSTONE_AGENT_VCPUS", "2"),
+            ("KEYSTONE_AGENT_SYNC_MODE", "auto-commit"),
+            ("KEYSTONE_AGENT_NETWORK", "none"),
+            ("KEYSTONE_AGENT_PROFILE", "minimal"),
+            ("KEYSTONE_AGENT_PROXY_ENABLE", "0"),
+            ("KEYSTONE_AGENT_PROXY_PORT", "9090"),
+            ("KEYSTONE_AGENT_PROXY_DOMAIN", "box.localhost"),
+            ("KEYSTONE_AGENT_MULTIPLEXER", "zellij"),
+            ("KEYSTONE_AGENT_MIRROR", "https://mirror.example/debian"),
+            ("KEYSTONE_AGENT_SUITE", "bookworm"),
+        ]),
+        ..Inputs::default()
+    })
+    .expect("load");
+    let c = &effective.config;
+    assert_eq!(c.backend.kind, BackendKind::Kubernetes);
+    assert_eq!(c.defaults.memory, 2048);
+    assert_eq!(c.defaults.vcpus, 2);
+    assert_eq!(c.defaults.sync_mode, SyncMode::AutoCommit);
+    assert_eq!(c.defaults.network, NetworkMode::None);
+    assert_eq!(c.guest.profile, Profile::Minimal);
+    assert!(!c.proxy.enable);
+    assert_eq!(c.proxy.port, 9090);
+    assert_eq!(c.proxy.domain, "box.localhost");
+    assert_eq!(c.session.multiplexer, Multiplexer::Zellij);
+    assert_eq!(c.guest.mirror, "https://mirror.example/debian");
+    assert_eq!(c.guest.suite, "bookworm");
+    assert_eq!(
+        effective.origin("backend.type"),
+        Some(&Origin::Env("KEYSTONE_AGENT_BACKEND".into()))
+    );
+}
+
+#[test]
+fn unknown_prefixed_variables_and_the_config_variable_are_ignored() {
+    let effective = load(&Inputs {
+        env: env(&[
+            ("KEYSTONE_AGENT_SOMETHING_ELSE", "whatever"),
+            ("KEYSTONE_AGENT_CONFIG", "/nonexistent/agent.toml"),
+            ("HOME", "/home/x"),
+        ]),
+        ..Inputs::default()
+    })
+    .expect("load");
+    assert_eq!(effective, Effective::default());
+}
+
+#[test]
+fn env_table_matches_the_key_table() {
+    let keys = keys();
+    let mut vars = std::collections::BTreeSet::new();
+    for (key, var) in env::VARS {
+        assert!(keys.contains(key), "{var} names unknown key {key}");
+        assert!(var.starts_with(env::PREFIX), "{var}");
+        assert_ne!(*var, env::CONFIG);
+        assert!(vars.insert(*var), "{var} listed twice");
+    }
+    for key in &keys {
+        assert!(env::var_for(key).is_some(), "{key} has no variable");
+    }
+    assert_eq!(env::var_for("backend.type"), Some("KEYSTONE_AGENT_BACKEND"));
+    assert_eq!(
+        env::key_for("KEYSTONE_AGENT_MEMORY"),
+        Some("defaults.memory")
+    );
+    assert_eq!(env::key_for("KEYSTONE_AGENT_VCPUS"), Some("defaults.vcpus"));
+    assert_eq!(
+        env::key_for("KEYSTONE_AGENT_SYNC_MODE"),
+        Some("defaults.sync_mode")
+    );
+    assert_eq!(
+        env::key_for("KEYSTONE_AGENT_PROFILE"),
+        Some("guest.profile")
+    );
+    assert_eq!(env::key_for("KEYSTONE_AGENT_MIRROR"), Some("guest.mirror"));
+}
+
+#[test]
+fn user_config_path_follows_the_override_then_xdg_then_home() {
+    let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    };
+    let path = env::user_config_path_with(lookup(&[
+        ("KEYSTONE_AGENT_CONFIG", "/etc/ks.toml"),
+        ("XDG_CONFIG_HOME", "/xdg"),
+        ("HOME", "/home/u"),
+    ]));
+    assert_eq!(path, Some(PathBuf::from("/etc/ks.toml")));
+    let path = env::user_config_path_with(lookup(&[
+        ("KEYSTONE_AGENT_CONFIG", ""),
+        ("XDG_CONFIG_HOME", "/xdg"),
+        ("HOME", "/home/u"),
+    ]));
+    assert_eq!(path, Some(PathBuf::from("/xdg/keystone/agent.toml")));
+    let path = env::user_config_path_with(lookup(&[
+        ("XDG_CONFIG_HOME", "relative"),
+        ("HOME", "/home/u"),
+    ]));
+    assert_eq!(
+        path,
+        Some(PathBuf::from("/home/u/.config/keystone/agent.toml"))
+    );
+    assert_eq!(env::user_config_path_with(lookup(&[])), None);
+}
+
+// ---- flags ----
+
+#[test]
+fn flag_invalid_value_names_the_flag_and_value() {
+    let err = load(&Inputs {
+        flags: vec![Flag::new("defaults.memory", "--memory", "512")],
+        ..Inputs::default()
+    })
+    .expect_err("512 MB is too little");
+    assert_eq!(
+        err.to_string(),
+        "--memory 512: memory must be at least 1024 MB"
+    );
+    assert_eq!(err.location(), Some("--memory".to_string()));
+
+    let err = load(&Inputs {
+        flags: vec![Flag::new("defaults.network", "--network", "wifi")],
+        ..Inputs::default()
+    })
+    .expect_err("no such mode");
+    assert_eq!(
+        err.to_string(),
+        "--network wifi: network must be one of: nat, none, bridge"
+    );
+}
+
+#[test]
+fn a_flag_for_an_unknown_key_is_a_caller_bug() {
+    let err = flag_result("defaults.memroy", "1").expect_err("unknown key");
+    assert!(
+        matches!(err, ConfigError::UnknownFlagKey { ref key, .. } if key == "defaults.memroy"),
+        "{err:?}"
+    );
+}
+
+// ---- validation rules, one per key ----
+
+#[test]
+fn every_validation_rule_accepts_and_rejects() {
+    // (key, accepted values, rejected values, words the rejection must contain)
+    let cases: &[(&'static str, &[&str], &[&str], &str)] = &[
+        (
+            "defaults.memory",
+            &["1024", "65536", "4294967295"],
+            &["1023", "0", "-1", "4294967296"],
+            "memory must be at",
+        ),
+        (
+            "defaults.vcpus",
+            &["1", "256"],
+            &["0", "257"],
+            "vcpus must be between 1 and 256",
+        ),
+        (
+            "defaults.sync_idle_seconds",
+            &["1", "86400"],
+            &["0"],
+            "sync_idle_seconds must be at least 1",
+        ),
+        (
+            "defaults.network",
+            &["nat", "none", "bridge"],
+            &["NAT", "wifi", ""],
+            "network must be one of: nat, none, bridge",
+        ),
+        (
+            "defaults.sync_mode",
+            &["manual", "auto-commit", "auto-idle"],
+            &["auto_commit", "auto"],
+            "sync_mode must be one of: manual, auto-commit, auto-idle",
+        ),
+        (
+            "defaults.env_files",
+            &[".env*", "config/.env.local", "./.env"],
+            &["../.env", "/etc/passwd", "a/../../b"],
+            "env_files entry",
+        ),
+        (
+            "defaults.artifacts",
+            &["target/release/app", "dist", ""],
+            &["/abs", "a/../../b", ".."],
+            "must be a relative path inside the workspace",
+        ),
+        (
+            "defaults.strict",
+            &["true", "0"],
+            &["strict"],
+            "strict must be true or false",
+        ),
+        (
+            "backend.type",
+            &["microvm", "container", "kubernetes"],
+            &["docker"],
+            "backend.type must be one of: microvm, container, kubernetes",
+        ),
+        (
+            "backend.microvm.hypervisor",
+            &["qemu", "firecracker", "cloud-hypervisor"],
+            &["kvm"],
+            "one of: qemu, firecracker, cloud-hypervisor",
+        ),
+        (
+            "backend.microvm.share_proto",
+            &["virtiofs", "9p"],
+            &["nfs"],
+            "one of: virtiofs, 9p",
+        ),
+        (
+            "backend.microvm.workspace",
+            &["clone", "share"],
+            &["copy"],
+            "one of: clone, share",
+        ),
+        (
+            "backend.microvm.bridge",
+            &["", "br0", "virbr0", "br-lan.10"],
+            &["this-name-is-too-long", "br 0", "br/0"],
+            "network interface name",
+        ),
+        (
+            "backend.microvm.kernel",
+            &["", "/boot/vmlinuz"],
+            &["vmlinuz", "./vmlinuz"],
+            "must be an absolute path",
+        ),
+        (
+            "backend.microvm.initrd",
+            &["", "/boot/initrd.img"],
+            &["initrd.img"],
+            "must be an absolute path",
+        ),
+        (
+            "backend.kubernetes.context",
+            &["", "kind-kind", "arn:aws:eks:x"],
+            &["a\u{7}b"],
+            "control characters",
+        ),
+        (
+            "backend.kubernetes.namespace",
+            &["agent-sandboxes", "a", "x1"],
+            &["", "Agents", "-x", "x-", "a.b", &"a".repeat(64)],
+            "DNS-1123 label",
+        ),
+        (
+            "backend.kubernetes.storage_class",
+            &["", "standard", "fast.ssd"],
+            &["Fast", "-x", "a_b"],
+            "DNS-1123 subdomain",
+        ),
+        (
+            "backend.kubernetes.image",
+            &["", "ghcr.io/x/y:1.2"],
+            &["a b"],
+            "must not contain whitespace",
+        ),
+        (
+            "backend.kubernetes.pull_policy",
+            &["always", "if-not-present", "never"],
+            &["IfNotPresent"],
+            "one of: always, if-not-present, never",
+        ),
+        (
+            "proxy.enable",
+            &["false", "1"],
+            &["on"],
+            "proxy.enable must be true or false",
+        ),
+        (
+            "proxy.domain",
+            &["sandbox.localhost", "localhost", "a-b.example.com"],
+            &[
+                "",
+                "bad_domain",
+                "a..b",
+                "-a.b",
+                "a.b.",
+                "Sandbox.localhost",
+            ],
+            "proxy.domain must be a DNS name",
+        ),
+        (
+            "proxy.port",
+            &["1", "8080", "65535"],
+            &["0", "65536", "-80"],
+            "proxy.port must be between 1 and 65535",
+        ),
+        (
+            "guest.profile",
+            &["minimal", "full"],
+            &["tiny"],
+            "guest.profile must be one of: minimal, full",
+        ),
+        (
+            "guest.suite",
+            &["trixie", "bookworm-backports", "sid"],
+            &["", "Trixie", "a/b"],
+            "guest.suite must be a Debian suite",
+        ),
+        (
+            "guest.mirror",
+            &["http://deb.debian.org/debian", "https://m.example:8443/d"],
+            &["ftp://x", "http://", "deb.debian.org", "https:// x"],
+            "guest.mirror must be an http:// or https:// URL",
+        ),
+        (
+            "guest.packages",
+            &["git", "g++", "libc6-dev", "python3.11", "git,jq"],
+            &["a", "Git", "-x", "git,foo_bar"],
+            "is not a Debian package name",
+        ),
+        (
+            "guest.forward_env",
+            &["MY_TOKEN", "_X", "a1"],
+            &["1X", "A-B", "X,Y Z"],
+            "is not an environment variable name",
+        ),
+        (
+            "guest.agents.claude.enable",
+            &["false"],
+            &["maybe"],
+            "guest.agents.claude.enable must be true or false",
+        ),
+        (
+            "guest.agents.codex.auto_accept",
+            &["0"],
+            &["nope"],
+            "guest.agents.codex.auto_accept must be true or false",
+        ),
+        (
+            "session.multiplexer",
+            &["tmux", "zellij"],
+            &["screen"],
+            "session.multiplexer must be one of: tmux, zellij",
+        ),
+    ];
+    let mut covered = std::collections::BTreeSet::new();
+    for (key, good, bad, words) in cases {
+        covered.insert(*key);
+        for value in *good {
+            let effective = flag_result(key, value)
+                .unwrap_or_else(|e| panic!("{key} = {value:?} should be accepted: {e}"));
+            assert_eq!(
+                effective.origin(key),
+                Some(&Origin::Flag("--test".into())),
+                "{key}"
+            );
+        }
+        for value in *bad {
+            let err = flag_result(key, value)
+                .expect_err(&format!("{key} = {value:?} should be rejected"));
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!("--test {value}: ")),
+                "{message}"
+            );
+            assert!(message.contains(words), "{key}={value:?}: {message}");
+        }
+    }
+    // Every key that has a rule beyond its type is covered above.
+    for key in [
+        "defaults.memory",
+        "defaults.vcpus",
+        "defaults.sync_idle_seconds",
+        "defaults.env_files",
+        "defaults.artifacts",
+        "backend.microvm.bridge",
+        "backend.microvm.kernel",
+        "backend.microvm.initrd",
+        "backend.kubernetes.namespace",
+        "backend.kubernetes.storage_class",
+        "proxy.domain",
+        "proxy.port",
+        "guest.suite",
+        "guest.mirror",
+        "guest.packages",
+        "guest.forward_env",
+    ] {
+        assert!(covered.contains(key), "{key} has no validation test");
+    }
+}
+
+#[test]
+fn the_same_rules_apply_in_files() {
+    let (message, path) = file_error("[proxy]\ndomain = \"bad_domain\"\n");
+    assert!(
+        message.starts_with(&format!(
+            "{}:2:10: proxy.domain must be a DNS name",
+            path.display()
+        )),
+        "{message}"
+    );
+    let (message, _) = file_error("[defaults]\nartifacts = [\"dist\", \"/etc\"]\n");
+    assert!(
+        message.contains(
+            ":2:22: artifacts entry \"/etc\" must be a relative path inside the workspace"
+        ),
+        "{message}"
+    );
+    let (message, _) = file_error("[proxy]\nport = 70000\n");
+    assert!(
+        message.ends_with(":2:8: proxy.port must be between 1 and 65535"),
+        "{message}"
+    );
+    let (message, _) = file_error("[backend.kubernetes]\nnamespace = \"Agents\"\n");
+    assert!(
+        message.contains(":2:13: backend.kubernetes.namespace must be a DNS-1123 label"),
+        "{message}"
+    );
+}
+
+// ---- entries ----
+
+/// Dotted paths of every leaf of a JSON value (arrays are leaves).
+fn leaves(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaves(v, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn entries_list_every_leaf_key_of_config() {
+    let effective = Effective::default();
+    let entries = effective.entries();
+    let mut listed: Vec<String> = entries.iter().map(|e| e.key.clone()).collect();
+    let mut expected = Vec::new();
+    leaves(
+        &serde_json::to_value(Config::default()).expect("json"),
+        "",
+        &mut expected,
+    );
+    assert_eq!(expected.len(), 37);
+    listed.sort();
+    expected.sort();
+    assert_eq!(listed, expected);
+}
+
+#[test]
+fn entries_render_values_as_toml_in_layout_order() {
+    let effective = Effective::default();
+    let entries = effective.entries();
+    let get = |key: &str| {
+        entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.value.clone())
+            .expect(key)
+    };
+    assert_eq!(entries[0].key, "defaults.memory");
+    assert_eq!(
+        entries.last().map(|e| e.key.as_str()),
+        Some("session.multiplexer")
+    );
+    assert_eq!(get("defaults.memory"), "8192");
+    assert_eq!(get("defaults.nested_virt"), "true");
+    assert_eq!(get("defaults.network"), "\"nat\"");
+    assert_eq!(get("defaults.env_files"), "[\".env*\"]");
+    assert_eq!(get("defaults.artifacts"), "[]");
+    assert_eq!(get("backend.type"), "\"microvm\"");
+    assert_eq!(get("backend.microvm.kernel"), "\"\"");
+    assert_eq!(get("backend.kubernetes.pull_policy"), "\"if-not-present\"");
+    assert_eq!(get("proxy.port"), "8080");
+    assert_eq!(
+        effective.value("proxy.domain").as_deref(),
+        Some("\"sandbox.localhost\"")
+    );
+    assert_eq!(effective.value("nope"), None);
+}
+
+#[test]
+fn rendered_entries_load_back_to_the_same_config() {
+    // A configuration where every key differs from its default.
+    let flags = vec![
+        Flag::new("defaults.memory", "--memory", "2048"),
+        Flag::new("defaults.vcpus", "--vcpus", "3"),
+        Flag::new("defaults.nested_virt", "--no-nested", "false"),
+        Flag::new("defaults.network", "--network", "bridge"),
+        Flag::new("defaults.sync_mode", "--sync-mode", "auto-idle"),
+        Flag::new("defaults.sync_idle_seconds", "--x", "5"),
+        Flag::new("defaults.env_files", "--x", ".env,.env.local"),
+        Flag::new("defaults.persist", "--x", "false"),
+        Flag::new("defaults.artifacts", "--x", "dist"),
+        Flag::new("defaults.strict", "--strict", "true"),
+        Flag::new("backend.type", "--backend", "container"),
+        Flag::new("backend.microvm.hypervisor", "--x", "firecracker"),
+        Flag::new("backend.microvm.share_proto", "--x", "9p"),
+        Flag::new("backend.microvm.workspace", "--x", "share"),
+        Flag::new("backend.microvm.bridge", "--x", "br0"),
+        Flag::new("backend.microvm.kernel", "--x", "/k \"quoted\" \\ path"),
+        Flag::new("backend.microvm.initrd", "--x", "/i"),
+        Flag::new("backend.kubernetes.context", "--x", "ctx"),
+        Flag::new("backend.kubernetes.namespace", "--x", "ns"),
+        Flag::new("backend.kubernetes.storage_class", "--x", ""),
+        Flag::new("backend.kubernetes.image", "--x", "img:1"),
+        Flag::new("backend.kubernetes.pull_policy", "--x", "never"),
+        Flag::new("proxy.enable", "--x", "false"),
+        Flag::new("proxy.domain", "--x", "d.localhost"),
+        Flag::new("proxy.port", "--x", "1"),
+        Flag::new("guest.profile", "--x", "minimal"),
+        Flag::new("guest.suite", "--x", "sid"),
+        Flag::new("guest.mirror", "--x", "https://m/d"),
+        Flag::new("guest.packages", "--x", "git,jq"),
+        Flag::new("guest.forward_env", "--x", "A"),
+        Flag::new("guest.agents.claude.enable", "--x", "false"),
+        Flag::new("guest.agents.claude.auto_accept", "--x", "false"),
+        Flag::new("guest.agents.gemini.enable", "--agent", "true"),
+        Flag::new("guest.agents.gemini.auto_accept", "--x", "false"),
+        Flag::new("guest.agents.codex.enable", "--x", "true"),
+        Flag::new("guest.agents.codex.auto_accept", "--x", "false"),
+        Flag::new("session.multiplexer", "--x", "zellij"),
+    ];
+    let custom = load(&Inputs {
+        flags,
+        ..Inputs::default()
+    })
+    .expect("load");
+    let entries = custom.entries();
+    for entry in &entries {
+        assert_ne!(
+            entry.origin,
+            Origin::Default,
+            "{} not customised",
+            entry.key
+        );
+    }
+
+    let text: String = entries
+        .iter()
+        .map(|e| format!("{} = {}\n", e.key, e.value))
+        .collect();
+    let reloaded = file_ok(&text);
+    assert_eq!(reloaded.config, custom.config, "{text}");
+    assert_ne!(reloaded.config, Config::default());
+}
+
+// ---- enums and the model ----
+
+#[test]
+fn enums_display_parse_and_serialize_the_same_spelling() {
+    fn check<E>(all: &[E], names: &[&str])
+    where
+        E: std::fmt::Display + std::str::FromStr + PartialEq + std::fmt::Debug + Serialize + Copy,
+    {
+        assert_eq!(all.len(), names.len());
+        for (value, name) in all.iter().zip(names) {
+            assert_eq!(value.to_string(), *name);
+            assert_eq!(name.parse::<E>().ok(), Some(*value));
+            assert_eq!(
+                serde_json::to_value(value).expect("json"),
+                serde_json::json!(name)
+            );
+        }
+    }
+    check(NetworkMode::ALL, &["nat", "none", "bridge"]);
+    check(SyncMode::ALL, &["manual", "auto-commit", "auto-idle"]);
+    check(BackendKind::ALL, &["microvm", "container", "kubernetes"]);
+    check(
+        Hypervisor::ALL,
+        &["qemu", "firecracker", "cloud-hypervisor"],
+    );
+    check(ShareProto::ALL, &["virtiofs", "9p"]);
+    check(WorkspaceMode::ALL, &["clone", "share"]);
+    check(PullPolicy::ALL, &["always", "if-not-present", "never"]);
+    check(Profile::ALL, &["minimal", "full"]);
+    check(Multiplexer::ALL, &["tmux", "zellij"]);
+    check(AgentKind::ALL, &["claude", "gemini", "codex"]);
+
+    let err = "wifi".parse::<NetworkMode>().expect_err("unknown");
+    assert_eq!(
+        err.to_string(),
+        "unknown network mode \"wifi\"; expected one of: nat, none, bridge"
+    );
+}
+
+#[test]
+fn config_round_trips_through_serde_with_backend_type_renamed() {
+    let config = Config::default();
+    let json = serde_json::to_value(&config).expect("json");
+    assert_eq!(json["backend"]["type"], "microvm");
+    assert_eq!(json["defaults"]["sync_mode"], "manual");
+    let back: Config = serde_json::from_value(json).expect("from json");
+    assert_eq!(back, config);
+    let partial: Config =
+        serde_json::from_value(serde_json::json!({"defaults": {"memory": 2048}})).expect("partial");
+    assert_eq!(partial.defaults.memory, 2048);
+    assert_eq!(partial.defaults.vcpus, 4);
+}
+
+#[test]
+fn agents_helpers() {
+    let mut agents = AgentsConfig::default();
+    assert_eq!(agents.enabled(), vec![AgentKind::Claude]);
+    agents.codex.enable = true;
+    assert_eq!(agents.enabled(), vec![AgentKind::Claude, AgentKind::Codex]);
+    assert!(agents.get(AgentKind::Codex).auto_accept);
+}

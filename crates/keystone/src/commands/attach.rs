@@ -1,0 +1,43 @@
+//! `keystone agent attach`: the session's terminal, through the channel.
+
+use crate::cli::AttachArgs;
+use crate::context::Ctx;
+use crate::error::{CliError, Result};
+use keystone_channel::ExecOptions;
+use keystone_registry::Sandbox;
+use std::io::IsTerminal;
+
+pub fn run(args: AttachArgs) -> Result<i32> {
+    let ctx = Ctx::new()?;
+    if args.web {
+        return Err(CliError::missing("the web terminal (attach --web)"));
+    }
+    let sb = ctx.resolve(args.sandbox.as_deref())?;
+    ctx.require_running(&sb)?;
+    attach_session(&ctx, &sb, &args.worktree)
+}
+
+/// The multiplexer session of a worktree: `<sandbox>-<branch>`.
+pub fn session_name(sb: &Sandbox, worktree: &str) -> String {
+    format!("{}-{worktree}", sb.name)
+}
+
+pub fn attach_session(ctx: &Ctx, sb: &Sandbox, worktree: &str) -> Result<i32> {
+    if worktree != "main" {
+        return Err(CliError::missing(format!("worktree sessions (--worktree {worktree})")));
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::state("attach needs a terminal; use `keystone agent exec` from scripts"));
+    }
+    let channel = ctx.channel(sb)?;
+    let session = session_name(sb, worktree);
+    let script = format!(
+        "exec tmux new-session -A -s {s} -c /workspace",
+        s = shell_words::quote(&session)
+    );
+    let status = channel
+        .command(&script, &ExecOptions { tty: true, ..Default::default() })?
+        .status()?;
+    // Detaching ends tmux's client with 0; anything else is passed on.
+    Ok(status.code().unwrap_or(255))
+}

@@ -1,0 +1,148 @@
+//! `keystone agent doctor`: what this host can do, and what to install or
+//! change where it cannot.
+
+use crate::cli::DoctorArgs;
+use crate::error::{CliError, Exit, Result};
+use keystone_channel::which;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Serialize)]
+struct Check {
+    name: String,
+    ok: bool,
+    detail: String,
+    /// Needed by every backend (a failure makes doctor exit 4).
+    required: bool,
+    fix: Option<String>,
+}
+
+fn tool(name: &str, package: &str, needed_for: &str, required: bool) -> Check {
+    let found = which(name);
+    Check {
+        name: format!("tool {name}"),
+        ok: found.is_some(),
+        detail: match &found {
+            Some(p) => format!("{} ({needed_for})", p.display()),
+            None => format!("missing ({needed_for})"),
+        },
+        required,
+        fix: found.is_none().then(|| format!("apt-get install {package}")),
+    }
+}
+
+/// KVM as it really is: present, usable, or present but unusable (PVM).
+pub fn kvm_state() -> (bool, String) {
+    if !Path::new("/dev/kvm").exists() {
+        return (false, "no /dev/kvm: microVMs run under TCG (software emulation, roughly 10x slower)".into());
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return (
+            false,
+            "/dev/kvm is present but this is a PVM host (kvm_pvm): stock kernels hang under it, so TCG is used".into(),
+        );
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => (true, "/dev/kvm is usable".into()),
+        Err(e) => (false, format!("/dev/kvm is not usable by this user ({e}): add the user to group kvm")),
+    }
+}
+
+fn nested() -> String {
+    for m in ["kvm_intel", "kvm_amd"] {
+        if let Ok(v) = std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested")) {
+            let on = matches!(v.trim(), "Y" | "y" | "1");
+            return format!("{m} nested={}", if on { "on" } else { "off" });
+        }
+    }
+    "no kvm_intel/kvm_amd module: nested virtualization unavailable".into()
+}
+
+pub fn run(args: DoctorArgs) -> Result<i32> {
+    let root = nix::unistd::geteuid().is_root();
+    let mut checks = vec![
+        tool("git", "git", "sync", true),
+        tool("ssh", "openssh-client", "the channel into sandboxes", true),
+        tool("ssh-keygen", "openssh-client", "per-sandbox keys", true),
+        tool("mmdebstrap", "mmdebstrap", "building the guest image", true),
+        tool("tar", "tar", "unpacking the image", true),
+        tool("pasta", "passt", "container backend, --network nat", false),
+        tool("qemu-system-x86_64", "qemu-system-x86", "microvm backend", false),
+        tool("rsync", "rsync", "sync --artifacts", false),
+    ];
+    if !root {
+        checks.push(tool("newuidmap", "uidmap", "rootless containers", true));
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name).unwrap_or_default();
+        let has = std::fs::read_to_string("/etc/subuid")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(':').next() == Some(user.as_str()));
+        checks.push(Check {
+            name: "subordinate ids".into(),
+            ok: has,
+            detail: if has { format!("{user} has a range in /etc/subuid") } else { format!("{user} has no range in /etc/subuid") },
+            required: true,
+            fix: (!has).then(|| format!("usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}")),
+        });
+    }
+    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    checks.push(Check {
+        name: "user namespaces".into(),
+        ok: userns > 0,
+        detail: format!("max_user_namespaces={userns}"),
+        required: true,
+        fix: (userns == 0).then(|| "sysctl -w user.max_user_namespaces=15000".into()),
+    });
+    let cg = keystone_backend::container::cgroup_version();
+    checks.push(Check {
+        name: "cgroups".into(),
+        ok: cg != "none" && (root || cg == "v2"),
+        detail: format!(
+            "cgroup {cg}{}",
+            if !root && cg == "v1" { ": limits cannot be enforced for an unprivileged user" } else { "" }
+        ),
+        required: false,
+        fix: None,
+    });
+    let (kvm_ok, kvm_detail) = kvm_state();
+    checks.push(Check {
+        name: "acceleration".into(),
+        ok: kvm_ok,
+        detail: kvm_detail,
+        required: false,
+        fix: None,
+    });
+    checks.push(Check {
+        name: "nested virtualization".into(),
+        ok: nested().contains("=on"),
+        detail: nested(),
+        required: false,
+        fix: None,
+    });
+    checks.push(Check {
+        name: "rootless".into(),
+        ok: true,
+        detail: if root { "running as root".into() } else { "running unprivileged (rootless)".into() },
+        required: false,
+        fix: None,
+    });
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&checks).map_err(|e| CliError::failed(e.to_string()))?);
+    } else {
+        for c in &checks {
+            let mark = if c.ok { "ok  " } else if c.required { "FAIL" } else { "warn" };
+            println!("{mark}  {:<24} {}", c.name, c.detail);
+            if let Some(f) = &c.fix {
+                println!("      fix: {f}");
+            }
+        }
+    }
+    if checks.iter().any(|c| c.required && !c.ok) {
+        return Err(CliError::new(Exit::Requirements, "this host is missing requirements (see above)"));
+    }
+    Ok(0)
+}

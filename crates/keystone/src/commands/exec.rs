@@ -1,0 +1,26 @@
+//! `keystone agent exec`: run a command in the sandbox; its exit status
+//! passes through.
+
+use crate::cli::ExecArgs;
+use crate::context::Ctx;
+use crate::error::{CliError, Result};
+use keystone_channel::ExecOptions;
+use std::io::IsTerminal;
+
+pub fn run(args: ExecArgs) -> Result<i32> {
+    let ctx = Ctx::new()?;
+    let sb = ctx.resolve(args.sandbox.as_deref())?;
+    ctx.require_running(&sb)?;
+    if args.worktree != "main" {
+        return Err(CliError::missing(format!("worktrees (--worktree {})", args.worktree)));
+    }
+    let channel = ctx.channel(&sb)?;
+    let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let opts = ExecOptions {
+        user: Some(args.user.clone()),
+        cwd: None,
+        tty,
+    };
+    let status = channel.exec(&args.command, &opts)?;
+    Ok(status.code().unwrap_or(255))
+}

@@ -1,0 +1,15 @@
+//! One handler per subcommand.
+
+pub mod attach;
+pub mod config;
+pub mod destroy;
+pub mod doctor;
+pub mod exec;
+pub mod image;
+pub mod later;
+pub mod ssh;
+pub mod start;
+pub mod status;
+pub mod stop;
+pub mod supervise;
+pub mod sync;

@@ -1,0 +1,393 @@
+//! `keystone agent start`: create or restart the sandbox of a project.
+
+use crate::cli::{BackendArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
+use crate::context::{backend_for, load_config, Ctx};
+use crate::error::{CliError, Exit, Result};
+use crate::{commands, ui};
+use keystone_config::Flag;
+use keystone_registry::{derive_name, validate_name, ProcessId, Sandbox, Settings, State};
+use keystone_sync::Git;
+use std::io::{IsTerminal, Read};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the supervisor may take to bring the guest up.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn flags(args: &StartArgs) -> Vec<Flag> {
+    let mut f = Vec::new();
+    if let Some(m) = args.memory {
+        f.push(Flag::new("defaults.memory", "--memory", m.to_string()));
+    }
+    if let Some(v) = args.vcpus {
+        f.push(Flag::new("defaults.vcpus", "--vcpus", v.to_string()));
+    }
+    if args.no_nested {
+        f.push(Flag::new("defaults.nested_virt", "--no-nested", "false"));
+    }
+    if let Some(n) = args.network {
+        let v = match n {
+            NetworkArg::Nat => "nat",
+            NetworkArg::None => "none",
+            NetworkArg::Bridge => "bridge",
+        };
+        f.push(Flag::new("defaults.network", "--network", v));
+    }
+    if let Some(s) = args.sync_mode {
+        let v = match s {
+            SyncModeArg::Manual => "manual",
+            SyncModeArg::AutoCommit => "auto-commit",
+            SyncModeArg::AutoIdle => "auto-idle",
+        };
+        f.push(Flag::new("defaults.sync_mode", "--sync-mode", v));
+    }
+    if let Some(b) = args.backend {
+        let v = match b {
+            BackendArg::Microvm => "microvm",
+            BackendArg::Container => "container",
+            BackendArg::Kubernetes => "kubernetes",
+        };
+        f.push(Flag::new("backend.type", "--backend", v));
+    }
+    if args.strict {
+        f.push(Flag::new("defaults.strict", "--strict", "true"));
+    }
+    if args.share {
+        f.push(Flag::new("backend.microvm.workspace", "--share", "share"));
+    }
+    if let Some(p) = args.profile {
+        let v = match p {
+            ProfileArg::Minimal => "minimal",
+            ProfileArg::Full => "full",
+        };
+        f.push(Flag::new("guest.profile", "--profile", v));
+    }
+    f
+}
+
+pub fn run(args: StartArgs) -> Result<i32> {
+    let ctx = Ctx::new()?;
+    let path = match &args.project_path {
+        Some(p) => p.clone(),
+        None => std::env::current_dir()?,
+    };
+    if !path.exists() {
+        return Err(CliError::not_found(format!("{} does not exist", path.display())));
+    }
+    let project = keystone_sync::toplevel(&path)?;
+    let effective = load_config(Some(&project), flags(&args))?;
+    let cfg = &effective.config;
+    let backend_kind = cfg.backend.kind.to_string();
+    let backend = backend_for(&backend_kind)?;
+    if let Some(agent) = args.agent {
+        return Err(CliError::missing(format!(
+            "starting an agent in the session (--agent {}); start without --agent and run it in the session",
+            format!("{agent:?}").to_lowercase()
+        )));
+    }
+    if cfg.defaults.sync_mode.to_string() != "manual" {
+        return Err(CliError::missing(format!(
+            "automatic sync (--sync-mode {}); use manual and `keystone agent sync`",
+            cfg.defaults.sync_mode
+        )));
+    }
+    if cfg.backend.microvm.workspace.to_string() == "share" && backend_kind != "microvm" {
+        return Err(CliError::state("--share (a live share of the project) needs the microvm backend"));
+    }
+    if let Some(n) = &args.name {
+        validate_name(n).map_err(|e| CliError::state(e.to_string()))?;
+    }
+
+    let git = Git::open(&project);
+    if git.has_local_changes()? {
+        if cfg.defaults.strict {
+            return Err(CliError::state(format!(
+                "{} has uncommitted changes and strict mode is on; commit or stash them first",
+                project.display()
+            )));
+        }
+        ui::warn(format!(
+            "{} has uncommitted changes; only committed work enters the sandbox",
+            project.display()
+        ));
+    }
+
+    ctx.reconcile()?;
+    let recipe = recipe_for(cfg);
+    let mut settings = Settings {
+        memory_mb: cfg.defaults.memory,
+        vcpus: cfg.defaults.vcpus,
+        nested_virt: cfg.defaults.nested_virt,
+        network: cfg.defaults.network.to_string(),
+        sync_mode: cfg.defaults.sync_mode.to_string(),
+        persist: cfg.defaults.persist,
+        image: recipe.id(),
+    };
+
+    // Claim the sandbox: one `start` wins, any other sees `starting`.
+    let me = ProcessId::current();
+    let (sandbox, created, previous) = ctx.registry.update(|all| -> Result<_> {
+        let existing = match &args.name {
+            Some(n) => all.iter().position(|s| &s.name == n),
+            None => all.iter().position(|s| s.project_path == project),
+        };
+        let (idx, created) = match existing {
+            Some(i) => {
+                if all[i].project_path != project {
+                    return Err(CliError::state(format!(
+                        "the name {} is taken by the sandbox of {}; pick another --name",
+                        all[i].name,
+                        all[i].project_path.display()
+                    )));
+                }
+                (i, false)
+            }
+            None => {
+                let taken: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+                let name = args.name.clone().unwrap_or_else(|| derive_name(&project, &taken));
+                all.push(Sandbox::new(name, project.clone(), backend_kind.clone(), settings.clone()));
+                (all.len() - 1, true)
+            }
+        };
+        let sb = &mut all[idx];
+        let previous = sb.state;
+        match sb.state {
+            State::Running if args.fresh => {}
+            State::Running => {
+                return Err(CliError::state(format!(
+                    "sandbox {} is already running; attach with `keystone agent attach {}` (or restart it with --fresh)",
+                    sb.name, sb.name
+                )))
+            }
+            State::Starting | State::Stopping => {
+                return Err(CliError::state(format!(
+                    "sandbox {} is {} (pid {}); wait for it, or check `keystone agent status {}`",
+                    sb.name,
+                    sb.state,
+                    sb.owner.map(|o| o.pid).unwrap_or(0),
+                    sb.name
+                )))
+            }
+            _ => {
+                if sb.backend != backend_kind {
+                    if !args.fresh {
+                        return Err(CliError::state(format!(
+                            "sandbox {} uses the {} backend; pass --fresh to recreate it on {backend_kind}",
+                            sb.name, sb.backend
+                        )));
+                    }
+                    sb.backend = backend_kind.clone();
+                }
+                sb.transition(State::Starting)?;
+                sb.owner = me;
+                sb.settings = settings.clone();
+            }
+        }
+        Ok((sb.clone(), created, previous))
+    })?;
+
+    if previous == State::Running {
+        // --fresh on a running sandbox: stop it, then start anew.
+        ui::note(format!("stopping {} to start it fresh", sandbox.name));
+        commands::stop::stop_sandbox(&ctx, &sandbox, false)?;
+        return run(args);
+    }
+
+    // From here on a failure must leave no half-made sandbox.
+    let result = bring_up(&ctx, &*backend, &sandbox, &recipe, &git, args.fresh, &mut settings);
+    let sandbox = match result {
+        Ok(sb) => sb,
+        Err(e) => {
+            rollback(&ctx, &*backend, &sandbox, created, &e);
+            return Err(e);
+        }
+    };
+
+    let notes = sandbox
+        .runtime
+        .get("notes")
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    println!(
+        "sandbox {} is running ({} backend)\n  project:   {}\n  memory:    {} MB\n  vCPUs:     {}\n  network:   {}\n  sync mode: {}",
+        sandbox.name,
+        sandbox.backend,
+        sandbox.project_path.display(),
+        sandbox.settings.memory_mb,
+        sandbox.settings.vcpus,
+        sandbox.settings.network,
+        sandbox.settings.sync_mode,
+    );
+    for n in notes.iter().filter_map(|n| n.as_str()) {
+        println!("  {n}");
+    }
+    if args.no_attach || !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        if !args.no_attach {
+            ui::note("not attaching: standard input/output is not a terminal");
+        }
+        println!(
+            "attach with `keystone agent attach {}`; run commands with `keystone agent exec {} -- CMD`",
+            sandbox.name, sandbox.name
+        );
+        return Ok(0);
+    }
+    commands::attach::attach_session(&ctx, &sandbox, "main")
+}
+
+pub fn recipe_for(cfg: &keystone_config::Config) -> keystone_image::Recipe {
+    let profile = match cfg.guest.profile.to_string().as_str() {
+        "minimal" => keystone_image::Profile::Minimal,
+        _ => keystone_image::Profile::Full,
+    };
+    keystone_image::Recipe {
+        profile,
+        suite: cfg.guest.suite.clone(),
+        mirror: cfg.guest.mirror.clone(),
+        extra_packages: cfg.guest.packages.clone(),
+    }
+}
+
+fn bring_up(
+    ctx: &Ctx,
+    backend: &dyn keystone_backend::Backend,
+    sandbox: &keystone_registry::Sandbox,
+    recipe: &keystone_image::Recipe,
+    git: &Git,
+    fresh: bool,
+    _settings: &mut Settings,
+) -> Result<keystone_registry::Sandbox> {
+    let store = ctx.image_store();
+    if store.find(recipe)?.is_none() {
+        let progress = ui::Progress::new(&format!("building guest image {} (first start only)", recipe.id()));
+        let img = store.ensure(recipe, &progress)?;
+        progress.finish(&format!(
+            "built image {} ({}) in {:.0}s",
+            img.id,
+            ui::human_bytes(img.size_bytes),
+            img.build_seconds
+        ));
+    }
+    let channel = ctx.channel(sandbox)?;
+    keystone_channel::keys::ensure(&channel.ssh_dir, &channel.alias)?;
+    let inst = ctx.instance(sandbox)?;
+    std::fs::create_dir_all(inst.log_dir())?;
+    if fresh {
+        backend.discard_disk(&inst)?;
+        ctx.registry.update_one(&sandbox.name, |sb| {
+            sb.workspace_ready = false;
+            Ok::<_, CliError>(())
+        })?;
+    }
+    {
+        let progress = ui::Progress::new("preparing the sandbox");
+        backend.prepare(&inst, &mut |m| progress.phase(m))?;
+    }
+    spawn_supervisor(ctx, sandbox)?;
+    let sb = ctx.registry.get(&sandbox.name)?;
+    if !sb.workspace_ready {
+        let t = Instant::now();
+        keystone_sync::push_initial(git, &channel)?;
+        tracing::info!(elapsed = ?t.elapsed(), "pushed the repository into /workspace");
+        ctx.registry.update_one(&sandbox.name, |sb| {
+            sb.workspace_ready = true;
+            Ok::<_, CliError>(())
+        })?;
+    }
+    Ok(ctx.registry.get(&sandbox.name)?)
+}
+
+/// Start the supervisor detached (own session, no terminal, log file) and
+/// wait for its one-line verdict on a pipe.
+fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<()> {
+    let dir = ctx.sandbox_dir(sandbox);
+    let log_path = dir.join("logs/supervisor.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| CliError::failed(e.to_string()))?;
+    let mut cmd = Command::new(&ctx.exe);
+    cmd.arg("__supervise").arg(&sandbox.name);
+    cmd.env_clear();
+    for k in ["PATH", "HOME", "USER", "LOGNAME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "RUST_LOG", "RUST_BACKTRACE"] {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env("KEYSTONE_READY_FD", "3");
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    let wfd = std::os::fd::AsRawFd::as_raw_fd(&w);
+    // SAFETY: runs in the forked child before exec: setsid and dup2 are
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::unistd::dup2(wfd, 3).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| CliError::failed(format!("cannot start the supervisor: {e}")))?;
+    drop(w);
+    let progress = ui::Progress::new(&format!("starting sandbox {}", sandbox.name));
+    let mut reader = std::fs::File::from(r);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = reader.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let verdict = rx.recv_timeout(READY_TIMEOUT);
+    // The supervisor is detached; reap our direct child if it has exited.
+    let _ = child.try_wait();
+    drop(progress);
+    match verdict {
+        Ok(s) if s.starts_with("ready") => Ok(()),
+        Ok(s) if s.trim().is_empty() => Err(CliError::failed(format!(
+            "the supervisor exited without starting the sandbox; see {}",
+            log_path.display()
+        ))),
+        Ok(s) => Err(CliError::failed(format!(
+            "{}\n(logs: {})",
+            s.trim().trim_start_matches("error: "),
+            dir.join("logs").display()
+        ))),
+        Err(_) => Err(CliError::failed(format!(
+            "the sandbox did not come up within {}s; see {}",
+            READY_TIMEOUT.as_secs(),
+            dir.join("logs").display()
+        ))),
+    }
+}
+
+fn rollback(ctx: &Ctx, backend: &dyn keystone_backend::Backend, sandbox: &keystone_registry::Sandbox, created: bool, err: &CliError) {
+    // Stop whatever came up, then undo the record.
+    if let Ok(sb) = ctx.registry.get(&sandbox.name) {
+        if sb.state == State::Running {
+            let _ = crate::commands::stop::stop_sandbox(ctx, &sb, true);
+        } else if let Some(owner) = sb.owner.filter(|o| Some(*o) != ProcessId::current()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(owner.pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    if let Ok(inst) = ctx.instance(sandbox) {
+        backend.reap(&inst);
+    }
+    if created {
+        let dir = ctx.sandbox_dir(sandbox);
+        if let Ok(inst) = ctx.instance(sandbox) {
+            let _ = backend.discard_disk(&inst);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = ctx.registry.update(|all| {
+            all.retain(|s| s.name != sandbox.name);
+            Ok::<_, CliError>(())
+        });
+    } else {
+        let _ = ctx.registry.update_one(&sandbox.name, |sb| {
+            sb.state = State::Error;
+            sb.owner = None;
+            sb.error = Some(err.message.lines().next().unwrap_or("start failed").to_string());
+            Ok::<_, CliError>(())
+        });
+    }
+    let _ = Exit::Failed;
+}

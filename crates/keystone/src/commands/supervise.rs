@@ -1,0 +1,84 @@
+//! `keystone __supervise NAME`: the one process that owns a running
+//! sandbox. Started detached by `start`; it records itself as the
+//! sandbox's owner, runs the backend until stopped, and records how the
+//! sandbox ended. `start` learns the outcome of start-up on a pipe
+//! (`KEYSTONE_READY_FD`): one line, `ready` or `error: <message>`.
+
+use crate::context::{backend_for, Ctx};
+use crate::error::{CliError, Result};
+use keystone_backend::Ended;
+use keystone_registry::{ProcessId, State};
+use std::io::Write;
+use std::os::fd::FromRawFd;
+
+pub fn run(name: &str) -> Result<i32> {
+    let mut ready_pipe = std::env::var("KEYSTONE_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        // SAFETY: `start` placed the pipe's write end at this descriptor
+        // for us alone.
+        .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
+    let mut tell = |msg: &str| {
+        if let Some(mut f) = ready_pipe.take() {
+            let _ = writeln!(f, "{msg}");
+        }
+    };
+    let result = supervise(name, &mut tell);
+    if let Err(e) = &result {
+        tell(&format!("error: {e}"));
+        eprintln!("supervisor: {e}");
+    }
+    result
+}
+
+fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
+    let ctx = Ctx::new()?;
+    let me = ProcessId::current();
+    let sandbox = ctx.registry.update_one(name, |sb| {
+        if sb.state != State::Starting {
+            return Err(CliError::state(format!("sandbox {name} is {}, not starting", sb.state)));
+        }
+        sb.owner = me;
+        Ok(sb.clone())
+    })?;
+    let backend = backend_for(&sandbox.backend)?;
+    let inst = ctx.instance(&sandbox)?;
+    let registry = &ctx.registry;
+    let mut on_ready = |running: &keystone_backend::Running| -> std::result::Result<(), String> {
+        registry
+            .update_one(name, |sb| {
+                sb.transition(State::Running)?;
+                sb.runtime = running.runtime.clone();
+                sb.runtime.insert("notes".into(), serde_json::json!(running.notes));
+                Ok::<_, CliError>(())
+            })
+            .map_err(|e| e.to_string())?;
+        tell("ready");
+        Ok(())
+    };
+    let ended = backend.run(&inst, &mut on_ready);
+    let (state, error) = match &ended {
+        Ok(Ended::Stopped) => (State::Stopped, None),
+        Ok(Ended::Exited(why)) => (State::Error, Some(why.clone())),
+        Err(e) => (State::Error, Some(e.to_string())),
+    };
+    registry.update_one(name, |sb| {
+        if sb.owner != me {
+            return Ok::<_, CliError>(());
+        }
+        if state == State::Stopped && sb.state == State::Running {
+            sb.transition(State::Stopping)?;
+        }
+        if sb.state.can_become(state) {
+            sb.transition(state)?;
+        } else {
+            sb.state = state;
+        }
+        sb.owner = None;
+        sb.error = error.clone();
+        sb.runtime.clear();
+        Ok(())
+    })?;
+    ended?;
+    Ok(0)
+}
