@@ -543,6 +543,12 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
     let out = log.try_clone().map_err(|e| e.to_string())?;
     let err = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new("pasta");
+    if nix::unistd::geteuid().is_root() {
+        // pasta drops to `nobody` when started as root, and nobody may not
+        // join a user namespace owned by root. pasta still confines itself
+        // (its own namespaces and seccomp filter).
+        cmd.args(["--runas", "0"]);
+    }
     // No inbound port forwarding (-t/-u none), no namespace-to-host
     // forwarding (-T/-U none), and no mapping of the gateway address to
     // the host's loopback (--no-map-gw): the host's 127.0.0.1 services

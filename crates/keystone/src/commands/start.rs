@@ -7,7 +7,7 @@ use crate::{commands, ui};
 use keystone_config::Flag;
 use keystone_registry::{derive_name, validate_name, ProcessId, Sandbox, Settings, State};
 use keystone_sync::Git;
-use std::io::{IsTerminal, Read};
+use std::io::{BufRead, IsTerminal};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -329,11 +329,13 @@ fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<(
         .map_err(|e| CliError::failed(format!("cannot start the supervisor: {e}")))?;
     drop(w);
     let progress = ui::Progress::new(&format!("starting sandbox {}", sandbox.name));
-    let mut reader = std::fs::File::from(r);
+    // One line: forked children of the supervisor inherit the pipe, so
+    // EOF may never come while the sandbox runs.
+    let mut reader = std::io::BufReader::new(std::fs::File::from(r));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = reader.read_to_string(&mut s);
+        let _ = reader.read_line(&mut s);
         let _ = tx.send(s);
     });
     let verdict = rx.recv_timeout(READY_TIMEOUT);
@@ -347,9 +349,9 @@ fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<(
             log_path.display()
         ))),
         Ok(s) => Err(CliError::failed(format!(
-            "{}\n(logs: {})",
+            "{}{}",
             s.trim().trim_start_matches("error: "),
-            dir.join("logs").display()
+            log_tail(&dir.join("logs"))
         ))),
         Err(_) => Err(CliError::failed(format!(
             "the sandbox did not come up within {}s; see {}",
@@ -390,4 +392,23 @@ fn rollback(ctx: &Ctx, backend: &dyn keystone_backend::Backend, sandbox: &keysto
         });
     }
     let _ = Exit::Failed;
+}
+
+/// The last lines of the sandbox's logs, for an error message (the logs
+/// themselves go away with a sandbox whose first start failed).
+fn log_tail(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for name in ["container.log", "supervisor.log"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(name)) else { continue };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n--- last lines of {name}:"));
+        for l in &lines[lines.len().saturating_sub(8)..] {
+            out.push_str("\n  ");
+            out.push_str(l);
+        }
+    }
+    out
 }

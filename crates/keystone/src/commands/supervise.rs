@@ -17,7 +17,12 @@ pub fn run(name: &str) -> Result<i32> {
         .and_then(|v| v.parse::<i32>().ok())
         // SAFETY: `start` placed the pipe's write end at this descriptor
         // for us alone.
-        .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
+        .map(|fd| {
+            // Not to be inherited by what the backend execs.
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            // SAFETY: as above.
+            unsafe { std::fs::File::from_raw_fd(fd) }
+        });
     let mut tell = |msg: &str| {
         if let Some(mut f) = ready_pipe.take() {
             let _ = writeln!(f, "{msg}");
