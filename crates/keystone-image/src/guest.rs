@@ -1,0 +1,314 @@
+//! What goes into the guest beyond Debian's packages: the files we write and
+//! the mmdebstrap customize hooks that write them.
+//!
+//! Every byte here is part of [`crate::Recipe::hash`], so editing any of it
+//! changes the image id and the next `ensure` builds a fresh image instead of
+//! reusing a stale one.
+//!
+//! The hooks run under `sh` on the host side of the chroot with the root
+//! directory in `$1`, as root (really root in root mode, the namespace's root
+//! in unshare mode). Ownership is therefore always written as numbers: the
+//! host's user names mean nothing inside the guest.
+
+/// The guest's unprivileged user, the one agents run as.
+pub const AGENT_USER: &str = "agent";
+/// Its uid and gid; the backends map the host user onto these.
+pub const AGENT_UID: u32 = 1000;
+/// The project checkout inside the guest.
+pub const WORKSPACE: &str = "/workspace";
+/// Empty in the image; the backend mounts the per-sandbox SSH host key and
+/// `authorized_keys` here at run time, so one image serves every sandbox.
+pub const KEYSTONE_ETC: &str = "/etc/keystone";
+
+/// `/etc/ssh/sshd_config.d/keystone.conf`.
+///
+/// Debian's `sshd_config` includes `sshd_config.d/*.conf` first, and sshd
+/// keeps the first value it reads, so these override Debian's defaults
+/// (`UsePAM yes`, `X11Forwarding yes`).
+pub const SSHD_CONFIG: &str = "\
+# Written by keystone. Keys come from /etc/keystone, mounted per sandbox.
+HostKey /etc/keystone/ssh_host_ed25519_key
+AuthorizedKeysFile /etc/keystone/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+AllowAgentForwarding no
+AllowStreamLocalForwarding no
+X11Forwarding no
+PermitUserEnvironment no
+AllowTcpForwarding local
+MaxStartups 100:30:200
+MaxSessions 100
+ClientAliveInterval 30
+PrintMotd no
+AcceptEnv LANG LC_* COLORTERM
+";
+
+/// `/etc/sudoers.d/agent`, mode 0440 (sudo ignores group/world-writable files).
+pub const SUDOERS: &str = "agent ALL=(ALL) NOPASSWD:ALL\n";
+
+/// Appended to `/home/agent/.bashrc`.
+pub const BASHRC_APPEND: &str =
+    "\n# Added by keystone: load .envrc files.\neval \"$(direnv hook bash)\"\n";
+
+/// `/home/agent/.config/direnv/direnv.toml`: trust `.envrc` under the
+/// workspace without `direnv allow`, since the agent runs non-interactively.
+pub const DIRENV_TOML: &str = "[whitelist]\nprefix = [\"/workspace\"]\n";
+
+/// `/etc/hostname`. mmdebstrap leaves the build host's name here; the
+/// backend sets each sandbox's own in its UTS namespace.
+pub const HOSTNAME: &str = "keystone\n";
+
+/// `/etc/hosts`; the image would otherwise have none. Any other host name
+/// resolves through `libnss-myhostname`, so `sudo` never waits on DNS for
+/// the sandbox's name.
+pub const HOSTS: &str = "\
+127.0.0.1\tlocalhost
+::1\tlocalhost ip6-localhost ip6-loopback
+127.0.1.1\tkeystone
+";
+
+/// `/etc/resolv.conf`. mmdebstrap leaves the build host's resolver here,
+/// which is wrong on any other network; the backend writes the sandbox's.
+pub const RESOLV_CONF: &str = "# Written by the keystone backend when a sandbox starts.\n";
+
+/// Terminates every here-document; no file body may contain it as a line.
+pub(crate) const HEREDOC_END: &str = "KEYSTONE_EOF";
+
+/// Creates `agent` (1000:1000, in `sudo`) and gives root and agent the
+/// password field `*`: no password, but not "locked". sshd with `UsePAM no`
+/// refuses public-key logins to accounts whose field starts with `!`, which
+/// is what useradd writes.
+const HOOK_USERS: &str = r#"set -eu
+chroot "$1" groupadd --gid 1000 agent
+chroot "$1" useradd --uid 1000 --gid 1000 --groups sudo --create-home --home-dir /home/agent --shell /bin/bash agent
+chroot "$1" usermod --password '*' root
+chroot "$1" usermod --password '*' agent
+"#;
+
+/// Drops the host keys the openssh-server package generated (each sandbox
+/// brings its own), creates the empty `/etc/keystone`, and proves the drop-in
+/// is a configuration sshd accepts, with a throwaway key and a temporary
+/// `/run/sshd`. Nothing of that remains: `/run` is a tmpfs at run time and
+/// the backend creates `/run/sshd` itself.
+const HOOK_SSH_CHECK: &str = r#"set -eu
+rm -f "$1"/etc/ssh/ssh_host_*
+install -d -m 0755 -o 0 -g 0 "$1/etc/keystone"
+chroot "$1" ssh-keygen -q -t ed25519 -N '' -C keystone-check -f /etc/keystone/ssh_host_ed25519_key
+: > "$1/etc/keystone/authorized_keys"
+made_run_sshd=no
+if [ ! -d "$1/run/sshd" ]; then install -d -m 0755 "$1/run/sshd"; made_run_sshd=yes; fi
+chroot "$1" /usr/sbin/sshd -t
+rm -f "$1/etc/keystone/ssh_host_ed25519_key" "$1/etc/keystone/ssh_host_ed25519_key.pub" "$1/etc/keystone/authorized_keys"
+if [ "$made_run_sshd" = yes ]; then rmdir "$1/run/sshd"; fi
+rm -f "$1"/etc/ssh/ssh_host_*
+"#;
+
+/// The workspace, and the agent's ownership of the config directories the
+/// file hooks created as root.
+const HOOK_WORKSPACE: &str = r#"set -eu
+install -d -m 0755 -o 1000 -g 1000 "$1/workspace"
+chown 1000:1000 "$1/home/agent/.config" "$1/home/agent/.config/direnv"
+chmod 0755 "$1/home/agent/.config" "$1/home/agent/.config/direnv"
+"#;
+
+/// Leaves no state that must differ per sandbox (machine id, host keys) and
+/// nothing that only makes the image bigger. mmdebstrap's own cleanup does
+/// much of this too; doing it here keeps the promise independent of its
+/// defaults.
+const HOOK_CLEANUP: &str = r#"set -eu
+rm -f "$1"/etc/ssh/ssh_host_*
+: > "$1/etc/machine-id"
+rm -f "$1"/var/lib/apt/lists/*_* "$1"/var/cache/apt/*.bin
+"#;
+
+/// dpkg options written to `/etc/dpkg/dpkg.cfg.d/99mmdebstrap`, so they
+/// also hold for packages installed later inside a sandbox. The exclusions
+/// are those of Debian's "slim" container images: documentation, manuals
+/// (there is no `man` to read them) and translations (the guest runs in
+/// `C.UTF-8`) are about a quarter of a minimal image. Licences stay.
+pub(crate) const DPKG_OPTIONS: &[&str] = &[
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/groff/*",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/locale/*",
+];
+
+/// A guest file written by a hook.
+struct GuestFile {
+    path: &'static str,
+    mode: &'static str,
+    owner: u32,
+    body: &'static str,
+    append: bool,
+}
+
+const FILES: &[GuestFile] = &[
+    GuestFile {
+        path: "/etc/hostname",
+        mode: "0644",
+        owner: 0,
+        body: HOSTNAME,
+        append: false,
+    },
+    GuestFile {
+        path: "/etc/hosts",
+        mode: "0644",
+        owner: 0,
+        body: HOSTS,
+        append: false,
+    },
+    GuestFile {
+        path: "/etc/resolv.conf",
+        mode: "0644",
+        owner: 0,
+        body: RESOLV_CONF,
+        append: false,
+    },
+    GuestFile {
+        path: "/etc/sudoers.d/agent",
+        mode: "0440",
+        owner: 0,
+        body: SUDOERS,
+        append: false,
+    },
+    GuestFile {
+        path: "/etc/ssh/sshd_config.d/keystone.conf",
+        mode: "0644",
+        owner: 0,
+        body: SSHD_CONFIG,
+        append: false,
+    },
+    GuestFile {
+        path: "/home/agent/.bashrc",
+        mode: "0644",
+        owner: AGENT_UID,
+        body: BASHRC_APPEND,
+        append: true,
+    },
+    GuestFile {
+        path: "/home/agent/.config/direnv/direnv.toml",
+        mode: "0644",
+        owner: AGENT_UID,
+        body: DIRENV_TOML,
+        append: false,
+    },
+];
+
+/// One hook writing `file` with a quoted here-document, so the shell expands
+/// nothing in the body. A file being replaced is removed first: the hook
+/// runs outside the chroot, where a symlink in the guest (an absolute
+/// `/etc/resolv.conf` link, say) would point into the host.
+fn file_hook(file: &GuestFile) -> String {
+    let (remove, redirect) = if file.append {
+        (String::new(), ">>")
+    } else {
+        (format!("rm -f \"$1{}\"\n", file.path), ">")
+    };
+    let dir = file.path.rsplit_once('/').map_or("/", |(dir, _)| dir);
+    format!(
+        "set -eu\nmkdir -p \"$1{dir}\"\n{remove}cat {redirect} \"$1{path}\" <<'{end}'\n{body}{end}\nchown {owner}:{owner} \"$1{path}\"\nchmod {mode} \"$1{path}\"\n",
+        path = file.path,
+        end = HEREDOC_END,
+        body = file.body,
+        owner = file.owner,
+        mode = file.mode,
+    )
+}
+
+/// The `--customize-hook` arguments, in the order mmdebstrap runs them.
+pub(crate) fn customize_hooks() -> Vec<String> {
+    let mut hooks = vec![HOOK_USERS.to_owned()];
+    // The users hook must run first (the agent's home), the sshd check after
+    // the drop-in exists, the workspace hook after the agent's files.
+    hooks.extend(FILES.iter().map(file_hook));
+    hooks.push(HOOK_SSH_CHECK.to_owned());
+    hooks.push(HOOK_WORKSPACE.to_owned());
+    hooks.push(HOOK_CLEANUP.to_owned());
+    hooks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn every_hook_is_valid_sh() {
+        for hook in customize_hooks() {
+            let out = Command::new("sh")
+                .args(["-n", "-c", &hook])
+                .output()
+                .expect("run sh");
+            assert!(
+                out.status.success(),
+                "sh -n rejected:\n{hook}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn no_file_body_can_end_its_here_document() {
+        for file in FILES {
+            assert!(
+                file.body.ends_with('\n'),
+                "{} must end in a newline",
+                file.path
+            );
+            assert!(
+                !file.body.lines().any(|line| line == HEREDOC_END),
+                "{} contains the here-document terminator",
+                file.path
+            );
+        }
+    }
+
+    #[test]
+    fn sshd_drop_in_has_every_required_setting() {
+        for line in [
+            "HostKey /etc/keystone/ssh_host_ed25519_key",
+            "AuthorizedKeysFile /etc/keystone/authorized_keys",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "PermitRootLogin prohibit-password",
+            "AllowAgentForwarding no",
+            "AllowStreamLocalForwarding no",
+            "X11Forwarding no",
+            "PermitUserEnvironment no",
+            "AllowTcpForwarding local",
+            "MaxStartups 100:30:200",
+            "MaxSessions 100",
+            "ClientAliveInterval 30",
+            "PrintMotd no",
+            "AcceptEnv LANG LC_* COLORTERM",
+        ] {
+            assert!(SSHD_CONFIG.lines().any(|l| l == line), "missing {line}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_star_not_bang() {
+        let hooks = customize_hooks().join("\n");
+        assert!(hooks.contains("usermod --password '*' root"));
+        assert!(hooks.contains("usermod --password '*' agent"));
+        assert!(!hooks.contains("'!'"));
+    }
+
+    #[test]
+    fn file_hook_writes_body_verbatim() {
+        let sudoers = FILES
+            .iter()
+            .find(|f| f.path == "/etc/sudoers.d/agent")
+            .expect("sudoers");
+        let hook = file_hook(sudoers);
+        assert!(hook.contains("cat > \"$1/etc/sudoers.d/agent\" <<'KEYSTONE_EOF'\nagent ALL=(ALL) NOPASSWD:ALL\nKEYSTONE_EOF\n"));
+        assert!(hook.contains("chmod 0440 \"$1/etc/sudoers.d/agent\""));
+        assert!(hook.contains("mkdir -p \"$1/etc/sudoers.d\"\nrm -f \"$1/etc/sudoers.d/agent\"\n"));
+    }
+}

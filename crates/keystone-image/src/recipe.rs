@@ -1,0 +1,392 @@
+//! The recipe of a guest image and the content hash that names it.
+
+use crate::guest;
+use crate::ImageError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::str::FromStr;
+
+/// Bumped whenever the builder changes in a way the hashed inputs do not show
+/// (mmdebstrap options, the manifest layout), so old images stop matching.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The Debian suite images are built from unless the caller says otherwise.
+pub const DEFAULT_SUITE: &str = "trixie";
+/// Debian's own archive, the one mirror every machine we run on can reach.
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The mmdebstrap variant: `apt` is the smallest set that still has apt, so
+/// a user can `apt-get install` inside a sandbox.
+pub(crate) const VARIANT: &str = "apt";
+
+/// Packages of every image.
+const MINIMAL_PACKAGES: &[&str] = &[
+    "ca-certificates",
+    "curl",
+    "direnv",
+    "git",
+    "iproute2",
+    "jq",
+    "less",
+    "libnss-myhostname",
+    "openssh-server",
+    "procps",
+    "ripgrep",
+    "rsync",
+    "sudo",
+    "tini",
+    "tmux",
+];
+
+/// What the full profile adds: a toolchain and the Node.js the agents need.
+const FULL_PACKAGES: &[&str] = &["build-essential", "nodejs", "npm"];
+
+/// How much goes into the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// SSH, git and the everyday tools; fast to build, used by the tests.
+    Minimal,
+    /// Minimal plus build-essential, Node.js and npm.
+    Full,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Minimal => "minimal",
+            Profile::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Profile {
+    type Err = ImageError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "minimal" => Ok(Profile::Minimal),
+            "full" => Ok(Profile::Full),
+            _ => Err(ImageError::UnknownProfile { name: s.to_owned() }),
+        }
+    }
+}
+
+/// Everything the caller chooses about an image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Recipe {
+    pub profile: Profile,
+    /// Debian suite or codename, e.g. `trixie`.
+    pub suite: String,
+    /// Archive URL handed to mmdebstrap.
+    pub mirror: String,
+    /// Added to the profile's packages (order and duplicates do not matter).
+    pub extra_packages: Vec<String>,
+}
+
+impl Recipe {
+    /// The profile on [`DEFAULT_SUITE`] from [`DEFAULT_MIRROR`], no extras.
+    pub fn new(profile: Profile) -> Self {
+        Recipe {
+            profile,
+            suite: DEFAULT_SUITE.to_owned(),
+            mirror: DEFAULT_MIRROR.to_owned(),
+            extra_packages: Vec::new(),
+        }
+    }
+
+    /// The full `--include` list, sorted and without duplicates.
+    pub fn packages(&self) -> Vec<String> {
+        let profile_packages: &[&str] = match self.profile {
+            Profile::Minimal => &[],
+            Profile::Full => FULL_PACKAGES,
+        };
+        let mut packages: Vec<String> = MINIMAL_PACKAGES
+            .iter()
+            .chain(profile_packages)
+            .map(|p| (*p).to_owned())
+            .chain(self.extra_packages.iter().map(|p| p.trim().to_owned()))
+            .collect();
+        packages.sort();
+        packages.dedup();
+        packages
+    }
+
+    /// Hex SHA-256 over everything that shapes the image: [`FORMAT_VERSION`],
+    /// profile, suite, mirror, variant, package list, dpkg options and the
+    /// exact text of every hook (which embeds every file the builder writes).
+    pub fn hash(&self) -> String {
+        self.hash_with(FORMAT_VERSION, &guest::customize_hooks())
+    }
+
+    /// `<profile>-<first 12 hex digits of the hash>`.
+    pub fn id(&self) -> String {
+        id_for(self.profile, &self.hash())
+    }
+
+    pub(crate) fn hash_with(&self, format_version: u32, hooks: &[String]) -> String {
+        // Each field is tagged and length-prefixed, so no two different
+        // recipes serialize to the same bytes.
+        let mut h = Sha256::new();
+        let mut field = |tag: &str, value: &[u8]| {
+            h.update(tag.as_bytes());
+            h.update((value.len() as u64).to_le_bytes());
+            h.update(value);
+        };
+        field("format_version", &format_version.to_le_bytes());
+        field("profile", self.profile.as_str().as_bytes());
+        field("suite", self.suite.as_bytes());
+        field("mirror", self.mirror.as_bytes());
+        field("variant", VARIANT.as_bytes());
+        for package in self.packages() {
+            field("package", package.as_bytes());
+        }
+        for option in guest::DPKG_OPTIONS {
+            field("dpkgopt", option.as_bytes());
+        }
+        for hook in hooks {
+            field("customize_hook", hook.as_bytes());
+        }
+        hex(&h.finalize())
+    }
+
+    /// Rejects what mmdebstrap would misread: an option where a positional
+    /// argument belongs, or a package name that splits into several.
+    pub fn validate(&self) -> Result<(), ImageError> {
+        let invalid = |reason: String| Err(ImageError::InvalidRecipe { reason });
+        if self.suite.is_empty()
+            || self.suite.starts_with('-')
+            || !self
+                .suite
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
+            return invalid(format!(
+                "suite {:?} is not a Debian suite name like \"trixie\"",
+                self.suite
+            ));
+        }
+        if self.mirror.is_empty()
+            || self.mirror.starts_with('-')
+            || self.mirror.chars().any(char::is_whitespace)
+        {
+            return invalid(format!(
+                "mirror {:?} is not a URL like \"{DEFAULT_MIRROR}\"",
+                self.mirror
+            ));
+        }
+        for package in &self.extra_packages {
+            let package = package.trim();
+            let ok = !package.is_empty()
+                && package
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric())
+                && package
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.:=/~_".contains(c));
+            if !ok {
+                return invalid(format!(
+                    "{package:?} is not a Debian package name; give one package per entry"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn id_for(profile: Profile, hash: &str) -> String {
+    let short = hash.get(..12).unwrap_or(hash);
+    format!("{profile}-{short}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> Recipe {
+        Recipe::new(Profile::Minimal)
+    }
+
+    #[test]
+    fn same_recipe_same_hash() {
+        assert_eq!(minimal().hash(), minimal().hash());
+        assert_eq!(minimal().hash().len(), 64);
+        assert!(minimal().hash().chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn profile_changes_hash() {
+        assert_ne!(minimal().hash(), Recipe::new(Profile::Full).hash());
+    }
+
+    #[test]
+    fn suite_changes_hash() {
+        let mut r = minimal();
+        r.suite = "bookworm".into();
+        assert_ne!(minimal().hash(), r.hash());
+    }
+
+    #[test]
+    fn mirror_changes_hash() {
+        let mut r = minimal();
+        r.mirror = "http://ftp.de.debian.org/debian".into();
+        assert_ne!(minimal().hash(), r.hash());
+    }
+
+    #[test]
+    fn extra_package_changes_hash() {
+        let mut r = minimal();
+        r.extra_packages = vec!["vim".into()];
+        assert_ne!(minimal().hash(), r.hash());
+    }
+
+    #[test]
+    fn extra_package_order_and_duplicates_do_not_change_hash() {
+        let mut a = minimal();
+        a.extra_packages = vec!["vim".into(), "htop".into()];
+        let mut b = minimal();
+        b.extra_packages = vec!["htop".into(), "vim".into(), "htop".into()];
+        assert_eq!(a.hash(), b.hash());
+        let mut c = minimal();
+        c.extra_packages = vec!["git".into()];
+        assert_eq!(minimal().hash(), c.hash(), "git is already in the profile");
+    }
+
+    #[test]
+    fn hook_text_changes_hash() {
+        let r = minimal();
+        let hooks = guest::customize_hooks();
+        assert_eq!(r.hash(), r.hash_with(FORMAT_VERSION, &hooks));
+        for i in 0..hooks.len() {
+            let mut edited = hooks.clone();
+            edited[i].push(' ');
+            assert_ne!(r.hash(), r.hash_with(FORMAT_VERSION, &edited), "hook {i}");
+        }
+        let mut reordered = hooks.clone();
+        reordered.swap(0, 1);
+        assert_ne!(r.hash(), r.hash_with(FORMAT_VERSION, &reordered));
+    }
+
+    #[test]
+    fn format_version_changes_hash() {
+        let r = minimal();
+        let hooks = guest::customize_hooks();
+        assert_ne!(r.hash(), r.hash_with(FORMAT_VERSION + 1, &hooks));
+    }
+
+    #[test]
+    fn fields_cannot_bleed_into_each_other() {
+        let mut a = minimal();
+        a.suite = "trixieX".into();
+        a.mirror = "m".into();
+        let mut b = minimal();
+        b.suite = "trixie".into();
+        b.mirror = "Xm".into();
+        assert_ne!(a.hash(), b.hash());
+    }
+
+    #[test]
+    fn minimal_id_is_pinned() {
+        // Fails whenever anything hashed changes: a package, an option, a
+        // hook, a guest file. That is intended: update the value knowing
+        // that every user's cached image will be rebuilt.
+        assert_eq!(minimal().id(), "minimal-c61589dd0852");
+    }
+
+    #[test]
+    fn id_format() {
+        let id = minimal().id();
+        let (profile, short) = id.split_once('-').expect("a dash");
+        assert_eq!(profile, "minimal");
+        assert_eq!(short.len(), 12);
+        assert!(short.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+        assert!(minimal().hash().starts_with(short));
+        assert!(Recipe::new(Profile::Full).id().starts_with("full-"));
+    }
+
+    #[test]
+    fn minimal_packages() {
+        let p = minimal().packages();
+        let expected = [
+            "ca-certificates",
+            "curl",
+            "direnv",
+            "git",
+            "iproute2",
+            "jq",
+            "less",
+            "libnss-myhostname",
+            "openssh-server",
+            "procps",
+            "ripgrep",
+            "rsync",
+            "sudo",
+            "tini",
+            "tmux",
+        ];
+        assert_eq!(p, expected);
+    }
+
+    #[test]
+    fn full_packages_add_toolchain_and_node() {
+        let mut r = Recipe::new(Profile::Full);
+        r.extra_packages = vec!["vim".into(), "jq".into()];
+        let p = r.packages();
+        for name in ["build-essential", "nodejs", "npm", "vim", "openssh-server"] {
+            assert!(p.contains(&name.to_owned()), "{name}");
+        }
+        let mut sorted = p.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(p, sorted);
+        assert_eq!(p.len(), minimal().packages().len() + 4);
+    }
+
+    #[test]
+    fn profile_text_round_trips() {
+        for p in [Profile::Minimal, Profile::Full] {
+            assert_eq!(p.to_string().parse::<Profile>().expect("parse"), p);
+            let json = serde_json::to_string(&p).expect("json");
+            assert_eq!(json, format!("\"{p}\""));
+        }
+        let err = "huge".parse::<Profile>().expect_err("unknown");
+        assert!(err.to_string().contains("expected \"minimal\" or \"full\""));
+    }
+
+    #[test]
+    fn validate_rejects_what_mmdebstrap_would_misread() {
+        assert!(minimal().validate().is_ok());
+        for bad in ["vim,htop", "vim htop", "--foo", "", "a;b"] {
+            let mut r = minimal();
+            r.extra_packages = vec![bad.into()];
+            assert!(r.validate().is_err(), "{bad:?}");
+        }
+        let mut r = minimal();
+        r.extra_packages = vec!["libc6:amd64".into(), "g++".into(), "foo/trixie".into()];
+        assert!(r.validate().is_ok());
+        let mut r = minimal();
+        r.suite = "--mode=root".into();
+        assert!(r.validate().is_err());
+        let mut r = minimal();
+        r.mirror = "http://x y".into();
+        assert!(r.validate().is_err());
+    }
+}
