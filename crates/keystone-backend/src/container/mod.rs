@@ -96,6 +96,16 @@ impl Backend for ContainerBackend {
                 "--network nat needs pasta: apt-get install passt (or use --network none)".into(),
             ));
         }
+        if inst.settings.network == "nat"
+            && !map.is_root()
+            && nix::unistd::access("/dev/net/tun", nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK).is_err()
+        {
+            return Err(BackendError::Requirement(
+                "--network nat for an unprivileged user needs /dev/net/tun to be usable by it \
+                 (Debian's default mode is 0666: `chmod 0666 /dev/net/tun` as root), or use --network none"
+                    .into(),
+            ));
+        }
         if inst.settings.network == "bridge" {
             return Err(BackendError::NotImplemented {
                 backend: "container",
@@ -118,7 +128,9 @@ impl Backend for ContainerBackend {
         let dest = tmp.display().to_string();
         let status = idmap::run_mapped(
             &map,
-            &["tar", "--numeric-owner", "-xpf", &tar, "-C", &dest],
+            // Device nodes cannot be made in a user namespace, and /dev is
+            // a fresh tmpfs in every sandbox anyway.
+            &["tar", "--numeric-owner", "--exclude=./dev/*", "-xpf", &tar, "-C", &dest],
         )?;
         let marker = tmp.join(".keystone-complete");
         if !status.success() {
