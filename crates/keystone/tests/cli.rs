@@ -1,0 +1,208 @@
+//! Fast tests of the command line that need no guest image: help, bad
+//! input and configuration. They drive the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Env {
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            tmp: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    fn ks_in(&self, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keystone"));
+        cmd.args(args)
+            .current_dir(dir)
+            .env_remove("KEYSTONE_AGENT_CONFIG")
+            .env("HOME", self.path("home"))
+            .env("XDG_STATE_HOME", self.path("state"))
+            .env("XDG_CACHE_HOME", self.path("cache"))
+            .env("XDG_CONFIG_HOME", self.path("config"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run keystone")
+    }
+
+    fn repo(&self) -> PathBuf {
+        let dir = self.path("proj");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let git = |args: &[&str]| {
+            let ok = Command::new("git")
+                .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("git")
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q", "-b", "main"]);
+        git(&["commit", "-q", "--allow-empty", "-m", "init"]);
+        dir
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn help_lists_every_command_and_option_of_the_spec() {
+    let env = Env::new();
+    let out = env.ks_in(env.tmp.path(), &["agent", "--help"], &[]);
+    assert!(out.status.success());
+    let help = text(&out);
+    for cmd in [
+        "start", "stop", "attach", "sync", "worktree", "status", "list", "destroy", "exec", "ssh", "config", "image",
+        "doctor",
+    ] {
+        assert!(help.contains(cmd), "agent --help lacks {cmd}:\n{help}");
+    }
+    let options: &[(&[&str], &[&str])] = &[
+        (
+            &["start"],
+            &[
+                "--name", "--memory", "--vcpus", "--no-nested", "--fresh", "--network", "--sync-mode", "--no-attach",
+                "--agent", "--backend", "--strict",
+            ],
+        ),
+        (&["stop"], &["--force", "--sync"]),
+        (&["attach"], &["--worktree", "--web"]),
+        (&["sync"], &["--artifacts", "--dry-run", "--branch"]),
+        (&["status"], &["--json", "--all"]),
+        (&["list"], &["--json", "--state"]),
+        (&["destroy"], &["--force", "--keep-disk"]),
+        (&["exec"], &["--worktree", "--user"]),
+        (&["ssh"], &["--port"]),
+        (&["worktree", "add"], &["--create"]),
+        (&["worktree", "remove"], &["--force"]),
+        (&["image", "build"], &["--profile"]),
+    ];
+    for (cmd, opts) in options {
+        let mut args = vec!["agent"];
+        args.extend_from_slice(cmd);
+        args.push("--help");
+        let help = text(&env.ks_in(env.tmp.path(), &args, &[]));
+        for o in *opts {
+            assert!(help.contains(o), "{cmd:?} --help lacks {o}:\n{help}");
+        }
+    }
+}
+
+#[test]
+fn start_outside_a_git_repository_exits_1() {
+    let env = Env::new();
+    let dir = env.path("not-a-repo");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let out = env.ks_in(&dir, &["agent", "start", "--no-attach", "--backend", "container"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("not inside a git repository"), "{}", text(&out));
+}
+
+#[test]
+fn memory_below_1024_is_refused() {
+    let env = Env::new();
+    let repo = env.repo();
+    let out = env.ks_in(&repo, &["agent", "start", "--no-attach", "--backend", "container", "--memory", "512"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--memory 512: memory must be at least 1024"), "{}", text(&out));
+}
+
+#[test]
+fn invalid_name_is_refused() {
+    let env = Env::new();
+    let repo = env.repo();
+    let out = env.ks_in(&repo, &["agent", "start", "--no-attach", "--backend", "container", "--name", "Bad_Name"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("invalid sandbox name"), "{}", text(&out));
+}
+
+#[test]
+fn unknown_sandbox_exits_1() {
+    let env = Env::new();
+    for args in [
+        &["agent", "status", "nosuch"][..],
+        &["agent", "stop", "nosuch"],
+        &["agent", "exec", "nosuch", "--", "true"],
+        &["agent", "destroy", "nosuch", "--force"],
+    ] {
+        let out = env.ks_in(env.tmp.path(), args, &[]);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("no sandbox named \"nosuch\""), "{}", text(&out));
+    }
+}
+
+#[test]
+fn malformed_config_names_path_line_and_column() {
+    let env = Env::new();
+    let repo = env.repo();
+    let cfg = env.path("config/keystone/agent.toml");
+    std::fs::create_dir_all(cfg.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&cfg, "[defaults]\nmemory = 4096\nvcpus = \"four\"\n").expect("write");
+    let out = env.ks_in(&repo, &["agent", "config"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains(&format!("{}:3:9", cfg.display())), "{}", text(&out));
+
+    std::fs::write(&cfg, "[defaults]\nmemroy = 4096\n").expect("write");
+    let out = env.ks_in(&repo, &["agent", "start", "--no-attach"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains(&format!("{}:2:1", cfg.display())), "{}", text(&out));
+}
+
+#[test]
+fn config_shows_each_value_and_its_origin() {
+    let env = Env::new();
+    let repo = env.repo();
+    let cfg = env.path("config/keystone/agent.toml");
+    std::fs::create_dir_all(cfg.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&cfg, "[defaults]\nvcpus = 2\n").expect("write");
+    std::fs::create_dir_all(repo.join(".keystone")).expect("mkdir");
+    std::fs::write(repo.join(".keystone/agent.toml"), "[proxy]\nport = 9000\n").expect("write");
+    let out = env.ks_in(&repo, &["agent", "config"], &[("KEYSTONE_AGENT_MEMORY", "4096")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    let line = |key: &str| t.lines().find(|l| l.starts_with(&format!("{key} ="))).unwrap_or("").to_string();
+    assert!(line("defaults.memory").contains("4096") && line("defaults.memory").contains("env KEYSTONE_AGENT_MEMORY"), "{t}");
+    assert!(line("defaults.vcpus").contains("user file"), "{t}");
+    assert!(line("proxy.port").contains("9000") && line("proxy.port").contains("project file"), "{t}");
+    assert!(line("defaults.network").contains("default"), "{t}");
+}
+
+#[test]
+fn later_commands_answer_exit_3_naming_what_is_missing() {
+    let env = Env::new();
+    for args in [
+        &["agent", "worktree", "add", "feature"][..],
+        &["agent", "worktree", "list"],
+        &["agent", "proxy", "status"],
+        &["agent", "attach", "--web"],
+    ] {
+        let out = env.ks_in(env.tmp.path(), args, &[]);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
+        let t = text(&out);
+        assert!(t.contains("not available yet") && t.lines().count() == 1, "{args:?}: {t}");
+    }
+}
+
+#[test]
+fn list_of_an_empty_registry_is_empty_json() {
+    let env = Env::new();
+    let out = env.ks_in(env.tmp.path(), &["agent", "list", "--json"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v, serde_json::json!([]));
+    let out = env.ks_in(env.tmp.path(), &["agent", "list", "--state", "bogus"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
