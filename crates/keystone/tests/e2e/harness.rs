@@ -1,0 +1,321 @@
+//! The end-to-end harness: a throwaway host (project repository, state,
+//! config and a fake home full of canaries) driving the real binary
+//! against a real backend, with the guest image built once and shared.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fail (never skip) when a host tool is missing, naming its package.
+pub fn require_tools(backend: &str) {
+    let mut tools = vec![
+        ("git", "git"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        ("mmdebstrap", "mmdebstrap"),
+        ("tar", "tar"),
+    ];
+    if backend == "container" {
+        tools.push(("pasta", "passt"));
+        tools.push(("newuidmap", "uidmap"));
+    }
+    for (tool, pkg) in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        assert!(found, "{tool} is required for the {backend} end-to-end tests: apt-get install {pkg}");
+    }
+}
+
+/// The image cache shared by every test (built on first use; the image
+/// store's lock makes concurrent first uses build once).
+pub fn shared_cache(user: Option<&str>) -> PathBuf {
+    if let Some(dir) = std::env::var_os("KEYSTONE_TEST_CACHE") {
+        let base = PathBuf::from(dir);
+        return match user {
+            Some(u) => base.join(format!("user-{u}")),
+            None => base,
+        };
+    }
+    PathBuf::from(match user {
+        Some(u) => format!("/var/tmp/keystone-test-cache-{u}"),
+        None => "/var/tmp/keystone-test-cache".to_string(),
+    })
+}
+
+pub struct Host {
+    pub tmp: tempfile::TempDir,
+    pub project: PathBuf,
+    pub backend: String,
+    /// Run as this unprivileged user (via runuser) instead of the caller.
+    pub user: Option<String>,
+    pub cache: PathBuf,
+    pub exe: PathBuf,
+}
+
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+    #[track_caller]
+    pub fn ok(&self) -> &Run {
+        assert_eq!(self.code, Some(0), "expected success:\n{}", self.text());
+        self
+    }
+    #[track_caller]
+    pub fn code(&self, c: i32) -> &Run {
+        assert_eq!(self.code, Some(c), "expected exit {c}:\n{}", self.text());
+        self
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Host {
+    pub fn new(backend: &str, project_name: &str) -> Host {
+        Self::with_user(backend, project_name, None)
+    }
+
+    pub fn with_user(backend: &str, project_name: &str, user: Option<&str>) -> Host {
+        require_tools(backend);
+        let tmp = tempfile::Builder::new().prefix("ks-e2e-").tempdir_in("/tmp").expect("tempdir");
+        let mut exe = PathBuf::from(env!("CARGO_BIN_EXE_keystone"));
+        if let Some(u) = user {
+            // The unprivileged user needs its own copy of the binary (the
+            // build tree may not be readable to it) and to own the tree.
+            let copy = tmp.path().join("keystone");
+            std::fs::copy(&exe, &copy).expect("copy binary");
+            exe = copy;
+            let ok = Command::new("chown").args(["-R", u]).arg(tmp.path()).status().expect("chown").success();
+            assert!(ok, "chown to {u}");
+        }
+        let cache = shared_cache(user);
+        std::fs::create_dir_all(&cache).expect("cache dir");
+        if let Some(u) = user {
+            let _ = Command::new("chown").args([u]).arg(&cache).status();
+        }
+        let host = Host {
+            project: tmp.path().join(project_name),
+            tmp,
+            backend: backend.to_string(),
+            user: user.map(str::to_string),
+            cache,
+            exe,
+        };
+        for d in ["home/.ssh", "home/.config/gcloud", "config/keystone"] {
+            host.mkdir(&host.tmp.path().join(d));
+        }
+        host.write(&host.tmp.path().join("home/.ssh/id_ed25519"), "host-private-key-canary\n");
+        host.write(&host.tmp.path().join("home/.config/gcloud/credentials.db"), "host-credentials-canary\n");
+        host.write(
+            &host.tmp.path().join("config/keystone/agent.toml"),
+            &format!(
+                "[defaults]\nmemory = 2048\nvcpus = 2\n\n[backend]\ntype = \"{backend}\"\n\n[guest]\nprofile = \"minimal\"\n"
+            ),
+        );
+        host.mkdir(&host.project);
+        host.git(&["init", "-q", "-b", "main"]);
+        host.git(&["config", "user.name", "Host Dev"]);
+        host.git(&["config", "user.email", "dev@host.example"]);
+        host.write(&host.project.join("README.md"), "# project\n");
+        host.git(&["add", "README.md"]);
+        host.git(&["commit", "-q", "-m", "initial commit"]);
+        host
+    }
+
+    fn mkdir(&self, p: &Path) {
+        std::fs::create_dir_all(p).expect("mkdir");
+        self.chown(p);
+    }
+
+    pub fn write(&self, p: &Path, content: &str) {
+        std::fs::write(p, content).expect("write");
+        self.chown(p);
+    }
+
+    fn chown(&self, p: &Path) {
+        if let Some(u) = &self.user {
+            let _ = Command::new("chown").args(["-R", u]).arg(p).status();
+        }
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut cmd = match &self.user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.current_dir(&self.project)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.tmp.path().join("home"))
+            .env("XDG_STATE_HOME", self.tmp.path().join("state"))
+            .env("XDG_CONFIG_HOME", self.tmp.path().join("config"))
+            .env("XDG_CACHE_HOME", &self.cache)
+            .env("LANG", "C.UTF-8")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Run `keystone agent ARGS` in the project.
+    pub fn ks(&self, args: &[&str]) -> Run {
+        self.ks_env(args, &[])
+    }
+
+    pub fn ks_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = self.command(&self.exe);
+        cmd.arg("agent").args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_bounded(cmd, Duration::from_secs(900))
+    }
+
+    /// Start the project's sandbox, detached.
+    pub fn start(&self, extra: &[&str]) -> Run {
+        let mut args = vec!["start", "--no-attach"];
+        args.extend_from_slice(extra);
+        self.ks(&args)
+    }
+
+    /// `exec -- bash -c SCRIPT` in the sandbox; stdout.
+    #[track_caller]
+    pub fn sh(&self, script: &str) -> String {
+        let r = self.ks(&["exec", "--", "bash", "-c", script]);
+        r.ok();
+        r.stdout
+    }
+
+    #[track_caller]
+    pub fn git(&self, args: &[&str]) -> String {
+        let git = PathBuf::from("git");
+        let mut cmd = self.command(&git);
+        cmd.args(args);
+        let r = run_bounded(cmd, Duration::from_secs(60));
+        r.ok();
+        r.stdout.trim().to_string()
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.tmp.path().join("state/keystone")
+    }
+
+    /// The raw registry record of a sandbox.
+    pub fn record(&self, name: &str) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.state_dir().join("registry.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["sandboxes"].as_array()?.iter().find(|s| s["name"] == name).cloned()
+    }
+
+    pub fn status_json(&self, name: &str) -> serde_json::Value {
+        let r = self.ks(&["status", name, "--json"]);
+        r.ok();
+        serde_json::from_str(&r.stdout).expect("status json")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Never leave a sandbox running after a test, pass or fail.
+        let r = self.ks(&["list", "--json"]);
+        if let Ok(serde_json::Value::Array(all)) = serde_json::from_str::<serde_json::Value>(&r.stdout) {
+            for s in all {
+                if let Some(name) = s["name"].as_str() {
+                    let _ = self.ks(&["destroy", name, "--force"]);
+                }
+            }
+        }
+    }
+}
+
+/// Run a command with a deadline; a hang fails the test instead of the
+/// whole suite.
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!(
+                "command timed out after {}s: {cmd:?}\n{}",
+                limit.as_secs(),
+                Run::from(out).text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait").into()
+}
+
+/// Processes whose command line mentions `needle` (zombies excluded).
+pub fn processes_matching(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let pid = e.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Wait until `f` holds, at most `limit`.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+impl Host {
+    /// Start `keystone agent ARGS` without waiting.
+    pub fn ks_spawn(&self, args: &[&str]) -> std::process::Child {
+        let mut cmd = self.command(&self.exe);
+        cmd.arg("agent").args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("spawn keystone")
+    }
+
+    pub fn name(&self) -> String {
+        self.project.file_name().expect("name").to_string_lossy().into_owned()
+    }
+}
+
+pub fn pid_alive(pid: i64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
+}

@@ -1,0 +1,82 @@
+//! End-to-end tests: the real binary, a real guest image (built once into
+//! a shared cache), a real backend, real sshd and git. Run them one at a
+//! time (`--test-threads=1`): backends compete for the machine's cores.
+
+mod harness;
+mod scenarios;
+
+/// The same scenarios for every local backend.
+macro_rules! backend_suite {
+    ($module:ident, $backend:literal) => {
+        mod $module {
+            use crate::harness::Host;
+            use crate::scenarios;
+
+            #[test]
+            fn lifecycle() {
+                scenarios::lifecycle(Host::new($backend, concat!("life-", $backend)));
+            }
+            #[test]
+            fn isolation() {
+                scenarios::isolation(Host::new($backend, concat!("iso-", $backend)));
+            }
+            #[test]
+            fn network_none() {
+                scenarios::network_none(Host::new($backend, concat!("nonet-", $backend)));
+            }
+            #[test]
+            fn supervisor_killed() {
+                scenarios::supervisor_killed(Host::new($backend, concat!("kill-", $backend)));
+            }
+            #[test]
+            fn concurrent_starts() {
+                scenarios::concurrent_starts(Host::new($backend, concat!("race-", $backend)));
+            }
+            #[test]
+            fn destroy_guards() {
+                scenarios::destroy_guards(Host::new($backend, concat!("guard-", $backend)));
+            }
+        }
+    };
+}
+
+backend_suite!(container, "container");
+
+/// The container scenario as an unprivileged user (rootless): user
+/// namespaces with subordinate ids, no cgroup delegation on v1.
+mod rootless {
+    use crate::harness::Host;
+    use crate::scenarios;
+
+    const USER: &str = "keystone-test";
+
+    fn user() -> &'static str {
+        assert!(
+            nix_is_root(),
+            "the rootless test switches to user {USER} and must run as root (scripts/test.sh does)"
+        );
+        let ok = std::process::Command::new("id").arg("-u").arg(USER).output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(
+            ok,
+            "user {USER} is missing: create it with `useradd -m {USER} && usermod --add-subuids 300000-365535 --add-subgids 300000-365535 {USER}` (scripts/test.sh does)"
+        );
+        USER
+    }
+
+    fn nix_is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    }
+
+    #[test]
+    fn lifecycle_rootless() {
+        scenarios::lifecycle(Host::with_user("container", "life-rootless", Some(user())));
+    }
+
+    #[test]
+    fn isolation_rootless() {
+        scenarios::isolation(Host::with_user("container", "iso-rootless", Some(user())));
+    }
+}
