@@ -110,8 +110,8 @@ pub fn lifecycle(h: Host) {
 /// Nothing of the host reaches the sandbox: files, environment, loopback.
 pub fn isolation(h: Host) {
     let secret_env = [("ANTHROPIC_API_KEY", "sk-host-secret-canary"), ("SSH_AUTH_SOCK", "/tmp/host-agent.sock")];
-    h.ks_env(&["start", "--no-attach"], &secret_env).ok();
-
+    // The host service exists before the sandbox starts, and the probe
+    // waits past any periodic port scan a network helper might do.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     listener.set_nonblocking(true).expect("nonblocking");
@@ -129,12 +129,14 @@ pub fn isolation(h: Host) {
         }
     });
 
+    h.ks_env(&["start", "--no-attach"], &secret_env).ok();
     let tmp = h.tmp.path().display().to_string();
     let script = format!(
         r#"
         echo "env:$(env | grep -cE 'ANTHROPIC_API_KEY|SSH_AUTH_SOCK|sk-host-secret')"
         echo "path:$(test -e {tmp} && echo visible || echo absent)"
         echo "canary:$(grep -rlsE 'host-private-key-canary|host-credentials-canary' /home /root /etc /tmp /workspace /opt /srv /mnt 2>/dev/null | wc -l)"
+        sleep 2.5
         echo "loopback:$(timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}; cat <&3' 2>/dev/null || echo refused)"
         "#
     );
