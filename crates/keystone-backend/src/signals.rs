@@ -35,7 +35,13 @@ impl Signals {
     /// Must be called before any child is forked, so none is lost.
     pub fn install() -> nix::Result<Signals> {
         let mut set = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGINT, Signal::SIGCHLD, Signal::SIGHUP] {
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGUSR1,
+            Signal::SIGINT,
+            Signal::SIGCHLD,
+            Signal::SIGHUP,
+        ] {
             set.add(s);
         }
         set.thread_block()?;
@@ -48,7 +54,10 @@ impl Signals {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
             Ok(n) if n > 0 => {}
             _ => return Wake::Timeout,
         }

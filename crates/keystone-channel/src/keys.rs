@@ -87,11 +87,18 @@ mod tests {
         let guest = ensure(&ssh, "keystone-t").expect("keys");
         let first = fs::read(ssh.join(CLIENT_KEY)).expect("key");
         ensure(&ssh, "keystone-t").expect("again");
-        assert_eq!(first, fs::read(ssh.join(CLIENT_KEY)).expect("key"), "keys are kept");
+        assert_eq!(
+            first,
+            fs::read(ssh.join(CLIENT_KEY)).expect("key"),
+            "keys are kept"
+        );
         let known = fs::read_to_string(ssh.join(KNOWN_HOSTS)).expect("known");
         assert!(known.starts_with("keystone-t ssh-ed25519 "));
         let auth = fs::read_to_string(guest.join("authorized_keys")).expect("auth");
         assert!(auth.starts_with("ssh-ed25519 "));
-        assert!(!guest.join(CLIENT_KEY).exists(), "the client key never enters the guest dir");
+        assert!(
+            !guest.join(CLIENT_KEY).exists(),
+            "the client key never enters the guest dir"
+        );
     }
 }

@@ -41,7 +41,9 @@ pub enum ChannelError {
     },
     #[error("`{command}` failed: {detail}")]
     Command { command: String, detail: String },
-    #[error("runtime directory {path} is not owned by this user; remove it or set XDG_RUNTIME_DIR")]
+    #[error(
+        "runtime directory {path} is not owned by this user; remove it or set XDG_RUNTIME_DIR"
+    )]
     UnsafeRuntimeDir { path: PathBuf },
 }
 
@@ -112,13 +114,21 @@ pub struct ExecOptions {
 impl Channel {
     /// `sandbox_id` keeps socket names short and unique; `ssh_dir` holds
     /// the keys made by [`keys::ensure`].
-    pub fn new(name: &str, sandbox_id: &str, ssh_dir: PathBuf, exe: PathBuf) -> Result<Channel, ChannelError> {
+    pub fn new(
+        name: &str,
+        sandbox_id: &str,
+        ssh_dir: PathBuf,
+        exe: PathBuf,
+    ) -> Result<Channel, ChannelError> {
         let run = runtime_dir()?;
         Ok(Channel {
             alias: format!("keystone-{name}"),
             ssh_dir,
             socket: run.join(format!("{sandbox_id}.ssh")),
-            control_path: run.join(format!("cm-{sandbox_id}-%r")).display().to_string(),
+            control_path: run
+                .join(format!("cm-{sandbox_id}-%r"))
+                .display()
+                .to_string(),
             exe,
         })
     }
@@ -274,10 +284,20 @@ Host {alias}\n\
 /// The only host variables the ssh client gets: what it needs to run and
 /// to draw a terminal. Deliberately not SSH_AUTH_SOCK or any credential.
 pub fn passthrough_env() -> Vec<(OsString, OsString)> {
-    ["PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG", "LC_ALL", "LC_CTYPE", "COLORTERM"]
-        .iter()
-        .filter_map(|k| std::env::var_os(k).map(|v| (OsString::from(k), v)))
-        .collect()
+    [
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "TERM",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "COLORTERM",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var_os(k).map(|v| (OsString::from(k), v)))
+    .collect()
 }
 
 /// Quote a value for ssh_config (double quotes; paths with spaces work).
@@ -327,6 +347,8 @@ mod tests {
     fn passthrough_env_never_carries_credentials() {
         std::env::set_var("ANTHROPIC_API_KEY", "secret");
         let env = passthrough_env();
-        assert!(!env.iter().any(|(k, _)| k == "ANTHROPIC_API_KEY" || k == "SSH_AUTH_SOCK"));
+        assert!(!env
+            .iter()
+            .any(|(k, _)| k == "ANTHROPIC_API_KEY" || k == "SSH_AUTH_SOCK"));
     }
 }

@@ -152,7 +152,11 @@ pub enum RegistryError {
     #[error("no sandbox named {name:?}; `keystone agent list` shows the sandboxes that exist")]
     NotFound { name: String },
     #[error("sandbox {name} is {from}; it cannot become {to}")]
-    InvalidTransition { name: String, from: State, to: State },
+    InvalidTransition {
+        name: String,
+        from: State,
+        to: State,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -244,15 +248,18 @@ impl Registry {
 
     fn store(&self, file: &File_) -> Result<(), RegistryError> {
         let path = self.file_path();
-        let tmp = self.root.join(format!(".registry.json.{}", std::process::id()));
+        let tmp = self
+            .root
+            .join(format!(".registry.json.{}", std::process::id()));
         let io = |source| RegistryError::Io {
             path: tmp.clone(),
             source,
         };
-        let mut bytes = serde_json::to_vec_pretty(file).map_err(|source| RegistryError::Corrupt {
-            path: path.clone(),
-            source,
-        })?;
+        let mut bytes =
+            serde_json::to_vec_pretty(file).map_err(|source| RegistryError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
         bytes.push(b'\n');
         let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
@@ -276,10 +283,7 @@ impl Registry {
     /// Run `f` on the whole registry under the exclusive lock and write the
     /// result back atomically if `f` succeeds. Keep `f` short: every other
     /// command waits for it.
-    pub fn update<T, E>(
-        &self,
-        f: impl FnOnce(&mut Vec<Sandbox>) -> Result<T, E>,
-    ) -> Result<T, E>
+    pub fn update<T, E>(&self, f: impl FnOnce(&mut Vec<Sandbox>) -> Result<T, E>) -> Result<T, E>
     where
         E: From<RegistryError>,
     {
@@ -388,7 +392,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = Registry::open(dir.path()).expect("open");
         reg.update(|all| {
-            all.push(Sandbox::new("a".into(), "/p".into(), "container".into(), settings()));
+            all.push(Sandbox::new(
+                "a".into(),
+                "/p".into(),
+                "container".into(),
+                settings(),
+            ));
             Ok::<_, RegistryError>(())
         })
         .expect("update");
@@ -401,7 +410,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = Registry::open(dir.path()).expect("open");
         reg.update(|all| {
-            all.push(Sandbox::new("a".into(), "/p".into(), "container".into(), settings()));
+            all.push(Sandbox::new(
+                "a".into(),
+                "/p".into(),
+                "container".into(),
+                settings(),
+            ));
             Ok::<_, RegistryError>(())
         })
         .expect("update");

@@ -73,9 +73,15 @@ mod tests {
 
     #[test]
     fn derives_safe_unique_names() {
-        assert_eq!(derive_name(Path::new("/src/My_Project.rs"), &[]), "my-project-rs");
+        assert_eq!(
+            derive_name(Path::new("/src/My_Project.rs"), &[]),
+            "my-project-rs"
+        );
         assert_eq!(derive_name(Path::new("/src/app"), &["app"]), "app-2");
-        assert_eq!(derive_name(Path::new("/src/app"), &["app", "app-2"]), "app-3");
+        assert_eq!(
+            derive_name(Path::new("/src/app"), &["app", "app-2"]),
+            "app-3"
+        );
         assert_eq!(derive_name(Path::new("/src/___"), &[]), "sandbox");
         let long = "a".repeat(100);
         assert!(derive_name(Path::new(&long), &[]).len() <= MAX_LEN);

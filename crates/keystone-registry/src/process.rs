@@ -63,7 +63,10 @@ mod tests {
             start_time: me.start_time + 1,
             ..me
         };
-        assert!(!wrong.is_alive(), "a different start time is another process");
+        assert!(
+            !wrong.is_alive(),
+            "a different start time is another process"
+        );
     }
 
     #[test]

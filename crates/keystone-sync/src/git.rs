@@ -66,7 +66,10 @@ impl Git {
     }
 
     fn output(&self, args: &[&str]) -> Result<Output, GitError> {
-        base(&self.repo).args(args).output().map_err(|_| GitError::Missing)
+        base(&self.repo)
+            .args(args)
+            .output()
+            .map_err(|_| GitError::Missing)
     }
 
     fn ok(&self, args: &[&str]) -> Result<String, GitError> {
@@ -123,7 +126,9 @@ impl Git {
 
     /// Tracked changes (staged or not); untracked files do not count.
     pub fn is_dirty(&self) -> Result<bool, GitError> {
-        Ok(!self.ok(&["status", "--porcelain", "--untracked-files=no"])?.is_empty())
+        Ok(!self
+            .ok(&["status", "--porcelain", "--untracked-files=no"])?
+            .is_empty())
     }
 
     /// Any change at all, untracked files included (for `start`'s warning).
@@ -132,12 +137,19 @@ impl Git {
     }
 
     pub fn identity(&self) -> (Option<String>, Option<String>) {
-        let get = |k: &str| self.ok(&["config", "--get", k]).ok().filter(|s| !s.is_empty());
+        let get = |k: &str| {
+            self.ok(&["config", "--get", k])
+                .ok()
+                .filter(|s| !s.is_empty())
+        };
         (get("user.name"), get("user.email"))
     }
 
     pub fn is_ancestor(&self, a: &str, b: &str) -> Result<bool, GitError> {
-        Ok(self.output(&["merge-base", "--is-ancestor", a, b])?.status.success())
+        Ok(self
+            .output(&["merge-base", "--is-ancestor", a, b])?
+            .status
+            .success())
     }
 
     pub fn refs_under(&self, prefix: &str) -> Result<BTreeMap<String, String>, GitError> {
@@ -167,7 +179,10 @@ impl Git {
             Some(f) => format!("{f}..{to}"),
             None => to.to_string(),
         };
-        let commits = self.ok(&["rev-list", "--count", &range])?.parse().unwrap_or(0);
+        let commits = self
+            .ok(&["rev-list", "--count", &range])?
+            .parse()
+            .unwrap_or(0);
         let (mut files, mut ins, mut del) = (0, 0, 0);
         let numstat = match from {
             Some(f) => self.ok(&["diff", "--numstat", "--no-renames", f, to])?,
@@ -201,14 +216,27 @@ impl Git {
             // and only then do we move the ref.
             Some(f) => {
                 self.ok(&["read-tree", "-u", "-m", f, to])?;
-                self.ok(&["update-ref", "-m", "keystone sync", &format!("refs/heads/{branch}"), to, f])
-                    .map(|_| ())
+                self.ok(&[
+                    "update-ref",
+                    "-m",
+                    "keystone sync",
+                    &format!("refs/heads/{branch}"),
+                    to,
+                    f,
+                ])
+                .map(|_| ())
             }
             None => {
                 self.ok(&["read-tree", "-u", "-m", "HEAD", to])
                     .or_else(|_| self.ok(&["read-tree", "-u", to]))?;
-                self.ok(&["update-ref", "-m", "keystone sync", &format!("refs/heads/{branch}"), to])
-                    .map(|_| ())
+                self.ok(&[
+                    "update-ref",
+                    "-m",
+                    "keystone sync",
+                    &format!("refs/heads/{branch}"),
+                    to,
+                ])
+                .map(|_| ())
             }
         }
     }
@@ -249,7 +277,10 @@ mod tests {
     #[test]
     fn not_a_repo_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(matches!(Git::toplevel(dir.path()), Err(GitError::NotARepo { .. })));
+        assert!(matches!(
+            Git::toplevel(dir.path()),
+            Err(GitError::NotARepo { .. })
+        ));
     }
 
     #[test]
@@ -258,10 +289,16 @@ mod tests {
         let main = git.rev_parse("main").expect("rev").expect("main");
         let side = git.rev_parse("side").expect("rev").expect("side");
         let report = git.diff_report(Some(&main), &side).expect("report");
-        assert_eq!((report.commits, report.files_changed, report.insertions), (1, 2, 2));
+        assert_eq!(
+            (report.commits, report.files_changed, report.insertions),
+            (1, 2, 2)
+        );
         git.fast_forward("main", Some(&main), &side).expect("ff");
         assert_eq!(git.rev_parse("main").expect("rev"), Some(side));
-        assert_eq!(std::fs::read_to_string(dir.path().join("b")).expect("b"), "x\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b")).expect("b"),
+            "x\n"
+        );
         assert!(!git.is_dirty().expect("status"));
     }
 
@@ -273,6 +310,9 @@ mod tests {
         std::fs::write(dir.path().join("a"), "local\n").expect("write");
         assert!(git.fast_forward("main", Some(&main), &side).is_err());
         assert_eq!(git.rev_parse("main").expect("rev"), Some(main));
-        assert_eq!(std::fs::read_to_string(dir.path().join("a")).expect("a"), "local\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a")).expect("a"),
+            "local\n"
+        );
     }
 }

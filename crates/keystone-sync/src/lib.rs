@@ -62,13 +62,22 @@ pub fn push_initial(git: &Git, channel: &Channel) -> Result<Option<String>, Sync
         "set -e; cd /workspace; git init -q; git config receive.denyCurrentBranch updateInstead; ",
     );
     if let Some(b) = &branch {
-        script.push_str(&format!("git symbolic-ref HEAD refs/heads/{}; ", shell_quote(b)));
+        script.push_str(&format!(
+            "git symbolic-ref HEAD refs/heads/{}; ",
+            shell_quote(b)
+        ));
     }
     if let Some(n) = &name {
-        script.push_str(&format!("git config --global user.name {}; ", shell_quote(n)));
+        script.push_str(&format!(
+            "git config --global user.name {}; ",
+            shell_quote(n)
+        ));
     }
     if let Some(e) = &email {
-        script.push_str(&format!("git config --global user.email {}; ", shell_quote(e)));
+        script.push_str(&format!(
+            "git config --global user.email {}; ",
+            shell_quote(e)
+        ));
     }
     channel.run_ok(&script, &agent)?;
     if git.head()?.is_none() {
@@ -76,12 +85,33 @@ pub fn push_initial(git: &Git, channel: &Channel) -> Result<Option<String>, Sync
         return Ok(branch);
     }
     let url = channel.git_url("/workspace");
-    git.remote_op(channel, &["push", "--quiet", "--no-verify", &url, "refs/heads/*:refs/heads/*"])?;
+    git.remote_op(
+        channel,
+        &[
+            "push",
+            "--quiet",
+            "--no-verify",
+            &url,
+            "refs/heads/*:refs/heads/*",
+        ],
+    )?;
     if branch.is_none() {
         // Detached HEAD on the host: the guest checks out the same commit.
         let head = git.head()?.unwrap_or_default();
-        git.remote_op(channel, &["push", "--quiet", "--no-verify", &url, &format!("{head}:refs/keystone/host-head")])?;
-        channel.run_ok("cd /workspace && git checkout -q --detach refs/keystone/host-head", &agent)?;
+        git.remote_op(
+            channel,
+            &[
+                "push",
+                "--quiet",
+                "--no-verify",
+                &url,
+                &format!("{head}:refs/keystone/host-head"),
+            ],
+        )?;
+        channel.run_ok(
+            "cd /workspace && git checkout -q --detach refs/keystone/host-head",
+            &agent,
+        )?;
     } else {
         channel.run_ok("cd /workspace && git reset -q --hard", &agent)?;
     }
@@ -90,7 +120,11 @@ pub fn push_initial(git: &Git, channel: &Channel) -> Result<Option<String>, Sync
 
 /// Fetch every branch of the sandbox into its private namespace; returns
 /// branch → commit, and the sandbox's current branch.
-pub fn fetch(git: &Git, channel: &Channel, sandbox: &str) -> Result<(BTreeMap<String, String>, Option<String>), SyncError> {
+pub fn fetch(
+    git: &Git,
+    channel: &Channel,
+    sandbox: &str,
+) -> Result<(BTreeMap<String, String>, Option<String>), SyncError> {
     let url = channel.git_url("/workspace");
     let prefix = private_prefix(sandbox);
     git.remote_op(
@@ -108,7 +142,10 @@ pub fn fetch(git: &Git, channel: &Channel, sandbox: &str) -> Result<(BTreeMap<St
     )?;
     let refs = git.refs_under(&prefix)?;
     let current = channel
-        .run("cd /workspace && git symbolic-ref -q --short HEAD", &ExecOptions::default())
+        .run(
+            "cd /workspace && git symbolic-ref -q --short HEAD",
+            &ExecOptions::default(),
+        )
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())

@@ -4,7 +4,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "keystone", version, about = "Keystone: isolated sandboxes for AI coding agents")]
+#[command(
+    name = "keystone",
+    version,
+    about = "Keystone: isolated sandboxes for AI coding agents"
+)]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

@@ -18,10 +18,16 @@ pub struct Ctx {
 impl Ctx {
     pub fn new() -> Result<Ctx> {
         let state = Registry::default_dir().ok_or_else(|| {
-            CliError::new(Exit::Requirements, "neither XDG_STATE_HOME nor HOME is set; set HOME")
+            CliError::new(
+                Exit::Requirements,
+                "neither XDG_STATE_HOME nor HOME is set; set HOME",
+            )
         })?;
         let cache = cache_root().ok_or_else(|| {
-            CliError::new(Exit::Requirements, "neither XDG_CACHE_HOME nor HOME is set; set HOME")
+            CliError::new(
+                Exit::Requirements,
+                "neither XDG_CACHE_HOME nor HOME is set; set HOME",
+            )
         })?;
         let exe = std::env::current_exe()
             .map_err(|e| CliError::failed(format!("cannot find this program's path: {e}")))?;
@@ -81,7 +87,10 @@ impl Ctx {
                 State::Starting | State::Stopping => String::new(),
                 _ => "; start it with `keystone agent start`".to_string(),
             };
-            return Err(CliError::state(format!("sandbox {} is not running (it is {}){hint}", sb.name, sb.state)));
+            return Err(CliError::state(format!(
+                "sandbox {} is not running (it is {}){hint}",
+                sb.name, sb.state
+            )));
         }
         Ok(())
     }

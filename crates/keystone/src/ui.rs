@@ -69,9 +69,8 @@ impl Progress {
     }
 
     pub fn finish(&self, msg: &str) {
-        match &self.bar {
-            Some(b) => b.finish_and_clear(),
-            None => {}
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
         }
         note(msg);
     }

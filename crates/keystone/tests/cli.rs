@@ -55,7 +55,11 @@ impl Env {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[test]
@@ -65,8 +69,8 @@ fn help_lists_every_command_and_option_of_the_spec() {
     assert!(out.status.success());
     let help = text(&out);
     for cmd in [
-        "start", "stop", "attach", "sync", "worktree", "status", "list", "destroy", "exec", "ssh", "config", "image",
-        "doctor",
+        "start", "stop", "attach", "sync", "worktree", "status", "list", "destroy", "exec", "ssh",
+        "config", "image", "doctor",
     ] {
         assert!(help.contains(cmd), "agent --help lacks {cmd}:\n{help}");
     }
@@ -74,8 +78,17 @@ fn help_lists_every_command_and_option_of_the_spec() {
         (
             &["start"],
             &[
-                "--name", "--memory", "--vcpus", "--no-nested", "--fresh", "--network", "--sync-mode", "--no-attach",
-                "--agent", "--backend", "--strict",
+                "--name",
+                "--memory",
+                "--vcpus",
+                "--no-nested",
+                "--fresh",
+                "--network",
+                "--sync-mode",
+                "--no-attach",
+                "--agent",
+                "--backend",
+                "--strict",
             ],
         ),
         (&["stop"], &["--force", "--sync"]),
@@ -106,27 +119,67 @@ fn start_outside_a_git_repository_exits_1() {
     let env = Env::new();
     let dir = env.path("not-a-repo");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let out = env.ks_in(&dir, &["agent", "start", "--no-attach", "--backend", "container"], &[]);
+    let out = env.ks_in(
+        &dir,
+        &["agent", "start", "--no-attach", "--backend", "container"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("not inside a git repository"), "{}", text(&out));
+    assert!(
+        text(&out).contains("not inside a git repository"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn memory_below_1024_is_refused() {
     let env = Env::new();
     let repo = env.repo();
-    let out = env.ks_in(&repo, &["agent", "start", "--no-attach", "--backend", "container", "--memory", "512"], &[]);
+    let out = env.ks_in(
+        &repo,
+        &[
+            "agent",
+            "start",
+            "--no-attach",
+            "--backend",
+            "container",
+            "--memory",
+            "512",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("--memory 512: memory must be at least 1024"), "{}", text(&out));
+    assert!(
+        text(&out).contains("--memory 512: memory must be at least 1024"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn invalid_name_is_refused() {
     let env = Env::new();
     let repo = env.repo();
-    let out = env.ks_in(&repo, &["agent", "start", "--no-attach", "--backend", "container", "--name", "Bad_Name"], &[]);
+    let out = env.ks_in(
+        &repo,
+        &[
+            "agent",
+            "start",
+            "--no-attach",
+            "--backend",
+            "container",
+            "--name",
+            "Bad_Name",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("invalid sandbox name"), "{}", text(&out));
+    assert!(
+        text(&out).contains("invalid sandbox name"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -140,7 +193,11 @@ fn unknown_sandbox_exits_1() {
     ] {
         let out = env.ks_in(env.tmp.path(), args, &[]);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
-        assert!(text(&out).contains("no sandbox named \"nosuch\""), "{}", text(&out));
+        assert!(
+            text(&out).contains("no sandbox named \"nosuch\""),
+            "{}",
+            text(&out)
+        );
     }
 }
 
@@ -153,12 +210,20 @@ fn malformed_config_names_path_line_and_column() {
     std::fs::write(&cfg, "[defaults]\nmemory = 4096\nvcpus = \"four\"\n").expect("write");
     let out = env.ks_in(&repo, &["agent", "config"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains(&format!("{}:3:9", cfg.display())), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("{}:3:9", cfg.display())),
+        "{}",
+        text(&out)
+    );
 
     std::fs::write(&cfg, "[defaults]\nmemroy = 4096\n").expect("write");
     let out = env.ks_in(&repo, &["agent", "start", "--no-attach"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains(&format!("{}:2:1", cfg.display())), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("{}:2:1", cfg.display())),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -170,13 +235,29 @@ fn config_shows_each_value_and_its_origin() {
     std::fs::write(&cfg, "[defaults]\nvcpus = 2\n").expect("write");
     std::fs::create_dir_all(repo.join(".keystone")).expect("mkdir");
     std::fs::write(repo.join(".keystone/agent.toml"), "[proxy]\nport = 9000\n").expect("write");
-    let out = env.ks_in(&repo, &["agent", "config"], &[("KEYSTONE_AGENT_MEMORY", "4096")]);
+    let out = env.ks_in(
+        &repo,
+        &["agent", "config"],
+        &[("KEYSTONE_AGENT_MEMORY", "4096")],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let t = text(&out);
-    let line = |key: &str| t.lines().find(|l| l.starts_with(&format!("{key} ="))).unwrap_or("").to_string();
-    assert!(line("defaults.memory").contains("4096") && line("defaults.memory").contains("env KEYSTONE_AGENT_MEMORY"), "{t}");
+    let line = |key: &str| {
+        t.lines()
+            .find(|l| l.starts_with(&format!("{key} =")))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        line("defaults.memory").contains("4096")
+            && line("defaults.memory").contains("env KEYSTONE_AGENT_MEMORY"),
+        "{t}"
+    );
     assert!(line("defaults.vcpus").contains("user file"), "{t}");
-    assert!(line("proxy.port").contains("9000") && line("proxy.port").contains("project file"), "{t}");
+    assert!(
+        line("proxy.port").contains("9000") && line("proxy.port").contains("project file"),
+        "{t}"
+    );
     assert!(line("defaults.network").contains("default"), "{t}");
 }
 
@@ -192,7 +273,10 @@ fn later_commands_answer_exit_3_naming_what_is_missing() {
         let out = env.ks_in(env.tmp.path(), args, &[]);
         assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
         let t = text(&out);
-        assert!(t.contains("not available yet") && t.lines().count() == 1, "{args:?}: {t}");
+        assert!(
+            t.contains("not available yet") && t.lines().count() == 1,
+            "{args:?}: {t}"
+        );
     }
 }
 

@@ -101,10 +101,15 @@ impl Cgroup {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("processes {pids:?} survived SIGKILL in the sandbox's cgroup"));
+                return Err(format!(
+                    "processes {pids:?} survived SIGKILL in the sandbox's cgroup"
+                ));
             }
             for p in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -134,7 +139,10 @@ fn create_v1(id: &str, memory_mb: u32, vcpus: u32) -> Result<Cgroup, String> {
     let settings: [(&str, Vec<(&str, String)>); 3] = [
         (
             "memory",
-            vec![("memory.limit_in_bytes", (u64::from(memory_mb) << 20).to_string())],
+            vec![(
+                "memory.limit_in_bytes",
+                (u64::from(memory_mb) << 20).to_string(),
+            )],
         ),
         (
             "cpu",
@@ -154,7 +162,8 @@ fn create_v1(id: &str, memory_mb: u32, vcpus: u32) -> Result<Cgroup, String> {
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         dirs.push(dir.clone());
         for (file, value) in files {
-            fs::write(dir.join(file), &value).map_err(|e| format!("{}/{file}: {e}", dir.display()))?;
+            fs::write(dir.join(file), &value)
+                .map_err(|e| format!("{}/{file}: {e}", dir.display()))?;
         }
     }
     Ok(Cgroup::V1 { dirs })
@@ -165,7 +174,10 @@ fn create_v2(id: &str, memory_mb: u32, vcpus: u32, rootless: bool) -> Result<Cgr
         // Our own cgroup, if it was delegated to us (writable).
         let own = fs::read_to_string("/proc/self/cgroup")
             .ok()
-            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)))
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+            })
             .ok_or("cannot read /proc/self/cgroup")?;
         let dir = Path::new(ROOT).join(own.trim_start_matches('/'));
         if nix::unistd::access(&dir.join("cgroup.procs"), nix::unistd::AccessFlags::W_OK).is_err() {
@@ -174,11 +186,16 @@ fn create_v2(id: &str, memory_mb: u32, vcpus: u32, rootless: bool) -> Result<Cgr
                 dir.display()
             ));
         }
-        dir.parent().map(Path::to_path_buf).ok_or("no parent cgroup")?
+        dir.parent()
+            .map(Path::to_path_buf)
+            .ok_or("no parent cgroup")?
     } else {
         let dir = Path::new(ROOT).join("keystone");
         fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let _ = fs::write(Path::new(ROOT).join("cgroup.subtree_control"), "+memory +cpu +pids");
+        let _ = fs::write(
+            Path::new(ROOT).join("cgroup.subtree_control"),
+            "+memory +cpu +pids",
+        );
         dir
     };
     let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory +cpu +pids");

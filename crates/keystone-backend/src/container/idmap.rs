@@ -31,7 +31,11 @@ impl IdMap {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
         if uid == 0 {
-            return Ok(IdMap { uid, gid, sub: None });
+            return Ok(IdMap {
+                uid,
+                gid,
+                sub: None,
+            });
         }
         let user = nix::unistd::User::from_uid(uid.into())
             .ok()
@@ -80,7 +84,9 @@ impl IdMap {
                 Ok(())
             }
             Some(((su, _), (sg, _))) => {
-                for (helper, own, start) in [("newuidmap", self.uid, su), ("newgidmap", self.gid, sg)] {
+                for (helper, own, start) in
+                    [("newuidmap", self.uid, su), ("newgidmap", self.gid, sg)]
+                {
                     let out = Command::new(helper)
                         .arg(pid.to_string())
                         .args(["0", &own.to_string(), "1"])
@@ -127,7 +133,9 @@ pub fn run_mapped(map: &IdMap, argv: &[&str]) -> Result<std::process::ExitStatus
     }
     let cargs: Vec<CString> = argv
         .iter()
-        .map(|a| CString::new(*a).map_err(|_| BackendError::Failed(format!("NUL in argument {a:?}"))))
+        .map(|a| {
+            CString::new(*a).map_err(|_| BackendError::Failed(format!("NUL in argument {a:?}")))
+        })
         .collect::<Result<_, _>>()?;
     let (up_r, up_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -161,7 +169,8 @@ pub fn run_mapped(map: &IdMap, argv: &[&str]) -> Result<std::process::ExitStatus
                 map.apply(child.as_raw())
             } else {
                 Err(BackendError::Failed(
-                    "cannot create a user namespace (is kernel.unprivileged_userns_clone off?)".into(),
+                    "cannot create a user namespace (is kernel.unprivileged_userns_clone off?)"
+                        .into(),
                 ))
             };
             if mapped.is_ok() {
@@ -171,8 +180,12 @@ pub fn run_mapped(map: &IdMap, argv: &[&str]) -> Result<std::process::ExitStatus
             let status = nix::sys::wait::waitpid(child, None)?;
             mapped?;
             Ok(match status {
-                nix::sys::wait::WaitStatus::Exited(_, code) => std::process::ExitStatus::from_raw(code << 8),
-                nix::sys::wait::WaitStatus::Signaled(_, sig, _) => std::process::ExitStatus::from_raw(sig as i32),
+                nix::sys::wait::WaitStatus::Exited(_, code) => {
+                    std::process::ExitStatus::from_raw(code << 8)
+                }
+                nix::sys::wait::WaitStatus::Signaled(_, sig, _) => {
+                    std::process::ExitStatus::from_raw(sig as i32)
+                }
                 _ => std::process::ExitStatus::from_raw(1 << 8),
             })
         }

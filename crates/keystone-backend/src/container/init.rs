@@ -44,7 +44,13 @@ pub struct InitSpec {
 }
 
 /// Body of C: never returns.
-pub fn child(spec: &InitSpec, sync_up: OwnedFd, sync_down: OwnedFd, pid_out: OwnedFd, err_out: OwnedFd) -> ! {
+pub fn child(
+    spec: &InitSpec,
+    sync_up: OwnedFd,
+    sync_down: OwnedFd,
+    pid_out: OwnedFd,
+    err_out: OwnedFd,
+) -> ! {
     let fail = |msg: String| -> ! {
         let _ = nix::unistd::write(&err_out, msg.as_bytes());
         // SAFETY: _exit in a forked child never runs destructors of the
@@ -70,7 +76,9 @@ pub fn child(spec: &InitSpec, sync_up: OwnedFd, sync_down: OwnedFd, pid_out: Own
     drop(sync_down);
     let root = nix::unistd::Uid::from_raw(0);
     let rootg = nix::unistd::Gid::from_raw(0);
-    if let Err(e) = nix::unistd::setresgid(rootg, rootg, rootg).and(nix::unistd::setresuid(root, root, root)) {
+    if let Err(e) =
+        nix::unistd::setresgid(rootg, rootg, rootg).and(nix::unistd::setresuid(root, root, root))
+    {
         fail(format!("cannot become root in the user namespace: {e}"));
     }
     let _ = nix::unistd::setgroups(&[]);
@@ -134,14 +142,26 @@ fn m(
 fn pid1(spec: &InitSpec) -> Result<(), String> {
     // SAFETY: prctl only sets a flag on this task.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    m(None, Path::new("/"), None, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None)?;
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
 
     let root = spec.scratch.join("root");
     let (upper, work) = match &spec.upper {
         Some((u, w)) => (u.clone(), w.clone()),
         None => {
             let vol = spec.scratch.join("volatile");
-            m(Some("tmpfs"), &vol, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))?;
+            m(
+                Some("tmpfs"),
+                &vol,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=0755"),
+            )?;
             let (u, w) = (vol.join("upper"), vol.join("work"));
             fs::create_dir_all(&u).map_err(|e| e.to_string())?;
             fs::create_dir_all(&w).map_err(|e| e.to_string())?;
@@ -157,15 +177,35 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
     if spec.rootless {
         opts.push_str(",userxattr");
     }
-    m(Some("overlay"), &root, Some("overlay"), MsFlags::empty(), Some(&opts))?;
+    m(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(&opts),
+    )?;
 
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     m(Some("proc"), &root.join("proc"), Some("proc"), nosuid, None)?;
-    if m(Some("sysfs"), &root.join("sys"), Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None).is_err() {
+    if m(
+        Some("sysfs"),
+        &root.join("sys"),
+        Some("sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        None,
+    )
+    .is_err()
+    {
         // Without a sysfs of our own, leave /sys empty rather than show the host's.
     }
     setup_dev(&root, spec.kvm)?;
-    m(Some("tmpfs"), &root.join("run"), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    m(
+        Some("tmpfs"),
+        &root.join("run"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
     fs::create_dir_all(root.join("run/sshd")).map_err(|e| format!("/run/sshd: {e}"))?;
     let keys = root.join("etc/keystone");
     fs::create_dir_all(&keys).map_err(|e| format!("/etc/keystone: {e}"))?;
@@ -181,14 +221,19 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
         None,
         &keys,
         None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
         None,
     )?;
     fs::write(root.join("etc/hosts"), &spec.hosts).map_err(|e| format!("/etc/hosts: {e}"))?;
     let resolv = root.join("etc/resolv.conf");
     let _ = fs::remove_file(&resolv);
     fs::write(&resolv, &spec.resolv).map_err(|e| format!("/etc/resolv.conf: {e}"))?;
-    fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname)).map_err(|e| format!("/etc/hostname: {e}"))?;
+    fs::write(root.join("etc/hostname"), format!("{}\n", spec.hostname))
+        .map_err(|e| format!("/etc/hostname: {e}"))?;
 
     chdir(&root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
     pivot_root(".", ".").map_err(|e| format!("pivot_root: {e}"))?;
@@ -204,7 +249,13 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
 
 fn setup_dev(root: &Path, kvm: bool) -> Result<(), String> {
     let dev = root.join("dev");
-    m(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    m(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     let mut nodes = vec!["null", "zero", "full", "random", "urandom", "tty"];
     if kvm {
         nodes.push("kvm");
@@ -242,7 +293,13 @@ fn setup_dev(root: &Path, kvm: bool) -> Result<(), String> {
     let shm = dev.join("shm");
     fs::create_dir_all(&shm).map_err(|e| e.to_string())?;
     fs::set_permissions(&shm, fs::Permissions::from_mode(0o1777)).map_err(|e| e.to_string())?;
-    m(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    m(
+        Some("shm"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
     for (name, target) in [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -257,8 +314,13 @@ fn setup_dev(root: &Path, kvm: bool) -> Result<(), String> {
 /// `ip link set lo up`, with one ioctl.
 fn loopback_up() -> Result<(), String> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| e.to_string())?;
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
     // SAFETY: ifreq is plain old data; zeroed is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (i, b) in b"lo\0".iter().enumerate() {

@@ -76,7 +76,9 @@ fn remove_tree(map: &IdMap, path: &Path) -> Result<(), BackendError> {
 }
 
 fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
-    runtime.get(key).and_then(|v| serde_json::from_value(v.clone()).ok())
+    runtime
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
 impl Backend for ContainerBackend {
@@ -88,7 +90,9 @@ impl Backend for ContainerBackend {
         let map = IdMap::for_current_user()?;
         for (tool, pkg) in [("tar", "tar")] {
             if keystone_channel::which(tool).is_none() {
-                return Err(BackendError::Requirement(format!("{tool} is not installed: apt-get install {pkg}")));
+                return Err(BackendError::Requirement(format!(
+                    "{tool} is not installed: apt-get install {pkg}"
+                )));
             }
         }
         if inst.settings.network == "nat" && keystone_channel::which("pasta").is_none() {
@@ -98,7 +102,11 @@ impl Backend for ContainerBackend {
         }
         if inst.settings.network == "nat"
             && !map.is_root()
-            && nix::unistd::access("/dev/net/tun", nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK).is_err()
+            && nix::unistd::access(
+                "/dev/net/tun",
+                nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+            )
+            .is_err()
         {
             return Err(BackendError::Requirement(
                 "--network nat for an unprivileged user needs /dev/net/tun to be usable by it \
@@ -116,7 +124,10 @@ impl Backend for ContainerBackend {
         if rootfs.join(".keystone-complete").exists() {
             return Ok(());
         }
-        progress(&format!("unpacking image {} for the container backend", inst.image_id));
+        progress(&format!(
+            "unpacking image {} for the container backend",
+            inst.image_id
+        ));
         let parent = rootfs.parent().unwrap_or(Path::new("/"));
         fs::create_dir_all(parent).map_err(BackendError::io(parent.display().to_string()))?;
         let tmp = parent.join(format!(".{}.tmp-{}", inst.image_id, std::process::id()));
@@ -130,12 +141,22 @@ impl Backend for ContainerBackend {
             &map,
             // Device nodes cannot be made in a user namespace, and /dev is
             // a fresh tmpfs in every sandbox anyway.
-            &["tar", "--numeric-owner", "--exclude=./dev/*", "-xpf", &tar, "-C", &dest],
+            &[
+                "tar",
+                "--numeric-owner",
+                "--exclude=./dev/*",
+                "-xpf",
+                &tar,
+                "-C",
+                &dest,
+            ],
         )?;
         let marker = tmp.join(".keystone-complete");
         if !status.success() {
             let _ = remove_tree(&map, &tmp);
-            return Err(BackendError::Failed(format!("unpacking {tar} failed ({status})")));
+            return Err(BackendError::Failed(format!(
+                "unpacking {tar} failed ({status})"
+            )));
         }
         // The marker is written by the host user: in the rootless case the
         // tree's root belongs to container root, which is that same user.
@@ -171,7 +192,11 @@ impl Backend for ContainerBackend {
             }
         }
         let scratch = inst.dir.join("run");
-        for d in [scratch.join("root"), scratch.join("volatile"), inst.log_dir()] {
+        for d in [
+            scratch.join("root"),
+            scratch.join("volatile"),
+            inst.log_dir(),
+        ] {
             fs::create_dir_all(&d).map_err(BackendError::io(d.display().to_string()))?;
         }
         let upper = if inst.settings.persist {
@@ -261,7 +286,10 @@ impl Backend for ContainerBackend {
         }
         let mut b = [0u8; 1];
         if nix::unistd::read(up_r.as_raw_fd(), &mut b) != Ok(1) {
-            return Err(guard.fail("sandbox process exited before creating its user namespace".into(), &err_r));
+            return Err(guard.fail(
+                "sandbox process exited before creating its user namespace".into(),
+                &err_r,
+            ));
         }
         if let Err(e) = map.apply(c.as_raw()) {
             return Err(guard.fail(format!("cannot map ids: {e}"), &err_r));
@@ -302,7 +330,9 @@ impl Backend for ContainerBackend {
         // Ready when the guest's sshd answers through the relay.
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) = waitpid(c, Some(WaitPidFlag::WNOHANG)) {
+            if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+                waitpid(c, Some(WaitPidFlag::WNOHANG))
+            {
                 guard.c_reaped();
                 return Err(guard.fail("the sandbox's init exited during start".into(), &err_r));
             }
@@ -311,7 +341,10 @@ impl Backend for ContainerBackend {
             }
             if Instant::now() > deadline {
                 return Err(guard.fail(
-                    format!("the guest's sshd did not answer within {}s", READY_TIMEOUT.as_secs()),
+                    format!(
+                        "the guest's sshd did not answer within {}s",
+                        READY_TIMEOUT.as_secs()
+                    ),
                     &err_r,
                 ));
             }
@@ -326,7 +359,11 @@ impl Backend for ContainerBackend {
             runtime.insert("init".into(), serde_json::json!(id));
         }
         runtime.insert("cgroup".into(), serde_json::json!(cg));
-        let helpers: Vec<_> = guard.helpers.iter().filter_map(|p| ProcessId::of(p.as_raw())).collect();
+        let helpers: Vec<_> = guard
+            .helpers
+            .iter()
+            .filter_map(|p| ProcessId::of(p.as_raw()))
+            .collect();
         runtime.insert("helpers".into(), serde_json::json!(helpers));
         if let Err(e) = on_ready(&Running { runtime, notes }) {
             guard.stop(&mut signals, StopRequest::Force);
@@ -374,7 +411,12 @@ impl Backend for ContainerBackend {
             Cgroup::V1 {
                 dirs: ["memory", "cpu", "pids"]
                     .iter()
-                    .map(|c| Path::new("/sys/fs/cgroup").join(c).join("keystone").join(id))
+                    .map(|c| {
+                        Path::new("/sys/fs/cgroup")
+                            .join(c)
+                            .join("keystone")
+                            .join(id)
+                    })
                     .collect(),
             },
             Cgroup::V2 {
@@ -437,7 +479,10 @@ impl Teardown {
     fn fail(&mut self, msg: String, err_r: &OwnedFd) -> BackendError {
         let mut detail = String::new();
         let mut f = fs::File::from(err_r.try_clone().unwrap_or_else(|_| unreachable_fd()));
-        let _ = nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+        let _ = nix::fcntl::fcntl(
+            f.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
         let _ = f.read_to_string(&mut detail);
         self.kill_all();
         let _ = self.verify();
@@ -501,7 +546,9 @@ impl Teardown {
 
 fn unreachable_fd() -> OwnedFd {
     // Only used if dup() of a pipe fails, which it does not in practice.
-    fs::File::open("/dev/null").map(OwnedFd::from).unwrap_or_else(|_| std::process::abort())
+    fs::File::open("/dev/null")
+        .map(OwnedFd::from)
+        .unwrap_or_else(|_| std::process::abort())
 }
 
 fn read_exact_fd(fd: &OwnedFd, buf: &mut [u8]) -> Result<(), ()> {
@@ -565,13 +612,26 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
     // forwarding (-T/-U none), and no mapping of the gateway address to
     // the host's loopback (--no-map-gw): the host's 127.0.0.1 services
     // stay unreachable from inside.
-    cmd.args(["--config-net", "-f", "-q", "--no-map-gw", "-t", "none", "-u", "none", "-T", "none", "-U", "none"])
-        .arg(g.to_string())
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    cmd.args([
+        "--config-net",
+        "-f",
+        "-q",
+        "--no-map-gw",
+        "-t",
+        "none",
+        "-u",
+        "none",
+        "-T",
+        "none",
+        "-U",
+        "none",
+    ])
+    .arg(g.to_string())
+    .stdin(Stdio::null())
+    .stdout(out)
+    .stderr(err)
+    .env_clear()
+    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     // SAFETY: pre_exec runs in the forked child before exec; prctl and
     // sigprocmask are async-signal-safe.
     unsafe {
@@ -581,17 +641,25 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| format!("cannot start pasta: {e}"))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start pasta: {e}"))?;
     let pid = Pid::from_raw(child.id() as i32);
     // pasta configures the namespace before it settles; wait for the
     // interface so the guest has a network when start returns.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if let Ok(WaitStatus::Exited(_, code)) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            return Err(format!("pasta exited with status {code}; see the sandbox's logs/container.log"));
+            return Err(format!(
+                "pasta exited with status {code}; see the sandbox's logs/container.log"
+            ));
         }
         let routes = fs::read_to_string(format!("/proc/{g}/net/route")).unwrap_or_default();
-        if routes.lines().skip(1).any(|l| l.split_whitespace().nth(1) == Some("00000000")) {
+        if routes
+            .lines()
+            .skip(1)
+            .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -616,7 +684,11 @@ fn resolv_conf(network: &str) -> String {
 }
 
 fn kvm_usable() -> bool {
-    fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 fn cstrings(args: &[&str]) -> Vec<CString> {

@@ -24,10 +24,14 @@ pub fn session_name(sb: &Sandbox, worktree: &str) -> String {
 
 pub fn attach_session(ctx: &Ctx, sb: &Sandbox, worktree: &str) -> Result<i32> {
     if worktree != "main" {
-        return Err(CliError::missing(format!("worktree sessions (--worktree {worktree})")));
+        return Err(CliError::missing(format!(
+            "worktree sessions (--worktree {worktree})"
+        )));
     }
     if !std::io::stdin().is_terminal() {
-        return Err(CliError::state("attach needs a terminal; use `keystone agent exec` from scripts"));
+        return Err(CliError::state(
+            "attach needs a terminal; use `keystone agent exec` from scripts",
+        ));
     }
     let channel = ctx.channel(sb)?;
     let session = session_name(sb, worktree);
@@ -36,7 +40,13 @@ pub fn attach_session(ctx: &Ctx, sb: &Sandbox, worktree: &str) -> Result<i32> {
         s = shell_words::quote(&session)
     );
     let status = channel
-        .command(&script, &ExecOptions { tty: true, ..Default::default() })?
+        .command(
+            &script,
+            &ExecOptions {
+                tty: true,
+                ..Default::default()
+            },
+        )?
         .status()?;
     // Detaching ends tmux's client with 0; anything else is passed on.
     Ok(status.code().unwrap_or(255))

@@ -15,10 +15,17 @@ pub fn run(args: ConfigArgs) -> Result<i32> {
     let eff = load_config(project.as_deref(), Vec::new())?;
     let entries = eff.entries();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&entries).map_err(|e| CliError::failed(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).map_err(|e| CliError::failed(e.to_string()))?
+        );
         return Ok(0);
     }
-    let w = entries.iter().map(|e| e.key.len() + e.value.len() + 3).max().unwrap_or(0);
+    let w = entries
+        .iter()
+        .map(|e| e.key.len() + e.value.len() + 3)
+        .max()
+        .unwrap_or(0);
     for e in entries {
         let kv = format!("{} = {}", e.key, e.value);
         println!("{kv:<w$}  # {}", e.origin);

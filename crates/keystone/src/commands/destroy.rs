@@ -11,9 +11,15 @@ pub fn run(args: DestroyArgs) -> Result<i32> {
     let ctx = Ctx::new()?;
     let sb = ctx.resolve(Some(&args.sandbox))?;
     if matches!(sb.state, State::Starting | State::Stopping) {
-        return Err(CliError::state(format!("sandbox {} is {}; wait for it to finish", sb.name, sb.state)));
+        return Err(CliError::state(format!(
+            "sandbox {} is {}; wait for it to finish",
+            sb.name, sb.state
+        )));
     }
-    let git = sb.project_path.exists().then(|| Git::open(&sb.project_path));
+    let git = sb
+        .project_path
+        .exists()
+        .then(|| Git::open(&sb.project_path));
     // Know what would be lost: fetch the sandbox's branches if it runs;
     // otherwise what was recorded when it stopped.
     if let (State::Running, Some(git)) = (sb.state, &git) {
@@ -42,7 +48,11 @@ pub fn run(args: DestroyArgs) -> Result<i32> {
             "destroy sandbox {} of {}{}?",
             sb.name,
             sb.project_path.display(),
-            if args.keep_disk { " (keeping its disk)" } else { " and its disk" }
+            if args.keep_disk {
+                " (keeping its disk)"
+            } else {
+                " and its disk"
+            }
         );
         if !ui::confirm(&question) {
             return Err(CliError::new(
@@ -78,7 +88,11 @@ pub fn run(args: DestroyArgs) -> Result<i32> {
             for e in entries.flatten() {
                 if e.file_name() != "disk" {
                     let p = e.path();
-                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                    let _ = if p.is_dir() {
+                        std::fs::remove_dir_all(&p)
+                    } else {
+                        std::fs::remove_file(&p)
+                    };
                 }
             }
         }

@@ -27,14 +27,19 @@ fn tool(name: &str, package: &str, needed_for: &str, required: bool) -> Check {
             None => format!("missing ({needed_for})"),
         },
         required,
-        fix: found.is_none().then(|| format!("apt-get install {package}")),
+        fix: found
+            .is_none()
+            .then(|| format!("apt-get install {package}")),
     }
 }
 
 /// KVM as it really is: present, usable, or present but unusable (PVM).
 pub fn kvm_state() -> (bool, String) {
     if !Path::new("/dev/kvm").exists() {
-        return (false, "no /dev/kvm: microVMs run under TCG (software emulation, roughly 10x slower)".into());
+        return (
+            false,
+            "no /dev/kvm: microVMs run under TCG (software emulation, roughly 10x slower)".into(),
+        );
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
         return (
@@ -42,9 +47,16 @@ pub fn kvm_state() -> (bool, String) {
             "/dev/kvm is present but this is a PVM host (kvm_pvm): stock kernels hang under it, so TCG is used".into(),
         );
     }
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => (true, "/dev/kvm is usable".into()),
-        Err(e) => (false, format!("/dev/kvm is not usable by this user ({e}): add the user to group kvm")),
+        Err(e) => (
+            false,
+            format!("/dev/kvm is not usable by this user ({e}): add the user to group kvm"),
+        ),
     }
 }
 
@@ -67,12 +79,21 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         tool("mmdebstrap", "mmdebstrap", "building the guest image", true),
         tool("tar", "tar", "unpacking the image", true),
         tool("pasta", "passt", "container backend, --network nat", false),
-        tool("qemu-system-x86_64", "qemu-system-x86", "microvm backend", false),
+        tool(
+            "qemu-system-x86_64",
+            "qemu-system-x86",
+            "microvm backend",
+            false,
+        ),
         tool("rsync", "rsync", "sync --artifacts", false),
     ];
     if !root {
         checks.push(tool("newuidmap", "uidmap", "rootless containers", true));
-        let user = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name).unwrap_or_default();
+        let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_default();
         let has = std::fs::read_to_string("/etc/subuid")
             .unwrap_or_default()
             .lines()
@@ -80,9 +101,15 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         checks.push(Check {
             name: "subordinate ids".into(),
             ok: has,
-            detail: if has { format!("{user} has a range in /etc/subuid") } else { format!("{user} has no range in /etc/subuid") },
+            detail: if has {
+                format!("{user} has a range in /etc/subuid")
+            } else {
+                format!("{user} has no range in /etc/subuid")
+            },
             required: true,
-            fix: (!has).then(|| format!("usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}")),
+            fix: (!has).then(|| {
+                format!("usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}")
+            }),
         });
     }
     let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
@@ -102,7 +129,11 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         ok: cg != "none" && (root || cg == "v2"),
         detail: format!(
             "cgroup {cg}{}",
-            if !root && cg == "v1" { ": limits cannot be enforced for an unprivileged user" } else { "" }
+            if !root && cg == "v1" {
+                ": limits cannot be enforced for an unprivileged user"
+            } else {
+                ""
+            }
         ),
         required: false,
         fix: None,
@@ -125,16 +156,29 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
     checks.push(Check {
         name: "rootless".into(),
         ok: true,
-        detail: if root { "running as root".into() } else { "running unprivileged (rootless)".into() },
+        detail: if root {
+            "running as root".into()
+        } else {
+            "running unprivileged (rootless)".into()
+        },
         required: false,
         fix: None,
     });
 
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&checks).map_err(|e| CliError::failed(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).map_err(|e| CliError::failed(e.to_string()))?
+        );
     } else {
         for c in &checks {
-            let mark = if c.ok { "ok  " } else if c.required { "FAIL" } else { "warn" };
+            let mark = if c.ok {
+                "ok  "
+            } else if c.required {
+                "FAIL"
+            } else {
+                "warn"
+            };
             println!("{mark}  {:<24} {}", c.name, c.detail);
             if let Some(f) = &c.fix {
                 println!("      fix: {f}");
@@ -142,7 +186,10 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         }
     }
     if checks.iter().any(|c| c.required && !c.ok) {
-        return Err(CliError::new(Exit::Requirements, "this host is missing requirements (see above)"));
+        return Err(CliError::new(
+            Exit::Requirements,
+            "this host is missing requirements (see above)",
+        ));
     }
     Ok(0)
 }

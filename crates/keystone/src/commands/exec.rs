@@ -12,7 +12,10 @@ pub fn run(args: ExecArgs) -> Result<i32> {
     let sb = ctx.resolve(args.sandbox.as_deref())?;
     ctx.require_running(&sb)?;
     if args.worktree != "main" {
-        return Err(CliError::missing(format!("worktrees (--worktree {})", args.worktree)));
+        return Err(CliError::missing(format!(
+            "worktrees (--worktree {})",
+            args.worktree
+        )));
     }
     let channel = ctx.channel(&sb)?;
     let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();

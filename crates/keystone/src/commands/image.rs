@@ -13,15 +13,25 @@ pub fn run(cmd: Image) -> Result<i32> {
         Image::Build { profile, update } => {
             let mut flags = Vec::new();
             if let Some(p) = profile {
-                let v = if p == ProfileArg::Minimal { "minimal" } else { "full" };
+                let v = if p == ProfileArg::Minimal {
+                    "minimal"
+                } else {
+                    "full"
+                };
                 flags.push(Flag::new("guest.profile", "--profile", v));
             }
-            let project = std::env::current_dir().ok().and_then(|d| keystone_sync::toplevel(&d).ok());
+            let project = std::env::current_dir()
+                .ok()
+                .and_then(|d| keystone_sync::toplevel(&d).ok());
             let eff = load_config(project.as_deref(), flags)?;
             let recipe = crate::commands::start::recipe_for(&eff.config);
             if !update {
                 if let Some(img) = store.find(&recipe)? {
-                    println!("image {} is up to date ({})", img.id, ui::human_bytes(img.size_bytes));
+                    println!(
+                        "image {} is up to date ({})",
+                        img.id,
+                        ui::human_bytes(img.size_bytes)
+                    );
                     return Ok(0);
                 }
             }
@@ -38,10 +48,17 @@ pub fn run(cmd: Image) -> Result<i32> {
         Image::List { json } => {
             let images = store.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&images).map_err(|e| CliError::failed(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&images)
+                        .map_err(|e| CliError::failed(e.to_string()))?
+                );
                 return Ok(0);
             }
-            println!("{:<22}  {:<8}  {:<8}  {:>10}  CREATED", "IMAGE", "PROFILE", "SUITE", "SIZE");
+            println!(
+                "{:<22}  {:<8}  {:<8}  {:>10}  CREATED",
+                "IMAGE", "PROFILE", "SUITE", "SIZE"
+            );
             for i in images {
                 println!(
                     "{:<22}  {:<8}  {:<8}  {:>10}  {} ago",

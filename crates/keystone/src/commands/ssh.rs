@@ -20,8 +20,11 @@ pub fn run(args: SshArgs) -> Result<i32> {
             Ok(status.code().unwrap_or(255))
         }
         Some(port) => {
-            let listener = TcpListener::bind(("127.0.0.1", port))
-                .map_err(|e| CliError::state(format!("cannot listen on 127.0.0.1:{port}: {e}; pick another --port")))?;
+            let listener = TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
+                CliError::state(format!(
+                    "cannot listen on 127.0.0.1:{port}: {e}; pick another --port"
+                ))
+            })?;
             println!(
                 "serving sandbox {}'s SSH on 127.0.0.1:{port} until interrupted; connect with:\n  ssh -p {port} -i {} -o UserKnownHostsFile={} -o HostKeyAlias={} agent@127.0.0.1",
                 sb.name,

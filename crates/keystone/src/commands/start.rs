@@ -73,7 +73,10 @@ pub fn run(args: StartArgs) -> Result<i32> {
         None => std::env::current_dir()?,
     };
     if !path.exists() {
-        return Err(CliError::not_found(format!("{} does not exist", path.display())));
+        return Err(CliError::not_found(format!(
+            "{} does not exist",
+            path.display()
+        )));
     }
     let project = keystone_sync::toplevel(&path)?;
     let effective = load_config(Some(&project), flags(&args))?;
@@ -93,7 +96,9 @@ pub fn run(args: StartArgs) -> Result<i32> {
         )));
     }
     if cfg.backend.microvm.workspace.to_string() == "share" && backend_kind != "microvm" {
-        return Err(CliError::state("--share (a live share of the project) needs the microvm backend"));
+        return Err(CliError::state(
+            "--share (a live share of the project) needs the microvm backend",
+        ));
     }
     if let Some(n) = &args.name {
         validate_name(n).map_err(|e| CliError::state(e.to_string()))?;
@@ -195,7 +200,15 @@ pub fn run(args: StartArgs) -> Result<i32> {
     }
 
     // From here on a failure must leave no half-made sandbox.
-    let result = bring_up(&ctx, &*backend, &sandbox, &recipe, &git, args.fresh, &mut settings);
+    let result = bring_up(
+        &ctx,
+        &*backend,
+        &sandbox,
+        &recipe,
+        &git,
+        args.fresh,
+        &mut settings,
+    );
     let sandbox = match result {
         Ok(sb) => sb,
         Err(e) => {
@@ -259,7 +272,10 @@ fn bring_up(
 ) -> Result<keystone_registry::Sandbox> {
     let store = ctx.image_store();
     if store.find(recipe)?.is_none() {
-        let progress = ui::Progress::new(&format!("building guest image {} (first start only)", recipe.id()));
+        let progress = ui::Progress::new(&format!(
+            "building guest image {} (first start only)",
+            recipe.id()
+        ));
         let img = store.ensure(recipe, &progress)?;
         progress.finish(&format!(
             "built image {} ({}) in {:.0}s",
@@ -302,18 +318,35 @@ fn bring_up(
 fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<()> {
     let dir = ctx.sandbox_dir(sandbox);
     let log_path = dir.join("logs/supervisor.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| CliError::failed(e.to_string()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| CliError::failed(e.to_string()))?;
     let mut cmd = Command::new(&ctx.exe);
     cmd.arg("__supervise").arg(&sandbox.name);
     cmd.env_clear();
-    for k in ["PATH", "HOME", "USER", "LOGNAME", "XDG_STATE_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "RUST_LOG", "RUST_BACKTRACE"] {
+    for k in [
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "XDG_STATE_HOME",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_RUNTIME_DIR",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+    ] {
         if let Some(v) = std::env::var_os(k) {
             cmd.env(k, v);
         }
     }
     cmd.env("KEYSTONE_READY_FD", "3");
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     let wfd = std::os::fd::AsRawFd::as_raw_fd(&w);
     // SAFETY: runs in the forked child before exec: setsid and dup2 are
     // async-signal-safe.
@@ -361,13 +394,22 @@ fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<(
     }
 }
 
-fn rollback(ctx: &Ctx, backend: &dyn keystone_backend::Backend, sandbox: &keystone_registry::Sandbox, created: bool, err: &CliError) {
+fn rollback(
+    ctx: &Ctx,
+    backend: &dyn keystone_backend::Backend,
+    sandbox: &keystone_registry::Sandbox,
+    created: bool,
+    err: &CliError,
+) {
     // Stop whatever came up, then undo the record.
     if let Ok(sb) = ctx.registry.get(&sandbox.name) {
         if sb.state == State::Running {
             let _ = crate::commands::stop::stop_sandbox(ctx, &sb, true);
         } else if let Some(owner) = sb.owner.filter(|o| Some(*o) != ProcessId::current()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(owner.pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(owner.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     if let Ok(inst) = ctx.instance(sandbox) {
@@ -387,7 +429,13 @@ fn rollback(ctx: &Ctx, backend: &dyn keystone_backend::Backend, sandbox: &keysto
         let _ = ctx.registry.update_one(&sandbox.name, |sb| {
             sb.state = State::Error;
             sb.owner = None;
-            sb.error = Some(err.message.lines().next().unwrap_or("start failed").to_string());
+            sb.error = Some(
+                err.message
+                    .lines()
+                    .next()
+                    .unwrap_or("start failed")
+                    .to_string(),
+            );
             Ok::<_, CliError>(())
         });
     }
@@ -399,7 +447,9 @@ fn rollback(ctx: &Ctx, backend: &dyn keystone_backend::Backend, sandbox: &keysto
 fn log_tail(dir: &std::path::Path) -> String {
     let mut out = String::new();
     for name in ["container.log", "supervisor.log"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(name)) else { continue };
+        let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+            continue;
+        };
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         if lines.is_empty() {
             continue;

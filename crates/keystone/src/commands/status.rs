@@ -64,7 +64,10 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         network: sb.settings.network.clone(),
         sync_mode: sb.settings.sync_mode.clone(),
         image: sb.settings.image.clone(),
-        memory_used_bytes: usage.as_ref().and_then(|u| u.memory_bytes).filter(|_| sb.state == State::Running),
+        memory_used_bytes: usage
+            .as_ref()
+            .and_then(|u| u.memory_bytes)
+            .filter(|_| sb.state == State::Running),
         disk_used_bytes: usage.as_ref().and_then(|u| u.disk_bytes),
         ssh,
         notes: sb
@@ -76,7 +79,11 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         last_sync: sb.last_sync.clone(),
         pending_commits: pending,
         dev_servers: Vec::new(),
-        worktrees: if sb.workspace_ready { vec!["main /workspace".into()] } else { Vec::new() },
+        worktrees: if sb.workspace_ready {
+            vec!["main /workspace".into()]
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -91,7 +98,10 @@ fn print_view(v: &StatusView) {
     if let Some(u) = v.uptime_seconds {
         println!("uptime:    {}", ui::human_duration(u));
     }
-    let mem_used = v.memory_used_bytes.map(|b| format!(" ({} used)", ui::human_bytes(b))).unwrap_or_default();
+    let mem_used = v
+        .memory_used_bytes
+        .map(|b| format!(" ({} used)", ui::human_bytes(b)))
+        .unwrap_or_default();
     println!("memory:    {} MB{mem_used}", v.memory_mb);
     println!("vCPUs:     {}", v.vcpus);
     if let Some(d) = v.disk_used_bytes {
@@ -107,7 +117,11 @@ fn print_view(v: &StatusView) {
         println!("worktree:  {w}");
     }
     match &v.last_sync {
-        Some(s) => println!("last sync: {} ago: {}", ui::human_duration(keystone_registry::now().saturating_sub(s.at)), s.outcome),
+        Some(s) => println!(
+            "last sync: {} ago: {}",
+            ui::human_duration(keystone_registry::now().saturating_sub(s.at)),
+            s.outcome
+        ),
         None => println!("last sync: never"),
     }
     if let Some(p) = v.pending_commits {
@@ -178,18 +192,26 @@ pub fn list(args: ListArgs) -> Result<i32> {
         })
         .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows).map_err(|e| CliError::failed(e.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| CliError::failed(e.to_string()))?
+        );
         return Ok(0);
     }
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(0).max(7);
-    println!("{:<w$}  {:<9}  {:<10}  {:<8}  PROJECT", "SANDBOX", "STATE", "BACKEND", "UPTIME");
+    println!(
+        "{:<w$}  {:<9}  {:<10}  {:<8}  PROJECT",
+        "SANDBOX", "STATE", "BACKEND", "UPTIME"
+    );
     for r in rows {
         println!(
             "{:<w$}  {:<9}  {:<10}  {:<8}  {}",
             r.name,
             r.state.as_str(),
             r.backend,
-            r.uptime_seconds.map(ui::human_duration).unwrap_or_else(|| "-".into()),
+            r.uptime_seconds
+                .map(ui::human_duration)
+                .unwrap_or_else(|| "-".into()),
             r.project
         );
     }

@@ -18,13 +18,19 @@ pub fn run(args: StopArgs) -> Result<i32> {
     if args.sync {
         match crate::commands::sync::sync_sandbox(&ctx, &sb, None, false) {
             Ok(report) => crate::commands::sync::print_report(&report, false),
-            Err(e) if e.code == crate::error::Exit::InvalidState && e.message.starts_with("no changes") => {
+            Err(e)
+                if e.code == crate::error::Exit::InvalidState
+                    && e.message.starts_with("no changes") =>
+            {
                 ui::note(&e.message)
             }
             Err(e) => {
                 return Err(CliError::new(
                     e.code,
-                    format!("{}\nthe sandbox was not stopped; fix this, or stop without --sync", e.message),
+                    format!(
+                        "{}\nthe sandbox was not stopped; fix this, or stop without --sync",
+                        e.message
+                    ),
                 ))
             }
         }
@@ -39,7 +45,10 @@ pub fn run(args: StopArgs) -> Result<i32> {
 pub fn stop_sandbox(ctx: &Ctx, sb: &Sandbox, force: bool) -> Result<()> {
     let owner = ctx.registry.update_one(&sb.name, |s| {
         if s.state != State::Running {
-            return Err(CliError::state(format!("sandbox {} is not running (it is {})", s.name, s.state)));
+            return Err(CliError::state(format!(
+                "sandbox {} is not running (it is {})",
+                s.name, s.state
+            )));
         }
         s.transition(State::Stopping)?;
         Ok(s.owner)
@@ -63,7 +72,11 @@ pub fn stop_sandbox(ctx: &Ctx, sb: &Sandbox, force: bool) -> Result<()> {
             std::thread::sleep(Duration::from_millis(25));
         }
         if owner.is_alive() {
-            ui::warn(format!("supervisor {} did not stop in {}s; killing it", owner.pid, STOP_WAIT.as_secs()));
+            ui::warn(format!(
+                "supervisor {} did not stop in {}s; killing it",
+                owner.pid,
+                STOP_WAIT.as_secs()
+            ));
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             while owner.is_alive() {
                 std::thread::sleep(Duration::from_millis(25));

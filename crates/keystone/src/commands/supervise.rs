@@ -19,7 +19,10 @@ pub fn run(name: &str) -> Result<i32> {
         // for us alone.
         .map(|fd| {
             // Not to be inherited by what the backend execs.
-            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            let _ = nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
             // SAFETY: as above.
             unsafe { std::fs::File::from_raw_fd(fd) }
         });
@@ -41,7 +44,10 @@ fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
     let me = ProcessId::current();
     let sandbox = ctx.registry.update_one(name, |sb| {
         if sb.state != State::Starting {
-            return Err(CliError::state(format!("sandbox {name} is {}, not starting", sb.state)));
+            return Err(CliError::state(format!(
+                "sandbox {name} is {}, not starting",
+                sb.state
+            )));
         }
         sb.owner = me;
         Ok(sb.clone())
@@ -54,7 +60,8 @@ fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
             .update_one(name, |sb| {
                 sb.transition(State::Running)?;
                 sb.runtime = running.runtime.clone();
-                sb.runtime.insert("notes".into(), serde_json::json!(running.notes));
+                sb.runtime
+                    .insert("notes".into(), serde_json::json!(running.notes));
                 Ok::<_, CliError>(())
             })
             .map_err(|e| e.to_string())?;

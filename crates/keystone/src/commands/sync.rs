@@ -18,7 +18,12 @@ pub fn run(args: SyncArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn sync_sandbox(ctx: &Ctx, sb: &Sandbox, branch: Option<&str>, dry_run: bool) -> Result<Report> {
+pub fn sync_sandbox(
+    ctx: &Ctx,
+    sb: &Sandbox,
+    branch: Option<&str>,
+    dry_run: bool,
+) -> Result<Report> {
     if !sb.project_path.exists() {
         return Err(CliError::not_found(format!(
             "the project {} no longer exists on the host",
@@ -35,7 +40,10 @@ pub fn sync_sandbox(ctx: &Ctx, sb: &Sandbox, branch: Option<&str>, dry_run: bool
         };
         let rec = SyncRecord {
             at: now(),
-            branch: result.as_ref().map(|r| r.branch.clone()).unwrap_or_default(),
+            branch: result
+                .as_ref()
+                .map(|r| r.branch.clone())
+                .unwrap_or_default(),
             commits: result.as_ref().map(|r| r.commits).unwrap_or(0),
             outcome,
         };
@@ -59,7 +67,10 @@ pub fn print_report(r: &Report, json: bool) {
     );
     println!(
         "  {} -> {}",
-        r.from.as_deref().map(|s| &s[..s.len().min(12)]).unwrap_or("(new branch)"),
+        r.from
+            .as_deref()
+            .map(|s| &s[..s.len().min(12)])
+            .unwrap_or("(new branch)"),
         &r.to[..r.to.len().min(12)]
     );
 }

@@ -23,7 +23,10 @@ pub fn require_tools(backend: &str) {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
-        assert!(found, "{tool} is required for the {backend} end-to-end tests: apt-get install {pkg}");
+        assert!(
+            found,
+            "{tool} is required for the {backend} end-to-end tests: apt-get install {pkg}"
+        );
     }
 }
 
@@ -92,7 +95,10 @@ impl Host {
 
     pub fn with_user(backend: &str, project_name: &str, user: Option<&str>) -> Host {
         require_tools(backend);
-        let tmp = tempfile::Builder::new().prefix("ks-e2e-").tempdir_in("/tmp").expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("ks-e2e-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
         let mut exe = PathBuf::from(env!("CARGO_BIN_EXE_keystone"));
         if let Some(u) = user {
             // The unprivileged user needs its own copy of the binary (the
@@ -100,7 +106,12 @@ impl Host {
             let copy = tmp.path().join("keystone");
             std::fs::copy(&exe, &copy).expect("copy binary");
             exe = copy;
-            let ok = Command::new("chown").args(["-R", u]).arg(tmp.path()).status().expect("chown").success();
+            let ok = Command::new("chown")
+                .args(["-R", u])
+                .arg(tmp.path())
+                .status()
+                .expect("chown")
+                .success();
             assert!(ok, "chown to {u}");
         }
         let cache = shared_cache(user);
@@ -119,8 +130,14 @@ impl Host {
         for d in ["home/.ssh", "home/.config/gcloud", "config/keystone"] {
             host.mkdir(&host.tmp.path().join(d));
         }
-        host.write(&host.tmp.path().join("home/.ssh/id_ed25519"), "host-private-key-canary\n");
-        host.write(&host.tmp.path().join("home/.config/gcloud/credentials.db"), "host-credentials-canary\n");
+        host.write(
+            &host.tmp.path().join("home/.ssh/id_ed25519"),
+            "host-private-key-canary\n",
+        );
+        host.write(
+            &host.tmp.path().join("home/.config/gcloud/credentials.db"),
+            "host-credentials-canary\n",
+        );
         host.write(
             &host.tmp.path().join("config/keystone/agent.toml"),
             &format!(
@@ -221,7 +238,11 @@ impl Host {
     pub fn record(&self, name: &str) -> Option<serde_json::Value> {
         let text = std::fs::read_to_string(self.state_dir().join("registry.json")).ok()?;
         let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["sandboxes"].as_array()?.iter().find(|s| s["name"] == name).cloned()
+        v["sandboxes"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
     }
 
     pub fn status_json(&self, name: &str) -> serde_json::Value {
@@ -235,7 +256,9 @@ impl Drop for Host {
     fn drop(&mut self) {
         // Never leave a sandbox running after a test, pass or fail.
         let r = self.ks(&["list", "--json"]);
-        if let Ok(serde_json::Value::Array(all)) = serde_json::from_str::<serde_json::Value>(&r.stdout) {
+        if let Ok(serde_json::Value::Array(all)) =
+            serde_json::from_str::<serde_json::Value>(&r.stdout)
+        {
             for s in all {
                 if let Some(name) = s["name"].as_str() {
                     let _ = self.ks(&["destroy", name, "--force"]);
@@ -278,7 +301,11 @@ pub fn processes_matching(needle: &str) -> Vec<String> {
             continue;
         }
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        if stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) {
+        if stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+        {
             continue;
         }
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
@@ -306,16 +333,27 @@ impl Host {
     /// Start `keystone agent ARGS` without waiting.
     pub fn ks_spawn(&self, args: &[&str]) -> std::process::Child {
         let mut cmd = self.command(&self.exe);
-        cmd.arg("agent").args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.arg("agent")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd.spawn().expect("spawn keystone")
     }
 
     pub fn name(&self) -> String {
-        self.project.file_name().expect("name").to_string_lossy().into_owned()
+        self.project
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
 pub fn pid_alive(pid: i64) -> bool {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && !stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'))
+    !stat.is_empty()
+        && !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
 }

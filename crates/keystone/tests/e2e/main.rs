@@ -55,7 +55,12 @@ mod rootless {
             nix_is_root(),
             "the rootless test switches to user {USER} and must run as root (scripts/test.sh does)"
         );
-        let ok = std::process::Command::new("id").arg("-u").arg(USER).output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = std::process::Command::new("id")
+            .arg("-u")
+            .arg(USER)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         assert!(
             ok,
             "user {USER} is missing: create it with `useradd -m {USER} && usermod --add-subuids 300000-365535 --add-subgids 300000-365535 {USER}` (scripts/test.sh does)"

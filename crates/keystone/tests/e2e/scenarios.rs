@@ -28,16 +28,26 @@ impl Traces {
     #[track_caller]
     fn assert_gone(&self, h: &Host) {
         if let Some(pid) = self.init_pid {
-            assert!(eventually(Duration::from_secs(10), || !pid_alive(pid)), "the sandbox's init {pid} survived");
+            assert!(
+                eventually(Duration::from_secs(10), || !pid_alive(pid)),
+                "the sandbox's init {pid} survived"
+            );
         }
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         let sd = self.state_dir.display().to_string();
-        assert!(!mounts.lines().any(|l| l.contains(&sd)), "mounts left under {sd}:\n{mounts}");
+        assert!(
+            !mounts.lines().any(|l| l.contains(&sd)),
+            "mounts left under {sd}:\n{mounts}"
+        );
         for c in ["memory", "cpu", "pids"] {
-            let p = std::path::Path::new("/sys/fs/cgroup").join(c).join("keystone").join(&self.id);
+            let p = std::path::Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join("keystone")
+                .join(&self.id);
             assert!(!p.exists(), "cgroup left: {}", p.display());
         }
-        let v2 = std::path::Path::new("/sys/fs/cgroup/keystone").join(format!("keystone-{}", self.id));
+        let v2 =
+            std::path::Path::new("/sys/fs/cgroup/keystone").join(format!("keystone-{}", self.id));
         assert!(!v2.exists(), "cgroup left: {}", v2.display());
         let left = processes_matching(&format!("__supervise {}", h.name()));
         assert!(left.is_empty(), "supervisor left: {left:?}");
@@ -51,7 +61,11 @@ pub fn lifecycle(h: Host) {
     let r = h.start(&[]);
     r.ok();
     for field in ["memory:", "vCPUs:", "nested virtualization", "sync mode:"] {
-        assert!(r.stdout.contains(field), "start must print {field}:\n{}", r.text());
+        assert!(
+            r.stdout.contains(field),
+            "start must print {field}:\n{}",
+            r.text()
+        );
     }
 
     // The workspace is the host's repository at the host's HEAD, owned by
@@ -60,8 +74,12 @@ pub fn lifecycle(h: Host) {
     let r = h.ks(&["exec", "--", "git", "log", "-1", "--format=%H"]);
     r.ok();
     assert_eq!(r.stdout.trim(), head);
-    assert_eq!(h.sh("pwd; stat -c %U README.md; git config user.email; git branch --show-current").split_whitespace().collect::<Vec<_>>(),
-        ["/workspace", "agent", "dev@host.example", "main"]);
+    assert_eq!(
+        h.sh("pwd; stat -c %U README.md; git config user.email; git branch --show-current")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["/workspace", "agent", "dev@host.example", "main"]
+    );
 
     // exec passes exit status through, and --user works.
     h.ks(&["exec", "--", "sh", "-c", "exit 7"]).code(7);
@@ -72,10 +90,21 @@ pub fn lifecycle(h: Host) {
     let theirs = h.sh("echo 'written by the agent' > agent.txt && git add agent.txt && git commit -qm 'agent work' && git rev-parse HEAD");
     let r = h.ks(&["sync"]);
     r.ok();
-    assert!(r.stdout.contains("1 commit(s) on main") && r.stdout.contains("1 file(s) changed"), "{}", r.text());
+    assert!(
+        r.stdout.contains("1 commit(s) on main") && r.stdout.contains("1 file(s) changed"),
+        "{}",
+        r.text()
+    );
     assert_eq!(h.git(&["rev-parse", "HEAD"]), theirs.trim());
-    assert_eq!(std::fs::read_to_string(h.project.join("agent.txt")).expect("agent.txt"), "written by the agent\n");
-    assert_eq!(h.git(&["status", "--porcelain"]), "", "the host tree is clean after sync");
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("agent.txt")).expect("agent.txt"),
+        "written by the agent\n"
+    );
+    assert_eq!(
+        h.git(&["status", "--porcelain"]),
+        "",
+        "the host tree is clean after sync"
+    );
     let r = h.ks(&["sync"]);
     r.code(2);
     assert!(r.text().contains("no changes"), "{}", r.text());
@@ -87,13 +116,20 @@ pub fn lifecycle(h: Host) {
     h.ks(&["stop"]).code(2);
     h.ks(&["exec", "--", "true"]).code(2);
     h.start(&[]).ok();
-    assert_eq!(h.sh("cat /workspace/scratch.txt /home/agent/kept.txt"), "kept\nkept\n");
+    assert_eq!(
+        h.sh("cat /workspace/scratch.txt /home/agent/kept.txt"),
+        "kept\nkept\n"
+    );
     h.start(&[]).code(2);
 
     // --fresh (here on a running sandbox) discards it all; the workspace
     // is pushed anew from the host, which now has the agent's commit.
     h.start(&["--fresh"]).ok();
-    assert_eq!(h.sh("ls /workspace/scratch.txt /home/agent/kept.txt 2>/dev/null | wc -l").trim(), "0");
+    assert_eq!(
+        h.sh("ls /workspace/scratch.txt /home/agent/kept.txt 2>/dev/null | wc -l")
+            .trim(),
+        "0"
+    );
     assert_eq!(h.sh("cat agent.txt"), "written by the agent\n");
     let st = h.status_json(&name);
     assert_eq!(st["state"], "running");
@@ -103,13 +139,19 @@ pub fn lifecycle(h: Host) {
     h.ks(&["destroy", &name, "--force"]).ok();
     traces.assert_gone(&h);
     assert!(h.record(&name).is_none(), "registry entry left");
-    assert!(!h.state_dir().join("sandboxes").join(&name).exists(), "sandbox directory left");
+    assert!(
+        !h.state_dir().join("sandboxes").join(&name).exists(),
+        "sandbox directory left"
+    );
     h.ks(&["status", &name]).code(1);
 }
 
 /// Nothing of the host reaches the sandbox: files, environment, loopback.
 pub fn isolation(h: Host) {
-    let secret_env = [("ANTHROPIC_API_KEY", "sk-host-secret-canary"), ("SSH_AUTH_SOCK", "/tmp/host-agent.sock")];
+    let secret_env = [
+        ("ANTHROPIC_API_KEY", "sk-host-secret-canary"),
+        ("SSH_AUTH_SOCK", "/tmp/host-agent.sock"),
+    ];
     // The host service exists before the sandbox starts, and the probe
     // waits past any periodic port scan a network helper might do.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -145,10 +187,19 @@ pub fn isolation(h: Host) {
     let _ = server.join();
     let out = r.ok().stdout.clone();
     assert!(out.contains("env:0"), "host environment leaked:\n{out}");
-    assert!(out.contains("path:absent"), "host filesystem visible:\n{out}");
+    assert!(
+        out.contains("path:absent"),
+        "host filesystem visible:\n{out}"
+    );
     assert!(out.contains("canary:0"), "host files visible:\n{out}");
-    assert!(out.contains("loopback:refused") && !out.contains("HOST-LOOPBACK-SECRET"), "host loopback reachable:\n{out}");
-    assert!(!served.load(std::sync::atomic::Ordering::Relaxed), "the host's loopback server was reached");
+    assert!(
+        out.contains("loopback:refused") && !out.contains("HOST-LOOPBACK-SECRET"),
+        "host loopback reachable:\n{out}"
+    );
+    assert!(
+        !served.load(std::sync::atomic::Ordering::Relaxed),
+        "the host's loopback server was reached"
+    );
     // Sudo works inside, as the image promises.
     assert_eq!(h.sh("sudo -n id -u").trim(), "0");
 }
@@ -156,10 +207,15 @@ pub fn isolation(h: Host) {
 /// `--network none`: loopback only, and exec still works.
 pub fn network_none(h: Host) {
     h.start(&["--network", "none"]).ok();
-    let out = h.sh("ip -o link | awk -F': ' '{print $2}' | sort | tr '\\n' ' '; echo; ip route | wc -l");
+    let out =
+        h.sh("ip -o link | awk -F': ' '{print $2}' | sort | tr '\\n' ' '; echo; ip route | wc -l");
     let mut lines = out.lines();
     assert_eq!(lines.next().map(str::trim), Some("lo"), "{out}");
-    assert_eq!(lines.next().map(str::trim), Some("0"), "no route may exist:\n{out}");
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some("0"),
+        "no route may exist:\n{out}"
+    );
     assert_eq!(h.status_json(&h.name())["network"], "none");
 }
 
@@ -171,10 +227,17 @@ pub fn supervisor_killed(h: Host) {
     let traces = Traces::of(&h);
     let rec = h.record(&name).expect("record");
     let sup = rec["owner"]["pid"].as_i64().expect("owner pid");
-    assert!(std::process::Command::new("kill").args(["-9", &sup.to_string()]).status().expect("kill").success());
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &sup.to_string()])
+        .status()
+        .expect("kill")
+        .success());
     let st = h.status_json(&name);
     assert_eq!(st["state"], "error", "{st}");
-    assert!(st["error"].as_str().unwrap_or("").contains("exited"), "{st}");
+    assert!(
+        st["error"].as_str().unwrap_or("").contains("exited"),
+        "{st}"
+    );
     traces.assert_gone(&h);
     h.ks(&["exec", "--", "true"]).code(2);
     h.start(&[]).ok();
@@ -187,12 +250,29 @@ pub fn concurrent_starts(h: Host) {
     h.ks(&["image", "build"]).ok();
     let a = h.ks_spawn(&["start", "--no-attach"]);
     let b = h.ks_spawn(&["start", "--no-attach"]);
-    let mut results: Vec<Run> = [a, b].into_iter().map(|c| c.wait_with_output().expect("wait").into()).collect();
+    let mut results: Vec<Run> = [a, b]
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("wait").into())
+        .collect();
     results.sort_by_key(|r| r.code);
-    assert_eq!(results[0].code, Some(0), "one start must win:\n{}\n---\n{}", results[0].text(), results[1].text());
-    assert_eq!(results[1].code, Some(2), "the other must exit 2:\n{}", results[1].text());
+    assert_eq!(
+        results[0].code,
+        Some(0),
+        "one start must win:\n{}\n---\n{}",
+        results[0].text(),
+        results[1].text()
+    );
+    assert_eq!(
+        results[1].code,
+        Some(2),
+        "the other must exit 2:\n{}",
+        results[1].text()
+    );
     let loser = results[1].text();
-    assert!(loser.contains("already running") || loser.contains("is starting"), "{loser}");
+    assert!(
+        loser.contains("already running") || loser.contains("is starting"),
+        "{loser}"
+    );
     let r = h.ks(&["list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&r.ok().stdout).expect("json");
     assert_eq!(list.as_array().map(|a| a.len()), Some(1), "{list}");
@@ -207,7 +287,11 @@ pub fn destroy_guards(h: Host) {
     h.sh("echo x > unsynced.txt && git add unsynced.txt && git commit -qm 'not yet synced'");
     let r = h.ks(&["destroy", &name]);
     r.code(2);
-    assert!(r.text().contains("not on any host branch") && r.text().contains("main (1)"), "{}", r.text());
+    assert!(
+        r.text().contains("not on any host branch") && r.text().contains("main (1)"),
+        "{}",
+        r.text()
+    );
     // Stopped, it still knows (recorded at stop).
     h.ks(&["stop"]).ok();
     h.ks(&["destroy", &name]).code(2);
@@ -219,7 +303,14 @@ pub fn destroy_guards(h: Host) {
     r.code(5);
     assert_eq!(h.status_json(&name)["state"], "running");
     h.ks(&["destroy", &name, "--force", "--keep-disk"]).ok();
-    assert!(h.state_dir().join("sandboxes").join(&name).join("disk").exists(), "--keep-disk keeps the disk");
+    assert!(
+        h.state_dir()
+            .join("sandboxes")
+            .join(&name)
+            .join("disk")
+            .exists(),
+        "--keep-disk keeps the disk"
+    );
     // A new sandbox of the same name finds its disk again.
     h.start(&[]).ok();
     assert_eq!(h.sh("cat unsynced.txt").trim(), "x");
