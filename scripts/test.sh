@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run): install what is needed,
+# prepare the rootless test user, then lint and run every test. The
+# end-to-end tests run one at a time: backends compete for 2 cores.
+#
+#   sudo ./scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "the test suite runs sandboxes as root and as an unprivileged user: run it as root (sudo $0)" >&2
+    exit 4
+fi
+
+./scripts/install-deps.sh
+
+# The rootless end-to-end tests run as this user, with subordinate ids.
+if ! id -u keystone-test >/dev/null 2>&1; then
+    useradd -m -s /bin/bash keystone-test
+fi
+grep -q '^keystone-test:' /etc/subuid || usermod --add-subuids 300000-365535 keystone-test
+grep -q '^keystone-test:' /etc/subgid || usermod --add-subgids 300000-365535 keystone-test
+# pasta needs /dev/net/tun for unprivileged users; 0666 is Debian's own
+# default (some VM images ship it 0600).
+[ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
+
+# The guest image is slow to build: keep it between runs.
+export KEYSTONE_TEST_CACHE=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
+mkdir -p "$KEYSTONE_TEST_CACHE"
+
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace -- --test-threads=1
