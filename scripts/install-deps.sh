@@ -12,7 +12,7 @@
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
-          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2)
+          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo

@@ -51,6 +51,14 @@ fn base(dir: &Path) -> Command {
 
 impl Git {
     pub fn toplevel(path: &Path) -> Result<PathBuf, GitError> {
+        // Fast path, taken by every command that resolves "the current
+        // sandbox": the nearest ancestor holding `.git` (a directory, or a
+        // file for worktrees and submodules), as git itself finds it.
+        if let Ok(real) = path.canonicalize() {
+            if let Some(top) = real.ancestors().find(|d| d.join(".git").exists()) {
+                return Ok(top.to_path_buf());
+            }
+        }
         let out = base(path)
             .args(["rev-parse", "--show-toplevel"])
             .output()
@@ -272,6 +280,24 @@ mod tests {
         run(&["checkout", "-q", "main"]);
         let git = Git::open(dir.path());
         (dir, git)
+    }
+
+    #[test]
+    fn toplevel_from_a_subdirectory_matches_git() {
+        let (dir, _git) = repo();
+        let sub = dir.path().join("deep/er");
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let ours = Git::toplevel(&sub).expect("toplevel");
+        let theirs = Command::new("git")
+            .arg("-C")
+            .arg(&sub)
+            .args(["rev-parse", "--show-toplevel"])
+            .output()
+            .expect("git");
+        assert_eq!(
+            ours,
+            PathBuf::from(String::from_utf8_lossy(&theirs.stdout).trim())
+        );
     }
 
     #[test]
