@@ -33,6 +33,10 @@ macro_rules! backend_suite {
                 scenarios::concurrent_starts(Host::new($backend, concat!("race-", $backend)));
             }
             #[test]
+            fn attach_session() {
+                scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
+            }
+            #[test]
             fn destroy_guards() {
                 scenarios::destroy_guards(Host::new($backend, concat!("guard-", $backend)));
             }

@@ -81,6 +81,60 @@ pub fn lifecycle(h: Host) {
         ["/workspace", "agent", "dev@host.example", "main"]
     );
 
+    // --memory/--vcpus (2048 MB, 2 from the test config) are enforced by
+    // the backend's cgroup where it has one.
+    let rec = h.record(&name).expect("record");
+    match rec["runtime"]["cgroup"]["version"].as_str() {
+        Some("v1") => {
+            let dirs = rec["runtime"]["cgroup"]["dirs"]
+                .as_array()
+                .expect("dirs")
+                .clone();
+            let read = |ctl: &str, file: &str| -> String {
+                let d = dirs
+                    .iter()
+                    .filter_map(|d| d.as_str())
+                    .find(|d| d.contains(&format!("/{ctl}/")))
+                    .expect(ctl);
+                std::fs::read_to_string(std::path::Path::new(d).join(file))
+                    .expect(file)
+                    .trim()
+                    .to_string()
+            };
+            assert_eq!(
+                read("memory", "memory.limit_in_bytes"),
+                (2048u64 << 20).to_string()
+            );
+            assert_eq!(read("cpu", "cpu.cfs_quota_us"), "200000");
+        }
+        Some("v2") => {
+            let d =
+                std::path::PathBuf::from(rec["runtime"]["cgroup"]["path"].as_str().expect("path"));
+            assert_eq!(
+                std::fs::read_to_string(d.join("memory.max"))
+                    .expect("memory.max")
+                    .trim(),
+                (2048u64 << 20).to_string()
+            );
+            assert_eq!(
+                std::fs::read_to_string(d.join("cpu.max"))
+                    .expect("cpu.max")
+                    .trim(),
+                "200000 100000"
+            );
+        }
+        // Without a cgroup (rootless on v1) the sandbox must say so.
+        _ if h.backend == "container" => {
+            assert!(
+                h.status_json(&name)["notes"]
+                    .to_string()
+                    .contains("not enforced"),
+                "{rec}"
+            );
+        }
+        _ => {}
+    }
+
     // exec passes exit status through, and --user works.
     h.ks(&["exec", "--", "sh", "-c", "exit 7"]).code(7);
     let r = h.ks(&["exec", "--user", "root", "--", "id", "-u"]);
@@ -314,4 +368,96 @@ pub fn destroy_guards(h: Host) {
     // A new sandbox of the same name finds its disk again.
     h.start(&[]).ok();
     assert_eq!(h.sh("cat unsynced.txt").trim(), "x");
+}
+
+/// `attach` in a real terminal (a host tmux pane): lands in the sandbox's
+/// `<sandbox>-main` session in /workspace, and detaching returns 0 with the
+/// session still alive.
+pub fn attach_session(h: Host) {
+    assert!(
+        std::process::Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok(),
+        "tmux is required to drive a terminal: apt-get install tmux"
+    );
+    let name = h.name();
+    h.start(&[]).ok();
+    let socket = format!("ks-e2e-{}", std::process::id());
+    let tmux = |args: &[&str]| -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &socket])
+            .args(args)
+            .output()
+            .expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let env = format!(
+        "env -i PATH={path} HOME={tmp}/home XDG_STATE_HOME={tmp}/state XDG_CONFIG_HOME={tmp}/config XDG_CACHE_HOME={cache} TERM=xterm-256color",
+        path = std::env::var("PATH").unwrap_or_default(),
+        tmp = h.tmp.path().display(),
+        cache = h.cache.display(),
+    );
+    let cmd = format!(
+        "cd {} && {env} {} agent attach; echo ATTACH-EXIT=$?; sleep 60",
+        h.project.display(),
+        h.exe.display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "120",
+        "-y",
+        "30",
+        "-s",
+        "host",
+        &cmd,
+    ]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", "host"]);
+    // The guest's prompt, inside its tmux (tmux's status line truncates
+    // long session names, so the session is checked by name below).
+    let in_session = eventually(Duration::from_secs(20), || {
+        screen().contains(&format!("agent@{name}:/workspace"))
+    });
+    assert!(
+        in_session,
+        "the guest's tmux session never appeared:\n{}",
+        screen()
+    );
+    tmux(&[
+        "send-keys",
+        "-t",
+        "host",
+        "pwd; echo marker-$((6*7))",
+        "Enter",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(10), || screen().contains("marker-42")),
+        "typed command did not run:\n{}",
+        screen()
+    );
+    assert!(screen().contains("/workspace"), "{}", screen());
+    tmux(&["send-keys", "-t", "host", "C-b", "d"]);
+    let detached = eventually(Duration::from_secs(10), || {
+        screen().contains("ATTACH-EXIT=")
+    });
+    let shown = screen();
+    tmux(&["kill-server"]);
+    assert!(
+        detached,
+        "detach did not return to the host shell:\n{shown}"
+    );
+    assert!(
+        shown.contains("ATTACH-EXIT=0"),
+        "detach must exit 0:\n{shown}"
+    );
+    // The session survives the detach.
+    let sessions = h.sh("tmux list-sessions -F '#{session_name} #{pane_current_path}'");
+    assert!(
+        sessions.contains(&format!("{name}-main /workspace")),
+        "{sessions}"
+    );
+    h.ks(&["stop", "--force"]).ok();
+    h.ks(&["attach"]).code(2);
 }
