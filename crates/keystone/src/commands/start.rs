@@ -119,7 +119,7 @@ pub fn run(args: StartArgs) -> Result<i32> {
     }
 
     ctx.reconcile()?;
-    let recipe = recipe_for(cfg);
+    let recipe = recipe_for(cfg, &ctx.image_store());
     let mut settings = Settings {
         memory_mb: cfg.defaults.memory,
         vcpus: cfg.defaults.vcpus,
@@ -248,16 +248,39 @@ pub fn run(args: StartArgs) -> Result<i32> {
     commands::attach::attach_session(&ctx, &sandbox, "main")
 }
 
-pub fn recipe_for(cfg: &keystone_config::Config) -> keystone_image::Recipe {
+/// The image recipe for a configuration: the enabled agents at the
+/// versions `image build --update` recorded, else the recipe's pins. The
+/// minimal profile never carries agents (it has no Node.js).
+pub fn recipe_for(cfg: &keystone_config::Config, store: &keystone_image::ImageStore) -> keystone_image::Recipe {
     let profile = match cfg.guest.profile.to_string().as_str() {
         "minimal" => keystone_image::Profile::Minimal,
         _ => keystone_image::Profile::Full,
+    };
+    let agents = if profile == keystone_image::Profile::Full {
+        let recorded = store.agent_versions();
+        cfg.guest
+            .agents
+            .enabled()
+            .into_iter()
+            .filter_map(|kind| {
+                let agent = keystone_image::Agent::from_name(&kind.to_string())?;
+                let auto_accept = cfg.guest.agents.get(kind).auto_accept;
+                let version = recorded
+                    .get(&agent)
+                    .cloned()
+                    .unwrap_or_else(|| agent.pinned_version().to_string());
+                Some(keystone_image::AgentSetup { agent, version, auto_accept })
+            })
+            .collect()
+    } else {
+        Vec::new()
     };
     keystone_image::Recipe {
         profile,
         suite: cfg.guest.suite.clone(),
         mirror: cfg.guest.mirror.clone(),
         extra_packages: cfg.guest.packages.clone(),
+        agents,
     }
 }
 
