@@ -307,5 +307,8 @@ pub enum Proxy {
 
 #[derive(Args, Debug)]
 pub struct TokensArgs {
+    /// The project whose env files count (default: current directory).
     pub project_path: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }
