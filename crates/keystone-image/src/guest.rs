@@ -231,15 +231,23 @@ fn write_hook(path: &str, mode: &str, owner: u32, body: &str, append: bool) -> S
 /// Installs the agents from the npm registry at their exact versions, as
 /// root into npm's global prefix (`/usr/local`), then proves each command
 /// starts. It runs before the file hooks replace `/etc/resolv.conf`, while
-/// the chroot still resolves names with the build host's resolver; npm's
-/// cache is a throwaway directory so none of it stays in the image.
+/// the chroot still resolves names with the build host's resolver. npm gets
+/// the build host's CA bundle for the download only (a registry mirror or a
+/// TLS-inspecting proxy is trusted by the host, not by Debian's bundle in
+/// the new root); it and npm's cache are removed, so none of it stays in the
+/// image.
 fn agents_install_hook(agents: &[AgentSetup]) -> String {
     let specs: Vec<String> = agents.iter().map(AgentSetup::spec).collect();
     let mut hook = format!(
         "set -eu\n\
-chroot \"$1\" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root npm_config_cache=/var/tmp/keystone-npm \\\n\
-  npm install --global --no-fund --no-audit --no-update-notifier --loglevel=warn {}\n\
-rm -rf \"$1/var/tmp/keystone-npm\" \"$1/root/.npm\"\n",
+ca=\n\
+if [ -r /etc/ssl/certs/ca-certificates.crt ]; then\n\
+  cp /etc/ssl/certs/ca-certificates.crt \"$1/var/tmp/keystone-npm-ca.crt\"\n\
+  ca=npm_config_cafile=/var/tmp/keystone-npm-ca.crt\n\
+fi\n\
+chroot \"$1\" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root npm_config_cache=/var/tmp/keystone-npm $ca \\\n\
+  npm install --global --no-fund --no-audit --no-update-notifier --loglevel=warn --fetch-timeout=120000 {}\n\
+rm -rf \"$1/var/tmp/keystone-npm\" \"$1/var/tmp/keystone-npm-ca.crt\" \"$1/root/.npm\"\n",
         specs.join(" ")
     );
     for setup in agents {
