@@ -210,7 +210,11 @@ pub(crate) fn files(setup: &AgentSetup) -> Vec<AgentFile> {
         (Agent::Claude, auto) => {
             let mut v = vec![f("/home/agent/.claude.json", "0600", CLAUDE_STATE)];
             if auto {
-                v.push(f("/home/agent/.claude/settings.json", "0644", CLAUDE_SETTINGS));
+                v.push(f(
+                    "/home/agent/.claude/settings.json",
+                    "0644",
+                    CLAUDE_SETTINGS,
+                ));
             }
             v
         }
@@ -228,7 +232,11 @@ pub(crate) fn files(setup: &AgentSetup) -> Vec<AgentFile> {
             }
             v
         }
-        (Agent::Codex, true) => vec![f("/home/agent/.codex/config.toml", "0644", CODEX_CONFIG_AUTO)],
+        (Agent::Codex, true) => vec![f(
+            "/home/agent/.codex/config.toml",
+            "0644",
+            CODEX_CONFIG_AUTO,
+        )],
         (Agent::Codex, false) => vec![f(
             "/home/agent/.codex/config.toml",
             "0644",
@@ -246,7 +254,15 @@ mod tests {
         for a in Agent::ALL {
             assert!(is_exact_version(a.pinned_version()), "{a}");
         }
-        for bad in ["latest", "^1.2.3", "1.2", "1.2.x", "1.2.3 || 2", ">=1.0.0", ""] {
+        for bad in [
+            "latest",
+            "^1.2.3",
+            "1.2",
+            "1.2.x",
+            "1.2.3 || 2",
+            ">=1.0.0",
+            "",
+        ] {
             assert!(!is_exact_version(bad), "{bad:?}");
         }
         assert!(is_exact_version("0.1.0-nightly.20250101"));
@@ -254,7 +270,12 @@ mod tests {
 
     #[test]
     fn json_settings_parse() {
-        for body in [CLAUDE_SETTINGS, CLAUDE_STATE, GEMINI_SETTINGS, GEMINI_TRUSTED_FOLDERS] {
+        for body in [
+            CLAUDE_SETTINGS,
+            CLAUDE_STATE,
+            GEMINI_SETTINGS,
+            GEMINI_TRUSTED_FOLDERS,
+        ] {
             serde_json::from_str::<serde_json::Value>(body).expect(body);
         }
         let s: serde_json::Value = serde_json::from_str(CLAUDE_SETTINGS).expect("json");

@@ -51,7 +51,8 @@ AcceptEnv LANG LC_* COLORTERM
 pub const SUDOERS: &str = "agent ALL=(ALL) NOPASSWD:ALL\n";
 
 /// Appended to `/home/agent/.bashrc`.
-pub const BASHRC_APPEND: &str = "\n# Added by keystone: load .envrc files.\neval \"$(direnv hook bash)\"\n\
+pub const BASHRC_APPEND: &str =
+    "\n# Added by keystone: load .envrc files.\neval \"$(direnv hook bash)\"\n\
 # Added by keystone: the credentials the developer chose to forward.\n\
 if [ -r \"$HOME/.config/keystone/env\" ]; then . \"$HOME/.config/keystone/env\"; fi\n";
 
@@ -279,7 +280,11 @@ pub(crate) fn customize_hooks(agents: &[AgentSetup]) -> Vec<String> {
     hooks.extend(FILES.iter().map(file_hook));
     for setup in agents {
         for file in agents::files(setup) {
-            let owner = if file.path.starts_with("/home/agent/") { AGENT_UID } else { 0 };
+            let owner = if file.path.starts_with("/home/agent/") {
+                AGENT_UID
+            } else {
+                0
+            };
             hooks.push(write_hook(file.path, file.mode, owner, file.body, false));
         }
     }

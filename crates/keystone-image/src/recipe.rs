@@ -138,7 +138,10 @@ impl Recipe {
     /// profile, suite, mirror, variant, package list, dpkg options and the
     /// exact text of every hook (which embeds every file the builder writes).
     pub fn hash(&self) -> String {
-        self.hash_with(FORMAT_VERSION, &guest::customize_hooks(&self.sorted_agents()))
+        self.hash_with(
+            FORMAT_VERSION,
+            &guest::customize_hooks(&self.sorted_agents()),
+        )
     }
 
     /// `<profile>-<first 12 hex digits of the hash>`.
@@ -361,7 +364,9 @@ mod tests {
         r.profile = Profile::Minimal;
         assert!(r.validate().is_err());
         assert!(full_with(&[(Claude, "latest", true)]).validate().is_err());
-        assert!(full_with(&[(Claude, "1.0.0; rm -rf /", true)]).validate().is_err());
+        assert!(full_with(&[(Claude, "1.0.0; rm -rf /", true)])
+            .validate()
+            .is_err());
     }
 
     #[test]

@@ -71,7 +71,9 @@ pub fn resolve(
     for (rel, path) in &files {
         match std::fs::read_to_string(path) {
             Ok(text) => parsed.push((rel.clone(), parse_dotenv(&text))),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable env file"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping an unreadable env file")
+            }
         }
     }
     let mut out = Vec::new();
@@ -124,7 +126,9 @@ fn env_files(project: &Path, globs: &[String]) -> Vec<(PathBuf, PathBuf)> {
         {
             continue;
         }
-        let Ok(entries) = std::fs::read_dir(project.join(dir)) else { continue };
+        let Ok(entries) = std::fs::read_dir(project.join(dir)) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !wildcard(pattern, &name) || !entry.file_type().is_ok_and(|t| t.is_file()) {
@@ -174,7 +178,9 @@ pub fn parse_dotenv(text: &str) -> Vec<(String, String)> {
             continue;
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((key, raw)) = line.split_once('=') else { continue };
+        let Some((key, raw)) = line.split_once('=') else {
+            continue;
+        };
         let key = key.trim();
         if !valid_name(key) {
             continue;
@@ -198,7 +204,10 @@ pub fn parse_dotenv(text: &str) -> Vec<(String, String)> {
             }
             v
         } else {
-            raw.split_once(" #").map_or(raw, |(v, _)| v).trim().to_string()
+            raw.split_once(" #")
+                .map_or(raw, |(v, _)| v)
+                .trim()
+                .to_string()
         };
         vars.push((key.to_string(), value));
     }
@@ -238,7 +247,9 @@ jq '.customApiKeyResponses.approved = (((.customApiKeyResponses.approved // []) 
             ..Default::default()
         },
     )?;
-    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| CliError::failed(format!("cannot run ssh: {e}")))?;
@@ -270,7 +281,13 @@ mod tests {
         std::fs::write(dir.path().join(".env.local"), "export B=\"from local\"\n").expect("w");
         std::fs::write(dir.path().join("notenv"), "D=d\n").expect("w");
         let host = |k: &str| (k == "A").then(|| "from-host".to_string());
-        let creds = resolve(&list(&["A", "B", "D", "E"]), Some(dir.path()), &list(&[".env*"]), &host).expect("resolve");
+        let creds = resolve(
+            &list(&["A", "B", "D", "E"]),
+            Some(dir.path()),
+            &list(&[".env*"]),
+            &host,
+        )
+        .expect("resolve");
         let by = |n: &str| creds.iter().find(|c| c.name == n).expect(n).clone();
         assert_eq!(by("A").source, Source::Host);
         assert_eq!(by("A").value.as_deref(), Some("from-host"));
@@ -310,13 +327,17 @@ mod tests {
 
     #[test]
     fn image_and_channel_agree_on_the_env_file() {
-        assert_eq!(keystone_channel::GUEST_ENV_FILE, keystone_image::guest::FORWARDED_ENV);
+        assert_eq!(
+            keystone_channel::GUEST_ENV_FILE,
+            keystone_image::guest::FORWARDED_ENV
+        );
         assert!(keystone_image::guest::BASHRC_APPEND.contains("$HOME/.config/keystone/env"));
     }
 
     #[test]
     fn dotenv_forms() {
-        let vars = parse_dotenv("# c\nA=1 # note\nexport B='x # y'\nC=\"l1\\nl2\"\n bad line\nD=\n");
+        let vars =
+            parse_dotenv("# c\nA=1 # note\nexport B='x # y'\nC=\"l1\\nl2\"\n bad line\nD=\n");
         assert_eq!(
             vars,
             vec![

@@ -106,10 +106,15 @@ pub fn run(cmd: Image) -> Result<i32> {
 /// and record it, so this build and every later `start` use it (a cached
 /// start never asks the network). Without `--update` the recipe's pins, or
 /// the versions the last update recorded, apply.
-fn update_agent_versions(store: &keystone_image::ImageStore, cfg: &keystone_config::Config) -> Result<()> {
+fn update_agent_versions(
+    store: &keystone_image::ImageStore,
+    cfg: &keystone_config::Config,
+) -> Result<()> {
     let mut versions = store.agent_versions();
     for kind in cfg.guest.agents.enabled() {
-        let Some(agent) = keystone_image::Agent::from_name(&kind.to_string()) else { continue };
+        let Some(agent) = keystone_image::Agent::from_name(&kind.to_string()) else {
+            continue;
+        };
         let latest = npm_latest(agent.package())?;
         let before = versions
             .get(&agent)
@@ -133,12 +138,27 @@ fn npm_latest(package: &str) -> Result<String> {
         .ok()
         .filter(|r| !r.is_empty())
         .unwrap_or_else(|| "https://registry.npmjs.org".to_string());
-    let url = format!("{}/{}/latest", registry.trim_end_matches('/'), package.replace('/', "%2f"));
-    let curl = keystone_channel::which("curl")
-        .ok_or_else(|| CliError::new(crate::error::Exit::Requirements, "`curl` is not installed (needed by --update): apt-get install curl"))?;
+    let url = format!(
+        "{}/{}/latest",
+        registry.trim_end_matches('/'),
+        package.replace('/', "%2f")
+    );
+    let curl = keystone_channel::which("curl").ok_or_else(|| {
+        CliError::new(
+            crate::error::Exit::Requirements,
+            "`curl` is not installed (needed by --update): apt-get install curl",
+        )
+    })?;
     let mut cmd = std::process::Command::new(curl);
     cmd.env_clear();
-    for k in ["PATH", "HOME", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"] {
+    for k in [
+        "PATH",
+        "HOME",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+    ] {
         if let Some(v) = std::env::var_os(k) {
             cmd.env(k, v);
         }
@@ -153,10 +173,17 @@ fn npm_latest(package: &str) -> Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| CliError::failed(format!("the npm registry answered {url} with something that is not JSON: {e}")))?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        CliError::failed(format!(
+            "the npm registry answered {url} with something that is not JSON: {e}"
+        ))
+    })?;
     meta.get("version")
         .and_then(|v| v.as_str())
         .map(str::to_string)
-        .ok_or_else(|| CliError::failed(format!("the npm registry's answer for {package} has no version")))
+        .ok_or_else(|| {
+            CliError::failed(format!(
+                "the npm registry's answer for {package} has no version"
+            ))
+        })
 }

@@ -1,8 +1,8 @@
 //! `keystone agent start`: create or restart the sandbox of a project.
 
 use crate::cli::{AgentArg, BackendArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
-use crate::credentials;
 use crate::context::{backend_for, load_config, Ctx};
+use crate::credentials;
 use crate::error::{CliError, Exit, Result};
 use crate::{commands, ui};
 use keystone_config::Flag;
@@ -125,9 +125,13 @@ pub fn run(args: StartArgs) -> Result<i32> {
             let why = if recipe.profile == keystone_image::Profile::Minimal {
                 "the minimal profile has no agents; use --profile full".to_string()
             } else {
-                format!("enable it with `[guest.agents.{agent}] enable = true` in the configuration")
+                format!(
+                    "enable it with `[guest.agents.{agent}] enable = true` in the configuration"
+                )
             };
-            return Err(CliError::state(format!("{agent} is not in this sandbox's image: {why}")));
+            return Err(CliError::state(format!(
+                "{agent} is not in this sandbox's image: {why}"
+            )));
         }
     }
     let mut settings = Settings {
@@ -236,7 +240,11 @@ pub fn run(args: StartArgs) -> Result<i32> {
         &|k| std::env::var(k).ok(),
     )?;
     credentials::write_to_guest(&channel, &creds)?;
-    let forwarded: Vec<&str> = creds.iter().filter(|c| c.is_available()).map(|c| c.name.as_str()).collect();
+    let forwarded: Vec<&str> = creds
+        .iter()
+        .filter(|c| c.is_available())
+        .map(|c| c.name.as_str())
+        .collect();
     if let Some(agent) = agent {
         start_agent(&channel, &sandbox, agent)?;
     }
@@ -258,10 +266,17 @@ pub fn run(args: StartArgs) -> Result<i32> {
     );
     println!(
         "  credentials: {}",
-        if forwarded.is_empty() { "none forwarded (see `keystone agent tokens`)".to_string() } else { forwarded.join(", ") }
+        if forwarded.is_empty() {
+            "none forwarded (see `keystone agent tokens`)".to_string()
+        } else {
+            forwarded.join(", ")
+        }
     );
     if let Some(agent) = agent {
-        println!("  agent:     {agent} in session {}", commands::attach::session_name(&sandbox, "main"));
+        println!(
+            "  agent:     {agent} in session {}",
+            commands::attach::session_name(&sandbox, "main")
+        );
     }
     for n in notes.iter().filter_map(|n| n.as_str()) {
         println!("  {n}");
@@ -285,7 +300,11 @@ pub fn run(args: StartArgs) -> Result<i32> {
 /// Starts `agent` in `/workspace` in the main session (a new window when
 /// the session already runs), so that attaching lands in it. When the agent
 /// exits, the window keeps a shell.
-fn start_agent(channel: &keystone_channel::Channel, sandbox: &Sandbox, agent: keystone_image::Agent) -> Result<()> {
+fn start_agent(
+    channel: &keystone_channel::Channel,
+    sandbox: &Sandbox,
+    agent: keystone_image::Agent,
+) -> Result<()> {
     let session = commands::attach::session_name(sandbox, "main");
     let command = format!("{}; exec bash", agent.command());
     let script = format!(
@@ -295,12 +314,21 @@ else tmux new-session -d -s \"$s\" -x 160 -y 48 -c /workspace \"$c\"; fi",
         c = shell_words::quote(&command),
     );
     channel
-        .run_ok(&script, &keystone_channel::ExecOptions { user: Some("agent".into()), ..Default::default() })
+        .run_ok(
+            &script,
+            &keystone_channel::ExecOptions {
+                user: Some("agent".into()),
+                ..Default::default()
+            },
+        )
         .map_err(|e| CliError::failed(format!("cannot start {agent} in session {session}: {e}")))?;
     Ok(())
 }
 
-pub fn recipe_for(cfg: &keystone_config::Config, store: &keystone_image::ImageStore) -> keystone_image::Recipe {
+pub fn recipe_for(
+    cfg: &keystone_config::Config,
+    store: &keystone_image::ImageStore,
+) -> keystone_image::Recipe {
     let profile = match cfg.guest.profile.to_string().as_str() {
         "minimal" => keystone_image::Profile::Minimal,
         _ => keystone_image::Profile::Full,
@@ -318,7 +346,11 @@ pub fn recipe_for(cfg: &keystone_config::Config, store: &keystone_image::ImageSt
                     .get(&agent)
                     .cloned()
                     .unwrap_or_else(|| agent.pinned_version().to_string());
-                Some(keystone_image::AgentSetup { agent, version, auto_accept })
+                Some(keystone_image::AgentSetup {
+                    agent,
+                    version,
+                    auto_accept,
+                })
             })
             .collect()
     } else {

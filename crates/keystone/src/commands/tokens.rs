@@ -32,7 +32,10 @@ pub fn run(args: TokensArgs) -> Result<i32> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
         return Ok(0);
     }
     println!("{:<28}  SOURCE", "VARIABLE");

@@ -63,12 +63,22 @@ pub fn agents_work_without_prompts() {
         ("GOOGLE_API_KEY", "not set"),
     ] {
         assert!(
-            out.lines().any(|l| l.starts_with(var) && l.trim_end().ends_with(source)),
+            out.lines()
+                .any(|l| l.starts_with(var) && l.trim_end().ends_with(source)),
             "tokens should list {var} from {source}:\n{out}"
         );
     }
-    for secret in [ANTHROPIC_KEY, "sk-openai-from-env-file", UNLISTED.1, "file-canary"] {
-        assert!(!r.text().contains(secret), "tokens printed a value:\n{}", r.text());
+    for secret in [
+        ANTHROPIC_KEY,
+        "sk-openai-from-env-file",
+        UNLISTED.1,
+        "file-canary",
+    ] {
+        assert!(
+            !r.text().contains(secret),
+            "tokens printed a value:\n{}",
+            r.text()
+        );
     }
     assert!(!out.contains(UNLISTED.0) && !out.contains("NOT_LISTED_IN_FILE"));
 
@@ -76,8 +86,16 @@ pub fn agents_work_without_prompts() {
     let t = Instant::now();
     let r = h.ks_env(&["start", "--no-attach"], &env());
     r.ok();
-    eprintln!("first start (image build if not cached): {:.1}s", t.elapsed().as_secs_f64());
-    assert!(r.stdout.contains("credentials: ANTHROPIC_API_KEY, OPENAI_API_KEY"), "{}", r.text());
+    eprintln!(
+        "first start (image build if not cached): {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        r.stdout
+            .contains("credentials: ANTHROPIC_API_KEY, OPENAI_API_KEY"),
+        "{}",
+        r.text()
+    );
 
     // Each agent runs as `agent` at its pinned version.
     assert_eq!(h.sh("id -un").trim(), "agent");
@@ -89,13 +107,17 @@ pub fn agents_work_without_prompts() {
     // The forward list: listed variables arrive in exec, unlisted do not,
     // and the file holding them is the agent's alone.
     assert_eq!(h.sh("printenv ANTHROPIC_API_KEY").trim(), ANTHROPIC_KEY);
-    assert_eq!(h.sh("printenv OPENAI_API_KEY").trim(), "sk-openai-from-env-file");
+    assert_eq!(
+        h.sh("printenv OPENAI_API_KEY").trim(),
+        "sk-openai-from-env-file"
+    );
     let r = h.ks(&["exec", "--", "bash", "-c", "env"]);
     r.ok();
     assert!(!r.stdout.contains(UNLISTED.0) && !r.stdout.contains(UNLISTED.1));
     assert!(!r.stdout.contains("NOT_LISTED_IN_FILE"));
     assert_eq!(
-        h.sh("stat -c '%a %U' /home/agent/.config/keystone/env").trim(),
+        h.sh("stat -c '%a %U' /home/agent/.config/keystone/env")
+            .trim(),
         "600 agent"
     );
     // ...and in the session's shells (an interactive shell in tmux).
@@ -136,10 +158,19 @@ pub fn agents_work_without_prompts() {
         "mv ~/.claude/settings.json /tmp/claude-settings.json; {claude} >/tmp/claude-control.out 2>&1; \
          mv /tmp/claude-settings.json ~/.claude/settings.json"
     ));
-    assert_eq!(proof("claude"), "", "Claude Code wrote without keystone's settings");
+    assert_eq!(
+        proof("claude"),
+        "",
+        "Claude Code wrote without keystone's settings"
+    );
     let r = h.ks(&["exec", "--", "bash", "-c", &claude]);
     r.ok();
-    assert_eq!(proof("claude"), expect("claude"), "claude output:\n{}", r.text());
+    assert_eq!(
+        proof("claude"),
+        expect("claude"),
+        "claude output:\n{}",
+        r.text()
+    );
 
     // Gemini CLI: the control bypasses keystone's wrapper (no YOLO).
     let gemini_env = format!(
@@ -158,7 +189,12 @@ pub fn agents_work_without_prompts() {
         &format!("{gemini_env} gemini -p 'write the proof file' </dev/null"),
     ]);
     r.ok();
-    assert_eq!(proof("gemini"), expect("gemini"), "gemini output:\n{}", r.text());
+    assert_eq!(
+        proof("gemini"),
+        expect("gemini"),
+        "gemini output:\n{}",
+        r.text()
+    );
 
     // Codex: a model provider pointed at the endpoint; its header shows the
     // policy it read from ~/.codex/config.toml.
@@ -175,8 +211,17 @@ pub fn agents_work_without_prompts() {
     ]);
     r.ok();
     assert!(r.stdout.contains("approval: never"), "{}", r.text());
-    assert!(r.stdout.contains("sandbox: danger-full-access"), "{}", r.text());
-    assert_eq!(proof("codex"), expect("codex"), "codex output:\n{}", r.text());
+    assert!(
+        r.stdout.contains("sandbox: danger-full-access"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        proof("codex"),
+        expect("codex"),
+        "codex output:\n{}",
+        r.text()
+    );
 
     // `start --agent claude`: the main session runs Claude Code in
     // /workspace, past every first-run question, in bypass mode. The
@@ -185,8 +230,15 @@ pub fn agents_work_without_prompts() {
     let t = Instant::now();
     let r = h.ks_env(&["start", "--no-attach", "--agent", "claude"], &env());
     r.ok();
-    eprintln!("cached start with --agent claude: {:.1}s", t.elapsed().as_secs_f64());
-    assert!(!r.text().contains("building"), "a cached start rebuilt:\n{}", r.text());
+    eprintln!(
+        "cached start with --agent claude: {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        !r.text().contains("building"),
+        "a cached start rebuilt:\n{}",
+        r.text()
+    );
     let session = format!("{name}-main");
     let mut pane = String::new();
     let shown = eventually(Duration::from_secs(60), || {
@@ -194,7 +246,10 @@ pub fn agents_work_without_prompts() {
         pane.contains("Claude Code") && pane.contains("bypass permissions on")
     });
     eprintln!("--- pane of {session}:\n{pane}");
-    assert!(shown, "Claude Code's UI did not appear in {session}:\n{pane}");
+    assert!(
+        shown,
+        "Claude Code's UI did not appear in {session}:\n{pane}"
+    );
     for question in [
         "Do you trust",
         "Detected a custom API key",
@@ -202,14 +257,29 @@ pub fn agents_work_without_prompts() {
         "Choose the text style",
         "Yes, I accept",
     ] {
-        assert!(!pane.contains(question), "a first-run question ({question}) is showing:\n{pane}");
+        assert!(
+            !pane.contains(question),
+            "a first-run question ({question}) is showing:\n{pane}"
+        );
     }
     assert!(pane.contains("/workspace"), "{pane}");
 
     // An agent not in the image is refused with a way out.
-    let r = h.ks(&["start", "--no-attach", "--agent", "gemini", "--profile", "minimal", "--fresh"]);
+    let r = h.ks(&[
+        "start",
+        "--no-attach",
+        "--agent",
+        "gemini",
+        "--profile",
+        "minimal",
+        "--fresh",
+    ]);
     r.code(2);
-    assert!(r.text().contains("minimal profile has no agents"), "{}", r.text());
+    assert!(
+        r.text().contains("minimal profile has no agents"),
+        "{}",
+        r.text()
+    );
 
     h.ks(&["destroy", &name, "--force"]).ok();
 }
