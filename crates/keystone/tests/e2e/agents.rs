@@ -241,8 +241,11 @@ pub fn agents_work_without_prompts() {
     );
     let session = format!("{name}-main");
     let mut pane = String::new();
-    let shown = eventually(Duration::from_secs(60), || {
-        pane = h.sh(&format!("tmux capture-pane -p -t '={session}' 2>&1; true"));
+    // Claude Code draws its UI once its start-up requests (remote managed
+    // settings) answer or time out: seconds on a direct network, ~20 s
+    // where egress cannot be reached.
+    let shown = eventually(Duration::from_secs(120), || {
+        pane = h.sh(&format!("tmux capture-pane -p -t {session}: 2>&1; true"));
         pane.contains("Claude Code") && pane.contains("bypass permissions on")
     });
     eprintln!("--- pane of {session}:\n{pane}");
