@@ -19,6 +19,62 @@ const VERSIONS: &[(&str, &str)] = &[
     ("codex", "codex-cli 0.171.0"),
 ];
 
+/// What `keystone agent attach` draws in `limit`, escape sequences and
+/// spaces (the UI positions text with cursor moves) removed.
+fn attach_screen(h: &Host, limit: Duration) -> String {
+    let script = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("script").is_file()))
+        .unwrap_or(false);
+    assert!(
+        script,
+        "`script` is required for the attach test: apt-get install bsdutils"
+    );
+    let typescript = h.tmp.path().join("attach.typescript");
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.arg(limit.as_secs().to_string())
+        .arg("script")
+        .args(["-q", "-c"])
+        .arg(format!(
+            "stty cols 120 rows 40; {} agent attach",
+            h.exe.display()
+        ))
+        .arg(&typescript)
+        .current_dir(&h.project)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TERM", "xterm-256color")
+        .env("HOME", h.tmp.path().join("home"))
+        .env("XDG_STATE_HOME", h.tmp.path().join("state"))
+        .env("XDG_CONFIG_HOME", h.tmp.path().join("config"))
+        .env("XDG_CACHE_HOME", &h.cache)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _ = cmd.status();
+    let raw = std::fs::read(&typescript).unwrap_or_default();
+    let text = String::from_utf8_lossy(&raw);
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte; other escapes: skip one char.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for n in chars.by_ref() {
+                    if n.is_ascii_alphabetic() || n == '~' {
+                        break;
+                    }
+                }
+            } else {
+                chars.next();
+            }
+        } else if !c.is_whitespace() && !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn full_host(project: &str) -> Host {
     let h = Host::new("container", project);
     h.write(
@@ -266,6 +322,13 @@ pub fn agents_work_without_prompts() {
         );
     }
     assert!(pane.contains("/workspace"), "{pane}");
+    // And `attach` itself, on a terminal (util-linux `script` gives it one),
+    // lands in that UI; the client is cut off after a few seconds.
+    let screen = attach_screen(&h, Duration::from_secs(8));
+    assert!(
+        screen.contains("bypasspermissionson"),
+        "attach showed:\n{screen}"
+    );
 
     // An agent not in the image is refused with a way out.
     let r = h.ks(&[
