@@ -280,7 +280,8 @@ pub enum Image {
     Build {
         #[arg(long, value_enum)]
         profile: Option<ProfileArg>,
-        /// Rebuild even if a cached image matches.
+        /// Rebuild even if a cached image matches, with the agents' latest
+        /// npm versions (recorded, so later starts use them offline).
         #[arg(long)]
         update: bool,
     },
