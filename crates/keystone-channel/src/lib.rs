@@ -54,6 +54,10 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ChannelError + '_
     }
 }
 
+/// The guest file holding the forwarded credentials (written by `start`,
+/// 0600, owned by the agent), sourced before every command.
+pub const GUEST_ENV_FILE: &str = "/home/agent/.config/keystone/env";
+
 /// A private directory for sockets (the relay, ControlMaster): Unix socket
 /// paths are limited to 108 bytes, so they cannot live under a long state
 /// directory. `$XDG_RUNTIME_DIR/keystone`, else `/tmp/keystone-<uid>`.
@@ -209,7 +213,13 @@ Host {alias}\n\
             cmd.arg("-l").arg(user);
         }
         let cwd = opts.cwd.as_deref().unwrap_or("/workspace");
-        let wrapped = format!("cd {} 2>/dev/null || cd; {script}", shell_words::quote(cwd));
+        // The forwarded credentials reach every command, as they reach the
+        // agent's interactive shells through its .bashrc.
+        let wrapped = format!(
+            "cd {} 2>/dev/null || cd; if [ -r {env} ]; then . {env}; fi; {script}",
+            shell_words::quote(cwd),
+            env = GUEST_ENV_FILE
+        );
         cmd.arg(&self.alias).arg("--").arg(wrapped);
         Ok(cmd)
     }

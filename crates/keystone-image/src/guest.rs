@@ -10,6 +10,8 @@
 //! in unshare mode). Ownership is therefore always written as numbers: the
 //! host's user names mean nothing inside the guest.
 
+use crate::agents::{self, AgentSetup};
+
 /// The guest's unprivileged user, the one agents run as.
 pub const AGENT_USER: &str = "agent";
 /// Its uid and gid; the backends map the host user onto these.
@@ -50,7 +52,14 @@ pub const SUDOERS: &str = "agent ALL=(ALL) NOPASSWD:ALL\n";
 
 /// Appended to `/home/agent/.bashrc`.
 pub const BASHRC_APPEND: &str =
-    "\n# Added by keystone: load .envrc files.\neval \"$(direnv hook bash)\"\n";
+    "\n# Added by keystone: load .envrc files.\neval \"$(direnv hook bash)\"\n\
+# Added by keystone: the credentials the developer chose to forward.\n\
+if [ -r \"$HOME/.config/keystone/env\" ]; then . \"$HOME/.config/keystone/env\"; fi\n";
+
+/// Where `keystone agent start` writes the forwarded credentials (0600,
+/// `export NAME='value'` lines); sourced by interactive shells, the
+/// session, and every command `exec` runs.
+pub const FORWARDED_ENV: &str = "/home/agent/.config/keystone/env";
 
 /// `/home/agent/.config/direnv/direnv.toml`: trust `.envrc` under the
 /// workspace without `direnv allow`, since the agent runs non-interactively.
@@ -204,28 +213,84 @@ const FILES: &[GuestFile] = &[
 /// runs outside the chroot, where a symlink in the guest (an absolute
 /// `/etc/resolv.conf` link, say) would point into the host.
 fn file_hook(file: &GuestFile) -> String {
-    let (remove, redirect) = if file.append {
+    write_hook(file.path, file.mode, file.owner, file.body, file.append)
+}
+
+fn write_hook(path: &str, mode: &str, owner: u32, body: &str, append: bool) -> String {
+    let (remove, redirect) = if append {
         (String::new(), ">>")
     } else {
-        (format!("rm -f \"$1{}\"\n", file.path), ">")
+        (format!("rm -f \"$1{path}\"\n"), ">")
     };
-    let dir = file.path.rsplit_once('/').map_or("/", |(dir, _)| dir);
+    let dir = path.rsplit_once('/').map_or("/", |(dir, _)| dir);
     format!(
         "set -eu\nmkdir -p \"$1{dir}\"\n{remove}cat {redirect} \"$1{path}\" <<'{end}'\n{body}{end}\nchown {owner}:{owner} \"$1{path}\"\nchmod {mode} \"$1{path}\"\n",
-        path = file.path,
         end = HEREDOC_END,
-        body = file.body,
-        owner = file.owner,
-        mode = file.mode,
     )
 }
 
+/// Installs the agents from the npm registry at their exact versions, as
+/// root into npm's global prefix (`/usr/local`), then proves each command
+/// starts. It runs before the file hooks replace `/etc/resolv.conf`, while
+/// the chroot still resolves names with the build host's resolver. npm gets
+/// the build host's CA bundle for the download only (a registry mirror or a
+/// TLS-inspecting proxy is trusted by the host, not by Debian's bundle in
+/// the new root); it and npm's cache are removed, so none of it stays in the
+/// image.
+fn agents_install_hook(agents: &[AgentSetup]) -> String {
+    let specs: Vec<String> = agents.iter().map(AgentSetup::spec).collect();
+    let mut hook = format!(
+        "set -eu\n\
+ca=\n\
+if [ -r /etc/ssl/certs/ca-certificates.crt ]; then\n\
+  cp /etc/ssl/certs/ca-certificates.crt \"$1/var/tmp/keystone-npm-ca.crt\"\n\
+  ca=npm_config_cafile=/var/tmp/keystone-npm-ca.crt\n\
+fi\n\
+chroot \"$1\" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root npm_config_cache=/var/tmp/keystone-npm $ca \\\n\
+  npm install --global --no-fund --no-audit --no-update-notifier --loglevel=warn --fetch-timeout=120000 {}\n\
+rm -rf \"$1/var/tmp/keystone-npm\" \"$1/var/tmp/keystone-npm-ca.crt\" \"$1/root/.npm\"\n",
+        specs.join(" ")
+    );
+    for setup in agents {
+        hook.push_str(&format!(
+            "chroot \"$1\" env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/tmp /usr/local/bin/{} --version\n",
+            setup.agent.command()
+        ));
+    }
+    hook
+}
+
+/// The agent's configuration directories, created as root by the file
+/// hooks, handed to the agent.
+const HOOK_AGENT_DIRS: &str = r#"set -eu
+for d in .claude .gemini .codex; do
+  if [ -d "$1/home/agent/$d" ]; then chown -R 1000:1000 "$1/home/agent/$d"; chmod 0755 "$1/home/agent/$d"; fi
+done
+"#;
+
 /// The `--customize-hook` arguments, in the order mmdebstrap runs them.
-pub(crate) fn customize_hooks() -> Vec<String> {
+pub(crate) fn customize_hooks(agents: &[AgentSetup]) -> Vec<String> {
     let mut hooks = vec![HOOK_USERS.to_owned()];
-    // The users hook must run first (the agent's home), the sshd check after
-    // the drop-in exists, the workspace hook after the agent's files.
+    // The users hook must run first (the agent's home), the agents' install
+    // before /etc/resolv.conf is replaced, the sshd check after the drop-in
+    // exists, the workspace hook after the agent's files.
+    if !agents.is_empty() {
+        hooks.push(agents_install_hook(agents));
+    }
     hooks.extend(FILES.iter().map(file_hook));
+    for setup in agents {
+        for file in agents::files(setup) {
+            let owner = if file.path.starts_with("/home/agent/") {
+                AGENT_UID
+            } else {
+                0
+            };
+            hooks.push(write_hook(file.path, file.mode, owner, file.body, false));
+        }
+    }
+    if !agents.is_empty() {
+        hooks.push(HOOK_AGENT_DIRS.to_owned());
+    }
     hooks.push(HOOK_SSH_CHECK.to_owned());
     hooks.push(HOOK_WORKSPACE.to_owned());
     hooks.push(HOOK_CLEANUP.to_owned());
@@ -237,9 +302,31 @@ mod tests {
     use super::*;
     use std::process::Command;
 
+    fn all_agents() -> Vec<AgentSetup> {
+        agents::Agent::ALL
+            .iter()
+            .map(|a| AgentSetup::pinned(*a, true))
+            .collect()
+    }
+
+    #[test]
+    fn agent_hooks_install_pins_and_write_settings() {
+        let hooks = customize_hooks(&all_agents()).join("\n");
+        assert!(hooks.contains("@anthropic-ai/claude-code@2.1.332"));
+        assert!(hooks.contains("@google/gemini-cli@0.61.0"));
+        assert!(hooks.contains("@openai/codex@0.171.0"));
+        assert!(hooks.contains("\"$1/home/agent/.claude/settings.json\""));
+        assert!(hooks.contains("chmod 0755 \"$1/usr/local/bin/gemini\""));
+        assert!(hooks.contains("chown 0:0 \"$1/usr/local/bin/gemini\""));
+        assert!(hooks.contains("chmod 0600 \"$1/home/agent/.claude.json\""));
+        let none = customize_hooks(&[]).join("\n");
+        assert!(!none.contains("npm install"));
+        assert!(!none.contains(".claude"));
+    }
+
     #[test]
     fn every_hook_is_valid_sh() {
-        for hook in customize_hooks() {
+        for hook in customize_hooks(&all_agents()) {
             let out = Command::new("sh")
                 .args(["-n", "-c", &hook])
                 .output()
@@ -294,7 +381,7 @@ mod tests {
 
     #[test]
     fn passwords_are_star_not_bang() {
-        let hooks = customize_hooks().join("\n");
+        let hooks = customize_hooks(&[]).join("\n");
         assert!(hooks.contains("usermod --password '*' root"));
         assert!(hooks.contains("usermod --password '*' agent"));
         assert!(!hooks.contains("'!'"));

@@ -23,6 +23,7 @@
 //! group, SIGTERM (which it handles by unmounting and cleaning up) when we
 //! go away.
 
+pub mod agents;
 mod error;
 pub mod guest;
 mod mmdebstrap;
@@ -30,6 +31,7 @@ mod progress;
 mod recipe;
 mod store;
 
+pub use agents::{Agent, AgentSetup};
 pub use error::ImageError;
 pub use progress::{NoProgress, Progress};
 pub use recipe::{Profile, Recipe, DEFAULT_MIRROR, DEFAULT_SUITE, FORMAT_VERSION};

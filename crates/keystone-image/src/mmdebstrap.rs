@@ -141,7 +141,7 @@ pub(crate) fn command_args(recipe: &Recipe, mode: Mode, rootfs_tar: &Path) -> Ve
     for option in guest::DPKG_OPTIONS {
         args.push(format!("--dpkgopt={option}").into());
     }
-    for hook in guest::customize_hooks() {
+    for hook in guest::customize_hooks(&recipe.sorted_agents()) {
         args.push(format!("--customize-hook={hook}").into());
     }
     args.push("--".into());
@@ -408,7 +408,7 @@ mod tests {
             .iter()
             .filter(|a| a.starts_with("--customize-hook="))
             .count();
-        assert_eq!(hooks, guest::customize_hooks().len());
+        assert_eq!(hooks, guest::customize_hooks(&[]).len());
         assert!(args.contains(&"--dpkgopt=path-exclude=/usr/share/doc/*".to_owned()));
         let n = args.len();
         assert_eq!(

@@ -1,5 +1,6 @@
 //! The recipe of a guest image and the content hash that names it.
 
+use crate::agents::{self, AgentSetup};
 use crate::guest;
 use crate::ImageError;
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,10 @@ pub struct Recipe {
     pub mirror: String,
     /// Added to the profile's packages (order and duplicates do not matter).
     pub extra_packages: Vec<String>,
+    /// The coding agents, installed from npm at exact versions (full
+    /// profile only: they need Node.js). Order does not matter.
+    #[serde(default)]
+    pub agents: Vec<AgentSetup>,
 }
 
 impl Recipe {
@@ -99,7 +104,17 @@ impl Recipe {
             suite: DEFAULT_SUITE.to_owned(),
             mirror: DEFAULT_MIRROR.to_owned(),
             extra_packages: Vec::new(),
+            agents: Vec::new(),
         }
+    }
+
+    /// The agents in a fixed order (one per kind), so the hash and the
+    /// hooks do not depend on how the caller listed them.
+    pub fn sorted_agents(&self) -> Vec<AgentSetup> {
+        let mut agents = self.agents.clone();
+        agents.sort_by_key(|a| a.agent);
+        agents.dedup_by_key(|a| a.agent);
+        agents
     }
 
     /// The full `--include` list, sorted and without duplicates.
@@ -123,7 +138,10 @@ impl Recipe {
     /// profile, suite, mirror, variant, package list, dpkg options and the
     /// exact text of every hook (which embeds every file the builder writes).
     pub fn hash(&self) -> String {
-        self.hash_with(FORMAT_VERSION, &guest::customize_hooks())
+        self.hash_with(
+            FORMAT_VERSION,
+            &guest::customize_hooks(&self.sorted_agents()),
+        )
     }
 
     /// `<profile>-<first 12 hex digits of the hash>`.
@@ -150,6 +168,13 @@ impl Recipe {
         }
         for option in guest::DPKG_OPTIONS {
             field("dpkgopt", option.as_bytes());
+        }
+        // The hooks embed the same facts; naming them here keeps the hash
+        // honest even if a hook stopped mentioning one.
+        for setup in self.sorted_agents() {
+            field("agent", setup.agent.name().as_bytes());
+            field("agent_package", setup.spec().as_bytes());
+            field("agent_auto_accept", &[u8::from(setup.auto_accept)]);
         }
         for hook in hooks {
             field("customize_hook", hook.as_bytes());
@@ -195,6 +220,26 @@ impl Recipe {
             if !ok {
                 return invalid(format!(
                     "{package:?} is not a Debian package name; give one package per entry"
+                ));
+            }
+        }
+        if !self.agents.is_empty() && self.profile != Profile::Full {
+            return invalid(format!(
+                "agents ({}) need the full profile, which has Node.js",
+                self.sorted_agents()
+                    .iter()
+                    .map(|a| a.agent.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        for setup in &self.agents {
+            if !agents::is_exact_version(&setup.version) {
+                return invalid(format!(
+                    "{} version {:?} is not an exact version like \"{}\"",
+                    setup.agent,
+                    setup.version,
+                    setup.agent.pinned_version()
                 ));
             }
         }
@@ -273,7 +318,7 @@ mod tests {
     #[test]
     fn hook_text_changes_hash() {
         let r = minimal();
-        let hooks = guest::customize_hooks();
+        let hooks = guest::customize_hooks(&[]);
         assert_eq!(r.hash(), r.hash_with(FORMAT_VERSION, &hooks));
         for i in 0..hooks.len() {
             let mut edited = hooks.clone();
@@ -285,10 +330,49 @@ mod tests {
         assert_ne!(r.hash(), r.hash_with(FORMAT_VERSION, &reordered));
     }
 
+    fn full_with(agents: &[(agents::Agent, &str, bool)]) -> Recipe {
+        let mut r = Recipe::new(Profile::Full);
+        r.agents = agents
+            .iter()
+            .map(|(a, v, auto)| AgentSetup {
+                agent: *a,
+                version: (*v).to_owned(),
+                auto_accept: *auto,
+            })
+            .collect();
+        r
+    }
+
+    #[test]
+    fn agent_set_version_and_settings_change_hash() {
+        use agents::Agent::{Claude, Codex};
+        let base = full_with(&[(Claude, "2.1.332", true)]);
+        assert_ne!(base.hash(), Recipe::new(Profile::Full).hash());
+        assert_ne!(base.hash(), full_with(&[(Claude, "2.1.333", true)]).hash());
+        assert_ne!(base.hash(), full_with(&[(Claude, "2.1.332", false)]).hash());
+        let two = full_with(&[(Claude, "2.1.332", true), (Codex, "0.171.0", true)]);
+        assert_ne!(base.hash(), two.hash());
+        let swapped = full_with(&[(Codex, "0.171.0", true), (Claude, "2.1.332", true)]);
+        assert_eq!(two.hash(), swapped.hash(), "order does not matter");
+    }
+
+    #[test]
+    fn agents_need_full_profile_and_exact_versions() {
+        use agents::Agent::Claude;
+        assert!(full_with(&[(Claude, "2.1.332", true)]).validate().is_ok());
+        let mut r = full_with(&[(Claude, "2.1.332", true)]);
+        r.profile = Profile::Minimal;
+        assert!(r.validate().is_err());
+        assert!(full_with(&[(Claude, "latest", true)]).validate().is_err());
+        assert!(full_with(&[(Claude, "1.0.0; rm -rf /", true)])
+            .validate()
+            .is_err());
+    }
+
     #[test]
     fn format_version_changes_hash() {
         let r = minimal();
-        let hooks = guest::customize_hooks();
+        let hooks = guest::customize_hooks(&[]);
         assert_ne!(r.hash(), r.hash_with(FORMAT_VERSION + 1, &hooks));
     }
 
@@ -308,7 +392,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-c61589dd0852");
+        assert_eq!(minimal().id(), "minimal-1d4117dad4cb");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::{ImageError, NoProgress, Profile, Progress, Recipe};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 const MANIFEST: &str = "image.json";
 const ROOTFS: &str = "rootfs.tar";
+/// The agent versions recorded by `image build --update`.
+const AGENT_VERSIONS: &str = "agent-versions.json";
 /// Prefix of directories that are not (yet, or any more) images.
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -30,6 +33,9 @@ pub struct Image {
     pub hash: String,
     pub suite: String,
     pub packages: Vec<String>,
+    /// The agents installed, at their exact versions.
+    #[serde(default)]
+    pub agents: Vec<crate::AgentSetup>,
     /// Unix seconds.
     pub created_at: u64,
     /// Size of `rootfs.tar`.
@@ -99,6 +105,39 @@ impl ImageStore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The agent versions `image build --update` resolved, which replace
+    /// the recipe's pins until the next update. Empty when there are none
+    /// or the file is unreadable (the pins then apply, and a warning says
+    /// why).
+    pub fn agent_versions(&self) -> BTreeMap<crate::Agent, String> {
+        let path = self.root.join(AGENT_VERSIONS);
+        match fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring corrupt agent versions");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    /// Records the versions `image build --update` resolved (atomically).
+    pub fn save_agent_versions(
+        &self,
+        versions: &BTreeMap<crate::Agent, String>,
+    ) -> Result<(), ImageError> {
+        fs::create_dir_all(&self.root)
+            .map_err(|e| ImageError::io("create the image store", &self.root, e))?;
+        let path = self.root.join(AGENT_VERSIONS);
+        let tmp = self.root.join(format!("{TMP_PREFIX}{AGENT_VERSIONS}"));
+        let json = serde_json::to_vec_pretty(versions).map_err(|source| ImageError::Manifest {
+            path: path.clone(),
+            source,
+        })?;
+        write_synced(&tmp, &json)?;
+        fs::rename(&tmp, &path).map_err(|e| ImageError::io("replace", &path, e))?;
+        Ok(())
     }
 
     /// The cached, complete image for `recipe`, if there is one.
@@ -276,6 +315,7 @@ impl ImageStore {
             hash,
             suite: recipe.suite.clone(),
             packages: recipe.packages(),
+            agents: recipe.sorted_agents(),
             created_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),

@@ -280,7 +280,8 @@ pub enum Image {
     Build {
         #[arg(long, value_enum)]
         profile: Option<ProfileArg>,
-        /// Rebuild even if a cached image matches.
+        /// Rebuild even if a cached image matches, with the agents' latest
+        /// npm versions (recorded, so later starts use them offline).
         #[arg(long)]
         update: bool,
     },
@@ -307,5 +308,8 @@ pub enum Proxy {
 
 #[derive(Args, Debug)]
 pub struct TokensArgs {
+    /// The project whose env files count (default: current directory).
     pub project_path: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod context;
+mod credentials;
 mod error;
 mod ui;
 
@@ -52,7 +53,7 @@ fn dispatch(cmd: Agent) -> error::Result<i32> {
         Agent::Image(i) => image::run(i),
         Agent::Doctor(a) => doctor::run(a),
         Agent::Proxy(p) => later::proxy(p),
-        Agent::Tokens(a) => later::tokens(a),
+        Agent::Tokens(a) => commands::tokens::run(a),
     }
 }
 

@@ -290,3 +290,63 @@ fn list_of_an_empty_registry_is_empty_json() {
     let out = env.ks_in(env.tmp.path(), &["agent", "list", "--state", "bogus"], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+#[test]
+fn tokens_name_sources_never_values() {
+    let env = Env::new();
+    let project = env.tmp.path().join("proj");
+    std::fs::create_dir_all(&project).expect("mkdir");
+    let git = |args: &[&str]| {
+        let ok = Command::new("git")
+            .args(args)
+            .current_dir(&project)
+            .output()
+            .expect("git")
+            .status
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "-q"]);
+    std::fs::write(
+        project.join(".env"),
+        "OPENAI_API_KEY=file-secret-1\nGEMINI_API_KEY=file-secret-2\nUNLISTED=file-secret-3\n",
+    )
+    .expect("write");
+    std::fs::write(project.join(".env.local"), "GEMINI_API_KEY=file-secret-4\n").expect("write");
+    let out = env.ks_in(
+        &project,
+        &["agent", "tokens"],
+        // Empty counts as unset, so the caller's own keys cannot interfere.
+        &[
+            ("ANTHROPIC_API_KEY", "host-secret"),
+            ("UNLISTED_HOST", "host-secret-2"),
+            ("OPENAI_API_KEY", ""),
+            ("GEMINI_API_KEY", ""),
+            ("CLAUDE_CODE_OAUTH_TOKEN", ""),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    for (var, source) in [
+        ("ANTHROPIC_API_KEY", "host environment"),
+        ("OPENAI_API_KEY", ".env"),
+        ("GEMINI_API_KEY", ".env.local"),
+        ("CLAUDE_CODE_OAUTH_TOKEN", "not set"),
+    ] {
+        assert!(
+            t.lines()
+                .any(|l| l.starts_with(var) && l.trim_end().ends_with(source)),
+            "{var} from {source}:\n{t}"
+        );
+    }
+    assert!(!t.contains("secret") && !t.contains("UNLISTED"), "{t}");
+    let out = env.ks_in(
+        &project,
+        &["agent", "tokens", "--json"],
+        &[("ANTHROPIC_API_KEY", "host-secret")],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v[0]["name"], "ANTHROPIC_API_KEY");
+    assert_eq!(v[0]["available"], true);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("secret"));
+}

@@ -24,7 +24,10 @@ pub fn run(cmd: Image) -> Result<i32> {
                 .ok()
                 .and_then(|d| keystone_sync::toplevel(&d).ok());
             let eff = load_config(project.as_deref(), flags)?;
-            let recipe = crate::commands::start::recipe_for(&eff.config);
+            if update {
+                update_agent_versions(&store, &eff.config)?;
+            }
+            let recipe = crate::commands::start::recipe_for(&eff.config, &store);
             if !update {
                 if let Some(img) = store.find(&recipe)? {
                     println!(
@@ -97,4 +100,90 @@ pub fn run(cmd: Image) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `--update`: ask the npm registry for each enabled agent's latest version
+/// and record it, so this build and every later `start` use it (a cached
+/// start never asks the network). Without `--update` the recipe's pins, or
+/// the versions the last update recorded, apply.
+fn update_agent_versions(
+    store: &keystone_image::ImageStore,
+    cfg: &keystone_config::Config,
+) -> Result<()> {
+    let mut versions = store.agent_versions();
+    for kind in cfg.guest.agents.enabled() {
+        let Some(agent) = keystone_image::Agent::from_name(&kind.to_string()) else {
+            continue;
+        };
+        let latest = npm_latest(agent.package())?;
+        let before = versions
+            .get(&agent)
+            .cloned()
+            .unwrap_or_else(|| agent.pinned_version().to_string());
+        if latest != before {
+            println!("{agent}: {before} -> {latest}");
+        } else {
+            println!("{agent}: {latest} (up to date)");
+        }
+        versions.insert(agent, latest);
+    }
+    store.save_agent_versions(&versions)?;
+    Ok(())
+}
+
+/// The `latest` dist-tag of an npm package, from the registry's metadata
+/// endpoint, with the system curl (cleared environment but for proxies).
+fn npm_latest(package: &str) -> Result<String> {
+    let registry = std::env::var("npm_config_registry")
+        .ok()
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "https://registry.npmjs.org".to_string());
+    let url = format!(
+        "{}/{}/latest",
+        registry.trim_end_matches('/'),
+        package.replace('/', "%2f")
+    );
+    let curl = keystone_channel::which("curl").ok_or_else(|| {
+        CliError::new(
+            crate::error::Exit::Requirements,
+            "`curl` is not installed (needed by --update): apt-get install curl",
+        )
+    })?;
+    let mut cmd = std::process::Command::new(curl);
+    cmd.env_clear();
+    for k in [
+        "PATH",
+        "HOME",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "no_proxy",
+        "NO_PROXY",
+    ] {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
+    }
+    let out = cmd
+        .args(["-fsSL", "--max-time", "30", &url])
+        .output()
+        .map_err(|e| CliError::failed(format!("cannot run curl: {e}")))?;
+    if !out.status.success() {
+        return Err(CliError::failed(format!(
+            "cannot ask the npm registry for {package}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        CliError::failed(format!(
+            "the npm registry answered {url} with something that is not JSON: {e}"
+        ))
+    })?;
+    meta.get("version")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            CliError::failed(format!(
+                "the npm registry's answer for {package} has no version"
+            ))
+        })
 }

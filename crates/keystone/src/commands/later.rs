@@ -1,7 +1,7 @@
 //! Commands whose parts are built by later work. Each answers with exit
 //! code 3 and one line naming what is missing, so scripts can tell.
 
-use crate::cli::{Proxy, TokensArgs, Worktree};
+use crate::cli::{Proxy, Worktree};
 use crate::error::{CliError, Result};
 
 pub fn worktree(cmd: Worktree) -> Result<i32> {
@@ -17,8 +17,4 @@ pub fn proxy(cmd: Proxy) -> Result<i32> {
     match cmd {
         Proxy::Status => Err(CliError::missing("the dev-server proxy (proxy status)")),
     }
-}
-
-pub fn tokens(_args: TokensArgs) -> Result<i32> {
-    Err(CliError::missing("credential forwarding (tokens)"))
 }

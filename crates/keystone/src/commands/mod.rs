@@ -13,3 +13,4 @@ pub mod status;
 pub mod stop;
 pub mod supervise;
 pub mod sync;
+pub mod tokens;

@@ -1,7 +1,8 @@
 //! `keystone agent start`: create or restart the sandbox of a project.
 
-use crate::cli::{BackendArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
+use crate::cli::{AgentArg, BackendArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
 use crate::context::{backend_for, load_config, Ctx};
+use crate::credentials;
 use crate::error::{CliError, Exit, Result};
 use crate::{commands, ui};
 use keystone_config::Flag;
@@ -83,12 +84,6 @@ pub fn run(args: StartArgs) -> Result<i32> {
     let cfg = &effective.config;
     let backend_kind = cfg.backend.kind.to_string();
     let backend = backend_for(&backend_kind)?;
-    if let Some(agent) = args.agent {
-        return Err(CliError::missing(format!(
-            "starting an agent in the session (--agent {}); start without --agent and run it in the session",
-            format!("{agent:?}").to_lowercase()
-        )));
-    }
     if cfg.defaults.sync_mode.to_string() != "manual" {
         return Err(CliError::missing(format!(
             "automatic sync (--sync-mode {}); use manual and `keystone agent sync`",
@@ -119,7 +114,26 @@ pub fn run(args: StartArgs) -> Result<i32> {
     }
 
     ctx.reconcile()?;
-    let recipe = recipe_for(cfg);
+    let recipe = recipe_for(cfg, &ctx.image_store());
+    let agent = args.agent.map(|a| match a {
+        AgentArg::Claude => keystone_image::Agent::Claude,
+        AgentArg::Gemini => keystone_image::Agent::Gemini,
+        AgentArg::Codex => keystone_image::Agent::Codex,
+    });
+    if let Some(agent) = agent {
+        if !recipe.agents.iter().any(|a| a.agent == agent) {
+            let why = if recipe.profile == keystone_image::Profile::Minimal {
+                "the minimal profile has no agents; use --profile full".to_string()
+            } else {
+                format!(
+                    "enable it with `[guest.agents.{agent}] enable = true` in the configuration"
+                )
+            };
+            return Err(CliError::state(format!(
+                "{agent} is not in this sandbox's image: {why}"
+            )));
+        }
+    }
     let mut settings = Settings {
         memory_mb: cfg.defaults.memory,
         vcpus: cfg.defaults.vcpus,
@@ -217,6 +231,24 @@ pub fn run(args: StartArgs) -> Result<i32> {
         }
     };
 
+    // The credentials, then the agent: it must start with them.
+    let channel = ctx.channel(&sandbox)?;
+    let creds = credentials::resolve(
+        &cfg.guest.forward_env,
+        Some(&project),
+        &cfg.defaults.env_files,
+        &|k| std::env::var(k).ok(),
+    )?;
+    credentials::write_to_guest(&channel, &creds)?;
+    let forwarded: Vec<&str> = creds
+        .iter()
+        .filter(|c| c.is_available())
+        .map(|c| c.name.as_str())
+        .collect();
+    if let Some(agent) = agent {
+        start_agent(&channel, &sandbox, agent)?;
+    }
+
     let notes = sandbox
         .runtime
         .get("notes")
@@ -232,6 +264,20 @@ pub fn run(args: StartArgs) -> Result<i32> {
         sandbox.settings.network,
         sandbox.settings.sync_mode,
     );
+    println!(
+        "  credentials: {}",
+        if forwarded.is_empty() {
+            "none forwarded (see `keystone agent tokens`)".to_string()
+        } else {
+            forwarded.join(", ")
+        }
+    );
+    if let Some(agent) = agent {
+        println!(
+            "  agent:     {agent} in session {}",
+            commands::attach::session_name(&sandbox, "main")
+        );
+    }
     for n in notes.iter().filter_map(|n| n.as_str()) {
         println!("  {n}");
     }
@@ -248,16 +294,74 @@ pub fn run(args: StartArgs) -> Result<i32> {
     commands::attach::attach_session(&ctx, &sandbox, "main")
 }
 
-pub fn recipe_for(cfg: &keystone_config::Config) -> keystone_image::Recipe {
+/// The image recipe for a configuration: the enabled agents at the
+/// versions `image build --update` recorded, else the recipe's pins. The
+/// minimal profile never carries agents (it has no Node.js).
+/// Starts `agent` in `/workspace` in the main session (a new window when
+/// the session already runs), so that attaching lands in it. When the agent
+/// exits, the window keeps a shell.
+fn start_agent(
+    channel: &keystone_channel::Channel,
+    sandbox: &Sandbox,
+    agent: keystone_image::Agent,
+) -> Result<()> {
+    let session = commands::attach::session_name(sandbox, "main");
+    let command = format!("{}; exec bash", agent.command());
+    let script = format!(
+        "s={s}; c={c}; if tmux has-session -t \"=$s\" 2>/dev/null; then tmux new-window -t \"=$s:\" -c /workspace \"$c\"; \
+else tmux new-session -d -s \"$s\" -x 160 -y 48 -c /workspace \"$c\"; fi",
+        s = shell_words::quote(&session),
+        c = shell_words::quote(&command),
+    );
+    channel
+        .run_ok(
+            &script,
+            &keystone_channel::ExecOptions {
+                user: Some("agent".into()),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| CliError::failed(format!("cannot start {agent} in session {session}: {e}")))?;
+    Ok(())
+}
+
+pub fn recipe_for(
+    cfg: &keystone_config::Config,
+    store: &keystone_image::ImageStore,
+) -> keystone_image::Recipe {
     let profile = match cfg.guest.profile.to_string().as_str() {
         "minimal" => keystone_image::Profile::Minimal,
         _ => keystone_image::Profile::Full,
+    };
+    let agents = if profile == keystone_image::Profile::Full {
+        let recorded = store.agent_versions();
+        cfg.guest
+            .agents
+            .enabled()
+            .into_iter()
+            .filter_map(|kind| {
+                let agent = keystone_image::Agent::from_name(&kind.to_string())?;
+                let auto_accept = cfg.guest.agents.get(kind).auto_accept;
+                let version = recorded
+                    .get(&agent)
+                    .cloned()
+                    .unwrap_or_else(|| agent.pinned_version().to_string());
+                Some(keystone_image::AgentSetup {
+                    agent,
+                    version,
+                    auto_accept,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
     };
     keystone_image::Recipe {
         profile,
         suite: cfg.guest.suite.clone(),
         mirror: cfg.guest.mirror.clone(),
         extra_packages: cfg.guest.packages.clone(),
+        agents,
     }
 }
 

@@ -2,6 +2,7 @@
 //! a shared cache), a real backend, real sshd and git. Run them one at a
 //! time (`--test-threads=1`): backends compete for the machine's cores.
 
+mod agents;
 mod harness;
 mod scenarios;
 
@@ -87,5 +88,14 @@ mod rootless {
     #[test]
     fn isolation_rootless() {
         scenarios::isolation(Host::with_user("container", "iso-rootless", Some(user())));
+    }
+}
+
+/// The agents on the full image (npm registry and Debian archive at the
+/// first build; cached after).
+mod full {
+    #[test]
+    fn agents_work_without_prompts() {
+        crate::agents::agents_work_without_prompts();
     }
 }

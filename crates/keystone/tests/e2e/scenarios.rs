@@ -202,8 +202,17 @@ pub fn lifecycle(h: Host) {
 
 /// Nothing of the host reaches the sandbox: files, environment, loopback.
 pub fn isolation(h: Host) {
+    // The developer forwards nothing here (`guest.forward_env = []`, the
+    // harness's config ends in its [guest] table), so not even a variable
+    // of the default forward list may arrive; one never on any list neither.
+    let config = h.tmp.path().join("config/keystone/agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    assert!(text.trim_end().ends_with("profile = \"minimal\""), "{text}");
+    text.push_str("forward_env = []\n");
+    h.write(&config, &text);
     let secret_env = [
         ("ANTHROPIC_API_KEY", "sk-host-secret-canary"),
+        ("AWS_SECRET_ACCESS_KEY", "aws-host-secret-canary"),
         ("SSH_AUTH_SOCK", "/tmp/host-agent.sock"),
     ];
     // The host service exists before the sandbox starts, and the probe
@@ -229,7 +238,7 @@ pub fn isolation(h: Host) {
     let tmp = h.tmp.path().display().to_string();
     let script = format!(
         r#"
-        echo "env:$(env | grep -cE 'ANTHROPIC_API_KEY|SSH_AUTH_SOCK|sk-host-secret')"
+        echo "env:$(env | grep -cE 'ANTHROPIC_API_KEY|AWS_SECRET|SSH_AUTH_SOCK|host-secret')"
         echo "path:$(test -e {tmp} && echo visible || echo absent)"
         echo "canary:$(grep -rlsE 'host-private-key-canary|host-credentials-canary' /home /root /etc /tmp /workspace /opt /srv /mnt 2>/dev/null | wc -l)"
         sleep 2.5
