@@ -171,6 +171,79 @@ impl Git {
             .collect())
     }
 
+    /// Commits in `to` but not in `from`.
+    pub fn count_range(&self, from: &str, to: &str) -> Result<u64, GitError> {
+        Ok(self
+            .ok(&["rev-list", "--count", &format!("{from}..{to}")])?
+            .parse()
+            .unwrap_or(0))
+    }
+
+    pub fn merge_base_with_head(&self, rev: &str) -> Result<Option<String>, GitError> {
+        let out = self.output(&["merge-base", "HEAD", rev])?;
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+
+    /// The tree of a clean merge of `a` and `b`, or None on conflicts
+    /// (`git merge-tree --write-tree`, which touches neither index nor
+    /// working tree).
+    pub fn merge_tree(&self, a: &str, b: &str) -> Result<Option<String>, GitError> {
+        let out = self.output(&["merge-tree", "--write-tree", "--no-messages", a, b])?;
+        match out.status.code() {
+            Some(0) => Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())),
+            Some(1) => Ok(None),
+            _ => Err(GitError::Failed {
+                args: "merge-tree --write-tree".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            }),
+        }
+    }
+
+    /// A commit of `tree` with `parents`, by the host's identity.
+    pub fn commit_tree(
+        &self,
+        tree: &str,
+        parents: &[&str],
+        message: &str,
+    ) -> Result<String, GitError> {
+        let (name, email) = self.identity();
+        let name = name.unwrap_or_else(|| "keystone".into());
+        let email = email.unwrap_or_else(|| "keystone@localhost".into());
+        let mut args = vec![
+            "-c".to_string(),
+            format!("user.name={name}"),
+            "-c".into(),
+            format!("user.email={email}"),
+        ];
+        args.extend([
+            "commit-tree".into(),
+            tree.into(),
+            "-m".into(),
+            message.into(),
+        ]);
+        for p in parents {
+            args.push("-p".into());
+            args.push((*p).into());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ok(&refs)
+    }
+
+    pub fn switch(&self, branch: &str) -> Result<(), GitError> {
+        self.ok(&["checkout", "-q", branch, "--"]).map(|_| ())
+    }
+
+    pub fn switch_new(&self, branch: &str, at: &str) -> Result<(), GitError> {
+        self.ok(&["checkout", "-q", "-b", branch, at, "--"])
+            .map(|_| ())
+    }
+
     pub fn count_not_on_branches(&self, sha: &str) -> Result<u64, GitError> {
         Ok(self
             .ok(&["rev-list", "--count", sha, "--not", "--branches"])?
@@ -211,7 +284,7 @@ impl Git {
             files_changed: files,
             insertions: ins,
             deletions: del,
-            dry_run: false,
+            ..crate::Report::default()
         })
     }
 

@@ -14,6 +14,7 @@ pub use git::{Git, GitError};
 use keystone_channel::{Channel, ExecOptions};
 use serde::Serialize;
 use std::collections::BTreeMap;
+
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,12 +38,22 @@ pub enum SyncError {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub branch: String,
+    /// The host branch's commit before and after.
     pub from: Option<String>,
     pub to: String,
+    /// Commits that came from the sandbox to the host, and their diff.
     pub commits: u64,
     pub files_changed: u64,
     pub insertions: u64,
     pub deletions: u64,
+    /// Commits that went from the host into the sandbox.
+    pub pushed_commits: u64,
+    /// The host branch we switched away from, when we had to.
+    pub switched_from: Option<String>,
+    /// Whether the branch was created on the host.
+    pub created_branch: bool,
+    /// The merge commit made when both sides had new commits.
+    pub merge_commit: Option<String>,
     pub dry_run: bool,
 }
 
@@ -153,9 +164,17 @@ pub fn fetch(
     Ok((refs, current))
 }
 
-/// Bring the sandbox's `branch` to the host (first version: fast-forward
-/// only, host clean and on that branch). The host is untouched on error.
-pub fn sync_back(
+/// Sync one branch both ways (SPEC.md "Sync"): the sandbox's new commits
+/// come to the host, the host's new commits go into the sandbox, and when
+/// both have new commits a merge is made on the host if it is clean.
+///
+/// Branch rules: if the host is on another branch, a dirty host tree is
+/// refused; a clean one is switched to the sandbox's branch (created if
+/// needed). Unreconcilable histories end in [`SyncError::Conflict`] with
+/// the host's branch, index and working tree as they were, and the
+/// sandbox's commits kept under `refs/keystone/<sandbox>/heads/<branch>`.
+/// With `dry_run`, the report says what would move and nothing changes.
+pub fn sync(
     git: &Git,
     channel: &Channel,
     sandbox: &str,
@@ -177,39 +196,153 @@ pub fn sync_back(
             refs.keys().cloned().collect::<Vec<_>>().join(", ")
         )));
     };
+    let kept = format!("{}{branch}", private_prefix(sandbox));
     let host_branch = git.current_branch()?;
-    if host_branch.as_deref() != Some(branch.as_str()) {
+    let on_branch = host_branch.as_deref() == Some(branch.as_str());
+    if !on_branch && git.is_dirty()? {
         return Err(SyncError::Refused(format!(
-            "the host is on {}, the sandbox's work is on {branch}; run `git switch {branch}` on the host, then sync again",
+            "the host is on {} with uncommitted changes, and the sandbox's work is on {branch}; \
+             commit or stash them on the host, then sync again (the sandbox's commits are at {kept})",
             host_branch.as_deref().unwrap_or("a detached HEAD")
         )));
     }
     let ours = git.rev_parse(&format!("refs/heads/{branch}"))?;
-    if let Some(o) = &ours {
-        if o == &theirs || git.is_ancestor(&theirs, o)? {
-            return Err(SyncError::NoChanges { branch });
+
+    // Decide what moves where.
+    enum Plan {
+        ToHost,
+        ToSandbox,
+        Merge(String),
+        NewBranch,
+    }
+    let plan = match &ours {
+        None => Plan::NewBranch,
+        Some(o) if o == &theirs => return Err(SyncError::NoChanges { branch }),
+        Some(o) if git.is_ancestor(&theirs, o)? => Plan::ToSandbox,
+        Some(o) if git.is_ancestor(o, &theirs)? => Plan::ToHost,
+        Some(o) => match git.merge_tree(o, &theirs)? {
+            Some(tree) => Plan::Merge(tree),
+            None => {
+                return Err(SyncError::Conflict(format!(
+                    "the host's {branch} and the sandbox's have diverged and do not merge cleanly; \
+                     the host is unchanged and the sandbox's commits are kept at {kept}: \
+                     merge or rebase them on the host (`git merge {kept}`), then sync again"
+                )))
+            }
+        },
+    };
+
+    let mut report = Report {
+        branch: branch.clone(),
+        from: ours.clone(),
+        to: ours.clone().unwrap_or_else(|| theirs.clone()),
+        switched_from: if on_branch { None } else { host_branch.clone() },
+        created_branch: ours.is_none(),
+        dry_run,
+        ..Report::default()
+    };
+    let fill_incoming =
+        |report: &mut Report, base: Option<&str>, to: &str| -> Result<(), SyncError> {
+            let d = git.diff_report(base, to)?;
+            report.commits = d.commits;
+            report.files_changed = d.files_changed;
+            report.insertions = d.insertions;
+            report.deletions = d.deletions;
+            Ok(())
+        };
+    match &plan {
+        Plan::NewBranch => {
+            let base = git.merge_base_with_head(&theirs)?;
+            fill_incoming(&mut report, base.as_deref(), &theirs)?;
+            report.commits = git.count_not_on_branches(&theirs)?;
+            report.to = theirs.clone();
         }
-        if !git.is_ancestor(o, &theirs)? {
-            return Err(SyncError::Conflict(format!(
-                "the host's {branch} and the sandbox's have diverged; the sandbox's commits are kept at {}{branch}; \
-                 merge or rebase them on the host (e.g. `git merge {}{branch}`)",
-                private_prefix(sandbox),
-                private_prefix(sandbox)
-            )));
+        Plan::ToHost => {
+            fill_incoming(&mut report, ours.as_deref(), &theirs)?;
+            report.to = theirs.clone();
+        }
+        Plan::ToSandbox => {
+            report.pushed_commits =
+                git.count_range(&theirs, ours.as_deref().unwrap_or_default())?;
+        }
+        Plan::Merge(_) => {
+            fill_incoming(&mut report, ours.as_deref(), &theirs)?;
+            report.pushed_commits =
+                git.count_range(&theirs, ours.as_deref().unwrap_or_default())?;
         }
     }
-    if git.is_dirty()? {
-        return Err(SyncError::Refused(format!(
-            "the host's working tree has uncommitted changes; commit or stash them, then sync again \
-             (the sandbox's commits are at {}{branch})",
-            private_prefix(sandbox)
-        )));
+    if dry_run {
+        return Ok(report);
     }
-    let mut report = git.diff_report(ours.as_deref(), &theirs)?;
-    report.branch = branch.clone();
-    report.dry_run = dry_run;
-    if !dry_run {
-        git.fast_forward(&branch, ours.as_deref(), &theirs)?;
+
+    // Move the host to the branch (it is clean when we must switch).
+    if !on_branch {
+        match &ours {
+            Some(_) => git.switch(&branch)?,
+            None => git.switch_new(&branch, &theirs)?,
+        }
+    }
+    let undo_switch = |e: SyncError| -> SyncError {
+        if let (false, Some(orig)) = (on_branch, &host_branch) {
+            let _ = git.switch(orig);
+            if ours.is_none() {
+                let _ = git.delete_ref(&format!("refs/heads/{branch}"));
+            }
+        }
+        e
+    };
+    let url = channel.git_url("/workspace");
+    let push_to_sandbox = |commit: &str, expect: &str| -> Result<(), SyncError> {
+        // Only a fast-forward of what we fetched: if the agent committed
+        // meanwhile, the lease fails and nothing is overwritten.
+        git.remote_op(
+            channel,
+            &[
+                "push",
+                "--quiet",
+                "--no-verify",
+                &format!("--force-with-lease=refs/heads/{branch}:{expect}"),
+                &url,
+                &format!("{commit}:refs/heads/{branch}"),
+            ],
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            SyncError::Refused(format!(
+                "could not update the sandbox's {branch} (uncommitted changes there, or new commits meanwhile?): {e}"
+            ))
+        })
+    };
+    match plan {
+        Plan::NewBranch => {}
+        Plan::ToHost => {
+            let o = ours.as_deref().unwrap_or_default();
+            git.fast_forward(&branch, Some(o), &theirs)
+                .map_err(|e| undo_switch(e.into()))?;
+        }
+        Plan::ToSandbox => {
+            push_to_sandbox(ours.as_deref().unwrap_or_default(), &theirs).map_err(undo_switch)?;
+            report.to = ours.clone().unwrap_or_default();
+        }
+        Plan::Merge(tree) => {
+            let o = ours.clone().unwrap_or_default();
+            let merge = git
+                .commit_tree(
+                    &tree,
+                    &[&o, &theirs],
+                    &format!("Merge {branch} from sandbox {sandbox}"),
+                )
+                .map_err(|e| undo_switch(e.into()))?;
+            git.fast_forward(&branch, Some(&o), &merge).map_err(|e| {
+                undo_switch(SyncError::Conflict(format!(
+                    "the merge of the sandbox's {branch} would overwrite uncommitted changes on the host; \
+                     the host is unchanged; commit or stash them and sync again ({e})"
+                )))
+            })?;
+            push_to_sandbox(&merge, &theirs)?;
+            report.merge_commit = Some(merge.clone());
+            report.to = merge;
+        }
     }
     Ok(report)
 }

@@ -32,10 +32,13 @@ pub fn sync_sandbox(
     }
     let git = Git::open(&sb.project_path);
     let channel = ctx.channel(sb)?;
-    let result = keystone_sync::sync_back(&git, &channel, &sb.name, branch, dry_run);
+    let result = keystone_sync::sync(&git, &channel, &sb.name, branch, dry_run);
     if !dry_run {
         let outcome = match &result {
-            Ok(r) => format!("synced {} commit(s)", r.commits),
+            Ok(r) => format!(
+                "{} commit(s) to the host, {} to the sandbox",
+                r.commits, r.pushed_commits
+            ),
             Err(e) => e.to_string(),
         };
         let rec = SyncRecord {
@@ -60,17 +63,40 @@ pub fn print_report(r: &Report, json: bool) {
         println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
         return;
     }
-    let verb = if r.dry_run { "would sync" } else { "synced" };
+    let short = |s: &str| s[..s.len().min(12)].to_string();
+    let would = if r.dry_run { "would " } else { "" };
+    if let Some(from) = &r.switched_from {
+        println!(
+            "{would}switch the host from {from} to {}{}",
+            r.branch,
+            if r.created_branch {
+                " (new branch)"
+            } else {
+                ""
+            }
+        );
+    }
     println!(
-        "{verb} {} commit(s) on {}: {} file(s) changed, {} insertion(s)(+), {} deletion(s)(-)",
-        r.commits, r.branch, r.files_changed, r.insertions, r.deletions
+        "{}{} {}: {} commit(s) from the sandbox ({} file(s) changed, {} insertion(s)(+), {} deletion(s)(-)), {} commit(s) to the sandbox",
+        if r.dry_run { "dry run: " } else { "" },
+        if r.dry_run { "would sync" } else { "synced" },
+        r.branch,
+        r.commits,
+        r.files_changed,
+        r.insertions,
+        r.deletions,
+        r.pushed_commits
     );
+    if let Some(m) = &r.merge_commit {
+        println!("  merged both sides' new commits in {}", short(m));
+    }
     println!(
-        "  {} -> {}",
+        "  {}: {} -> {}",
+        r.branch,
         r.from
             .as_deref()
-            .map(|s| &s[..s.len().min(12)])
-            .unwrap_or("(new branch)"),
-        &r.to[..r.to.len().min(12)]
+            .map(short)
+            .unwrap_or_else(|| "(new branch)".into()),
+        short(&r.to)
     );
 }

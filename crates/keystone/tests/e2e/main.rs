@@ -34,6 +34,14 @@ macro_rules! backend_suite {
                 scenarios::concurrent_starts(Host::new($backend, concat!("race-", $backend)));
             }
             #[test]
+            fn sync_rules() {
+                scenarios::sync_rules(Host::new($backend, concat!("sync-", $backend)));
+            }
+            #[test]
+            fn sync_hostile() {
+                scenarios::sync_hostile(Host::new($backend, concat!("hostile-", $backend)));
+            }
+            #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }

@@ -145,7 +145,8 @@ pub fn lifecycle(h: Host) {
     let r = h.ks(&["sync"]);
     r.ok();
     assert!(
-        r.stdout.contains("1 commit(s) on main") && r.stdout.contains("1 file(s) changed"),
+        r.stdout
+            .contains("synced main: 1 commit(s) from the sandbox (1 file(s) changed"),
         "{}",
         r.text()
     );
@@ -469,4 +470,237 @@ pub fn attach_session(h: Host) {
     );
     h.ks(&["stop", "--force"]).ok();
     h.ks(&["attach"]).code(2);
+}
+
+/// Sync both ways, branch rules, dry run, JSON, conflicts and clean
+/// merges, worktree branches (the sync issue's rules).
+pub fn sync_rules(h: Host) {
+    let name = h.name();
+    h.start(&[]).ok();
+    let kept = format!("refs/keystone/{name}/heads/main");
+
+    // Host → sandbox.
+    h.write(&h.project.join("host.txt"), "from the host\n");
+    h.git(&["add", "host.txt"]);
+    h.git(&["commit", "-qm", "host work"]);
+    let r = h.ks(&["sync"]);
+    assert!(
+        r.ok().stdout.contains("0 commit(s) from the sandbox")
+            && r.stdout.contains("1 commit(s) to the sandbox"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        h.sh("cat host.txt; git status --porcelain"),
+        "from the host\n"
+    );
+
+    // Dry run changes nothing; --json reports.
+    h.sh("echo one > one.txt && git add one.txt && git commit -qm one");
+    let before = h.git(&["rev-parse", "HEAD"]);
+    let r = h.ks(&["sync", "--dry-run"]);
+    assert!(
+        r.ok()
+            .stdout
+            .contains("would sync main: 1 commit(s) from the sandbox"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["rev-parse", "HEAD"]), before);
+    assert!(!h.project.join("one.txt").exists());
+    let r = h.ks(&["sync", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&r.ok().stdout).expect("json");
+    assert_eq!(
+        (
+            j["branch"].as_str(),
+            j["commits"].as_u64(),
+            j["files_changed"].as_u64()
+        ),
+        (Some("main"), Some(1), Some(1)),
+        "{j}"
+    );
+    assert!(h.project.join("one.txt").exists());
+
+    // Both sides moved, cleanly: a merge on the host, pushed back in.
+    h.write(&h.project.join("a.txt"), "host side\n");
+    h.git(&["add", "a.txt"]);
+    h.git(&["commit", "-qm", "host a"]);
+    h.sh("echo sandbox side > b.txt && git add b.txt && git commit -qm 'sandbox b'");
+    let r = h.ks(&["sync"]);
+    assert!(r.ok().stdout.contains("merged both sides"), "{}", r.text());
+    assert!(h.project.join("b.txt").exists());
+    assert_eq!(h.sh("cat a.txt b.txt"), "host side\nsandbox side\n");
+    assert_eq!(
+        h.git(&["rev-parse", "HEAD"]),
+        h.sh("git rev-parse HEAD").trim()
+    );
+
+    // A conflict: exit 3, the host exactly as before, the sandbox's
+    // commits reachable under the named ref.
+    h.write(&h.project.join("README.md"), "# host edit\n");
+    h.git(&["commit", "-qam", "host edits README"]);
+    h.write(&h.project.join("notes.txt"), "uncommitted host work\n");
+    let head = h.git(&["rev-parse", "HEAD"]);
+    let status = h.git(&["status", "--porcelain"]);
+    let theirs = h.sh("echo '# sandbox edit' > README.md && git commit -qam 'sandbox edits README' && git rev-parse HEAD");
+    let theirs = theirs.trim().to_string();
+    let r = h.ks(&["sync"]);
+    r.code(3);
+    assert!(
+        r.text().contains(&kept),
+        "the message must name the ref: {}",
+        r.text()
+    );
+    assert_eq!(h.git(&["rev-parse", "HEAD"]), head);
+    assert_eq!(h.git(&["status", "--porcelain"]), status);
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("README.md")).expect("readme"),
+        "# host edit\n"
+    );
+    assert_eq!(h.git(&["rev-parse", &kept]), theirs);
+    // Resolve on the host (take the sandbox's side) and go on.
+    h.git(&["reset", "-q", "--hard", &theirs]);
+    std::fs::remove_file(h.project.join("notes.txt")).expect("rm");
+
+    // The sandbox on another branch: a clean host is switched to it.
+    h.sh("git switch -qc feature && echo f > f.txt && git add f.txt && git commit -qm feature");
+    let r = h.ks(&["sync"]);
+    assert!(
+        r.ok()
+            .stdout
+            .contains("switch the host from main to feature (new branch)"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["branch", "--show-current"]), "feature");
+    assert!(h.project.join("f.txt").exists());
+
+    // ...a dirty one is refused with what to do, and left alone.
+    h.sh("git switch -qc other && echo o > o.txt && git add o.txt && git commit -qm other");
+    h.write(&h.project.join("f.txt"), "dirty\n");
+    let r = h.ks(&["sync"]);
+    r.code(2);
+    assert!(
+        r.text().contains("uncommitted changes") && r.text().contains("commit or stash"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["branch", "--show-current"]), "feature");
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("f.txt")).expect("f"),
+        "dirty\n"
+    );
+    h.git(&["checkout", "-q", "--", "f.txt"]);
+
+    // Any branch the sandbox has, e.g. a worktree's, by --branch.
+    h.sh("git worktree add -q -b wt-branch .worktrees/wt-branch feature && cd .worktrees/wt-branch && echo w > w.txt && git add w.txt && git commit -qm 'worktree work'");
+    let r = h.ks(&["sync", "--branch", "wt-branch"]);
+    assert!(
+        r.ok()
+            .stdout
+            .contains("synced wt-branch: 1 commit(s) from the sandbox"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["branch", "--show-current"]), "wt-branch");
+    assert!(h.project.join("w.txt").exists());
+    h.ks(&["sync", "--branch", "no-such-branch"]).code(2);
+}
+
+/// A hostile sandbox: nothing it writes may run code on the host or
+/// change the host's git configuration.
+pub fn sync_hostile(h: Host) {
+    h.start(&[]).ok();
+    let canary = h.tmp.path().join("pwned");
+    let c = canary.display().to_string();
+    let config_before = std::fs::read(h.project.join(".git/config")).expect("config");
+    let script = format!(
+        r#"set -e
+        cd /workspace
+        for hk in post-merge post-checkout post-rewrite reference-transaction pre-push pre-commit post-update; do
+            printf '#!/bin/sh\ntouch {c}\n' > .git/hooks/$hk; chmod +x .git/hooks/$hk
+        done
+        mkdir -p evilhooks && cp .git/hooks/post-merge evilhooks/ && git config core.hooksPath /workspace/evilhooks
+        git config core.fsmonitor 'touch {c}; false'
+        git config core.sshCommand 'touch {c}; ssh'
+        git config filter.evil.smudge 'touch {c}; cat'
+        git config filter.evil.clean 'touch {c}; cat'
+        printf '* filter=evil\n' > .gitattributes
+        ln -s .git/hooks evil-link
+        mkdir -p nested.git/objects nested.git/refs
+        printf 'ref: refs/heads/main\n' > nested.git/HEAD
+        printf '[core]\n\tbare = true\n\tfsmonitor = touch {c}\n' > nested.git/config
+        head -c 30000000 /dev/urandom > big.bin
+        git add -A
+        git -c core.hooksPath=/dev/null commit -qm 'hostile content'
+        "#
+    );
+    h.sh(&script);
+    let r = h.ks(&["sync"]);
+    r.ok();
+    assert!(
+        h.project.join("big.bin").exists(),
+        "the large object came through: {}",
+        r.text()
+    );
+    // The host uses its repository as usual afterwards.
+    h.git(&["status"]);
+    h.git(&["log", "-1"]);
+    assert!(!canary.exists(), "the sandbox ran code on the host");
+    assert_eq!(
+        std::fs::read(h.project.join(".git/config")).expect("config"),
+        config_before,
+        "host .git/config changed"
+    );
+    assert!(
+        !h.project.join(".git/hooks/post-merge").exists(),
+        "hooks were copied"
+    );
+
+    // A submodule URL carrying options, and a tree that smuggles a `.git`
+    // directory, are refused by the object checks; the host is untouched.
+    let head = h.git(&["rev-parse", "HEAD"]);
+    h.sh(&format!(
+        "printf '[submodule \"sub\"]\\n\\tpath = sub\\n\\turl = --upload-pack=touch {c}\\n' > .gitmodules && git add .gitmodules && git -c core.hooksPath=/dev/null commit -qm submodule"
+    ));
+    let r = h.ks(&["sync"]);
+    assert_eq!(
+        r.code,
+        Some(3),
+        "a submodule URL with options must be refused: {}",
+        r.text()
+    );
+    assert!(
+        r.text().contains("disallowed submodule url"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["rev-parse", "HEAD"]), head);
+    h.sh("git -c core.hooksPath=/dev/null reset -q --hard HEAD~1");
+    let smuggle = format!(
+        r#"set -e
+        cd /workspace
+        hook=$(printf '#!/bin/sh\ntouch {c}\n' | git hash-object -w --stdin)
+        hooks=$(printf '100755 blob %s\tpost-checkout\n' $hook | git mktree)
+        dotgit=$(printf '040000 tree %s\thooks\n' $hooks | git mktree)
+        top=$( (git ls-tree HEAD; printf '040000 tree %s\t.git\n' $dotgit) | git mktree --missing)
+        commit=$(git commit-tree $top -p HEAD -m smuggle)
+        git update-ref refs/heads/main $commit
+        "#
+    );
+    h.sh(&smuggle);
+    let r = h.ks(&["sync"]);
+    assert_ne!(
+        r.code,
+        Some(0),
+        "a tree with .git must be refused: {}",
+        r.text()
+    );
+    assert_eq!(h.git(&["rev-parse", "HEAD"]), head);
+    h.git(&["status"]);
+    assert!(!canary.exists(), "the sandbox ran code on the host");
+    assert_eq!(
+        std::fs::read(h.project.join(".git/config")).expect("config"),
+        config_before
+    );
 }
