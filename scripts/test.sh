@@ -30,4 +30,8 @@ mkdir -p "$KEYSTONE_TEST_CACHE"
 
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
-cargo test --locked --workspace -- --test-threads=1
+log=$(mktemp /tmp/keystone-test.XXXXXX.log)
+cargo test --locked --workspace --all-targets -- --test-threads=1 2>&1 | tee "$log"
+# One plain closing line over every test binary.
+awk '/^test result:/ {p += $4; f += $6} END {printf "%d passed, %d failed\n", p, f}' "$log"
+rm -f "$log"
