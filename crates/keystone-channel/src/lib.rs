@@ -227,7 +227,12 @@ Host {alias}\n\
     /// Run `argv` in the guest, inheriting stdio; the command's own exit
     /// status is returned (255 means ssh itself failed).
     pub fn exec(&self, argv: &[String], opts: &ExecOptions) -> Result<ExitStatus, ChannelError> {
-        let script = format!("exec {}", shell_words::join(argv));
+        // direnv loads the workspace's .envrc (the project's env files)
+        // for exec as it does for the interactive shells.
+        let script = format!(
+            "if [ -e .envrc ] && command -v direnv >/dev/null; then eval \"$(direnv export bash 2>/dev/null)\"; fi; exec {}",
+            shell_words::join(argv)
+        );
         let mut cmd = self.command(&script, opts)?;
         cmd.status().map_err(|e| ChannelError::Command {
             command: "ssh".into(),

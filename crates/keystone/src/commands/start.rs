@@ -223,31 +223,36 @@ pub fn run(args: StartArgs) -> Result<i32> {
         args.fresh,
         &mut settings,
     );
-    let sandbox = match result {
-        Ok(sb) => sb,
+    // The credentials and env files, then the agent: it must start with
+    // them. All of it is part of start: a failure undoes the sandbox.
+    let result = result.and_then(|sb| {
+        let channel = ctx.channel(&sb)?;
+        let creds = credentials::resolve(
+            &cfg.guest.forward_env,
+            Some(&project),
+            &cfg.defaults.env_files,
+            &|k| std::env::var(k).ok(),
+        )?;
+        credentials::write_to_guest(&channel, &creds)?;
+        let env_files =
+            keystone_sync::env_files::copy(&project, &cfg.defaults.env_files, &channel)?;
+        let forwarded: Vec<String> = creds
+            .iter()
+            .filter(|c| c.is_available())
+            .map(|c| c.name.clone())
+            .collect();
+        if let Some(agent) = agent {
+            start_agent(&channel, &sb, agent)?;
+        }
+        Ok((sb, forwarded, env_files))
+    });
+    let (sandbox, forwarded, env_files) = match result {
+        Ok(done) => done,
         Err(e) => {
             rollback(&ctx, &*backend, &sandbox, created, &e);
             return Err(e);
         }
     };
-
-    // The credentials, then the agent: it must start with them.
-    let channel = ctx.channel(&sandbox)?;
-    let creds = credentials::resolve(
-        &cfg.guest.forward_env,
-        Some(&project),
-        &cfg.defaults.env_files,
-        &|k| std::env::var(k).ok(),
-    )?;
-    credentials::write_to_guest(&channel, &creds)?;
-    let forwarded: Vec<&str> = creds
-        .iter()
-        .filter(|c| c.is_available())
-        .map(|c| c.name.as_str())
-        .collect();
-    if let Some(agent) = agent {
-        start_agent(&channel, &sandbox, agent)?;
-    }
 
     let notes = sandbox
         .runtime
@@ -272,6 +277,12 @@ pub fn run(args: StartArgs) -> Result<i32> {
             forwarded.join(", ")
         }
     );
+    if !env_files.is_empty() {
+        println!(
+            "  env files: {} (loaded by direnv in /workspace)",
+            env_files.join(", ")
+        );
+    }
     if let Some(agent) = agent {
         println!(
             "  agent:     {agent} in session {}",

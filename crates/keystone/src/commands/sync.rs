@@ -32,6 +32,10 @@ pub fn sync_sandbox(
     }
     let git = Git::open(&sb.project_path);
     let channel = ctx.channel(sb)?;
+    if !dry_run {
+        let cfg = crate::context::load_config(Some(&sb.project_path), Vec::new())?;
+        keystone_sync::env_files::copy(&sb.project_path, &cfg.config.defaults.env_files, &channel)?;
+    }
     let result = keystone_sync::sync(&git, &channel, &sb.name, branch, dry_run);
     if !dry_run {
         let outcome = match &result {

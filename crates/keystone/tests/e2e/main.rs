@@ -42,6 +42,10 @@ macro_rules! backend_suite {
                 scenarios::sync_hostile(Host::new($backend, concat!("hostile-", $backend)));
             }
             #[test]
+            fn env_files() {
+                scenarios::env_files(Host::new($backend, concat!("envf-", $backend)));
+            }
+            #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }

@@ -704,3 +704,44 @@ pub fn sync_hostile(h: Host) {
         config_before
     );
 }
+
+/// The project's env files reach /workspace at start and on sync, and
+/// direnv loads them for exec; host symlinks are not followed.
+pub fn env_files(h: Host) {
+    h.write(&h.project.join(".gitignore"), ".env*\n");
+    h.git(&["add", ".gitignore"]);
+    h.git(&["commit", "-qm", "ignore env files"]);
+    h.write(
+        &h.project.join(".env"),
+        "APP_MODE=from-dotenv\nSHARED=base\n",
+    );
+    h.write(&h.project.join(".env.local"), "SHARED=local-wins\n");
+    std::os::unix::fs::symlink(
+        h.tmp.path().join("home/.ssh/id_ed25519"),
+        h.project.join(".env.production"),
+    )
+    .expect("symlink");
+    let r = h.start(&[]);
+    assert!(
+        r.ok().stdout.contains("env files: .env, .env.local"),
+        "{}",
+        r.text()
+    );
+    let r = h.ks(&["exec", "--", "sh", "-c", "echo $APP_MODE $SHARED"]);
+    assert_eq!(r.ok().stdout.trim(), "from-dotenv local-wins");
+    assert_eq!(
+        h.sh("ls -a | grep -c '^.env.production$' || true").trim(),
+        "0",
+        "a host symlink was followed"
+    );
+    assert_eq!(
+        h.sh("git status --porcelain"),
+        "",
+        "env files must not show as changes in the guest"
+    );
+    // Changed on the host: the next sync carries it.
+    h.write(&h.project.join(".env"), "APP_MODE=changed\nSHARED=base\n");
+    h.ks(&["sync"]).code(2);
+    let r = h.ks(&["exec", "--", "sh", "-c", "echo $APP_MODE"]);
+    assert_eq!(r.ok().stdout.trim(), "changed");
+}
