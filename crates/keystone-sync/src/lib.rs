@@ -7,6 +7,7 @@
 //! every git process we run has the `GIT_*` environment cleared, hooks
 //! disabled and object checking on (DESIGN.md, "Sync safety").
 
+pub mod artifacts;
 pub mod env_files;
 mod git;
 

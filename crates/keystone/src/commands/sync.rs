@@ -8,13 +8,40 @@ use keystone_sync::{Git, Report};
 
 pub fn run(args: SyncArgs) -> Result<i32> {
     let ctx = Ctx::new()?;
-    if args.artifacts {
-        return Err(CliError::missing("artifact sync (sync --artifacts)"));
-    }
     let sb = ctx.resolve(args.sandbox.as_deref())?;
     ctx.require_running(&sb)?;
-    let report = sync_sandbox(&ctx, &sb, args.branch.as_deref(), args.dry_run)?;
-    print_report(&report, args.json);
+    // "No changes" to the code does not stop the artifacts from coming.
+    let report = match sync_sandbox(&ctx, &sb, args.branch.as_deref(), args.dry_run) {
+        Ok(r) => Some(r),
+        Err(e)
+            if args.artifacts
+                && e.code == crate::error::Exit::InvalidState
+                && e.message.starts_with("no changes") =>
+        {
+            crate::ui::note(&e.message);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(r) = &report {
+        print_report(r, args.json);
+    }
+    if args.artifacts && !args.dry_run {
+        let cfg = crate::context::load_config(Some(&sb.project_path), Vec::new())?;
+        let channel = ctx.channel(&sb)?;
+        let copied = keystone_sync::artifacts::copy_back(
+            &sb.project_path,
+            &cfg.config.defaults.artifacts,
+            &channel,
+        )?;
+        for c in copied {
+            if c.found {
+                println!("artifacts: copied {} from the sandbox", c.path);
+            } else {
+                println!("artifacts: {} does not exist in the sandbox", c.path);
+            }
+        }
+    }
     Ok(0)
 }
 

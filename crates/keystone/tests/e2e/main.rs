@@ -46,6 +46,10 @@ macro_rules! backend_suite {
                 scenarios::env_files(Host::new($backend, concat!("envf-", $backend)));
             }
             #[test]
+            fn artifacts() {
+                scenarios::artifacts(Host::new($backend, concat!("art-", $backend)));
+            }
+            #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }

@@ -745,3 +745,68 @@ pub fn env_files(h: Host) {
     let r = h.ks(&["exec", "--", "sh", "-c", "echo $APP_MODE"]);
     assert_eq!(r.ok().stdout.trim(), "changed");
 }
+
+/// `sync --artifacts`: build outputs come home with rsync, and nothing the
+/// sandbox writes lands outside the destination.
+pub fn artifacts(h: Host) {
+    let cfg = h.tmp.path().join("config/keystone/agent.toml");
+    let text = std::fs::read_to_string(&cfg).expect("config").replace(
+        "[defaults]\n",
+        "[defaults]\nartifacts = [\"dist\", \"out/report.txt\"]\n",
+    );
+    h.write(&cfg, &text);
+    h.write(&h.project.join(".gitignore"), "dist/\nout/\n");
+    h.git(&["add", ".gitignore"]);
+    h.git(&["commit", "-qm", "ignore outputs"]);
+    // On the host, dist/escape is a symlink to a directory outside the
+    // project: the copy must replace it, never write through it.
+    let outside = h.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    std::fs::create_dir_all(h.project.join("dist")).expect("mkdir");
+    std::os::unix::fs::symlink(&outside, h.project.join("dist/escape")).expect("symlink");
+    h.start(&[]).ok();
+    h.sh("mkdir -p dist/sub dist/escape out && echo 'bundle' > dist/app.js && echo deep > dist/sub/x.txt \
+          && echo pwned > dist/escape/pwned && ln -s /etc/passwd dist/passwd-link && ln -s app.js dist/alias.js \
+          && echo report > out/report.txt");
+    let r = h.ks(&["sync", "--artifacts"]);
+    r.ok();
+    assert!(
+        r.stdout.contains("artifacts: copied dist")
+            && r.stdout.contains("artifacts: copied out/report.txt"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("dist/app.js")).expect("app.js"),
+        "bundle\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("dist/sub/x.txt")).expect("x"),
+        "deep\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("out/report.txt")).expect("report"),
+        "report\n"
+    );
+    assert!(
+        !outside.join("pwned").exists(),
+        "rsync wrote through a host symlink"
+    );
+    assert!(
+        std::fs::symlink_metadata(h.project.join("dist/passwd-link")).is_err(),
+        "a symlink out of the tree came through"
+    );
+    assert!(std::fs::symlink_metadata(h.project.join("dist/alias.js"))
+        .is_ok_and(|m| m.file_type().is_symlink()));
+    // A destination reached through a symlink is refused.
+    std::fs::remove_dir_all(h.project.join("out")).expect("rm");
+    std::os::unix::fs::symlink(&outside, h.project.join("out")).expect("symlink");
+    let r = h.ks(&["sync", "--artifacts"]);
+    r.code(2);
+    assert!(
+        r.text().contains("is a symlink on the host"),
+        "{}",
+        r.text()
+    );
+    assert!(!outside.join("report.txt").exists());
+}
