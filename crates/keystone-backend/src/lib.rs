@@ -20,7 +20,7 @@
 pub mod container;
 mod signals;
 
-pub use signals::{StopRequest, STOP_FORCE, STOP_GRACEFUL};
+pub use signals::{unblock_all, StopRequest, STOP_FORCE, STOP_GRACEFUL};
 
 use keystone_registry::Settings;
 use serde::Serialize;

@@ -28,6 +28,9 @@ pub enum Top {
     /// Internal: the supervisor process of one sandbox.
     #[command(name = "__supervise", hide = true)]
     Supervise { name: String },
+    /// Internal: automatic sync for one running sandbox (child of its supervisor).
+    #[command(name = "__autosync", hide = true)]
+    Autosync { name: String },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

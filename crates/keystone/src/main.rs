@@ -24,6 +24,7 @@ fn main() {
             }
         },
         Top::Supervise { name } => commands::supervise::run(&name),
+        Top::Autosync { name } => commands::autosync::run(&name),
         Top::Agent(cmd) => dispatch(cmd),
     };
     let code = match result {

@@ -1,6 +1,7 @@
 //! One handler per subcommand.
 
 pub mod attach;
+pub mod autosync;
 pub mod config;
 pub mod destroy;
 pub mod doctor;

@@ -84,12 +84,6 @@ pub fn run(args: StartArgs) -> Result<i32> {
     let cfg = &effective.config;
     let backend_kind = cfg.backend.kind.to_string();
     let backend = backend_for(&backend_kind)?;
-    if cfg.defaults.sync_mode.to_string() != "manual" {
-        return Err(CliError::missing(format!(
-            "automatic sync (--sync-mode {}); use manual and `keystone agent sync`",
-            cfg.defaults.sync_mode
-        )));
-    }
     if cfg.backend.microvm.workspace.to_string() == "share" && backend_kind != "microvm" {
         return Err(CliError::state(
             "--share (a live share of the project) needs the microvm backend",

@@ -55,6 +55,7 @@ fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
     let backend = backend_for(&sandbox.backend)?;
     let inst = ctx.instance(&sandbox)?;
     let registry = &ctx.registry;
+    let mut autosync_child: Option<std::process::Child> = None;
     let mut on_ready = |running: &keystone_backend::Running| -> std::result::Result<(), String> {
         registry
             .update_one(name, |sb| {
@@ -66,9 +67,16 @@ fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
             })
             .map_err(|e| e.to_string())?;
         tell("ready");
+        if sandbox.settings.sync_mode != "manual" {
+            autosync_child = spawn_autosync(name).map_err(|e| e.to_string()).ok();
+        }
         Ok(())
     };
     let ended = backend.run(&inst, &mut on_ready);
+    if let Some(mut child) = autosync_child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let (state, error) = match &ended {
         Ok(Ended::Stopped) => (State::Stopped, None),
         Ok(Ended::Exited(why)) => (State::Error, Some(why.clone())),
@@ -93,4 +101,26 @@ fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
     })?;
     ended?;
     Ok(0)
+}
+
+/// The automatic sync runs beside the supervisor, as its child: it dies
+/// with it (PDEATHSIG), so it runs exactly while the sandbox runs, whether
+/// or not any CLI is open.
+fn spawn_autosync(name: &str) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__autosync")
+        .arg(name)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: runs in the forked child before exec; prctl and sigprocmask
+    // are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            keystone_backend::unblock_all();
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }

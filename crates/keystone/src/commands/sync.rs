@@ -64,7 +64,10 @@ pub fn sync_sandbox(
         keystone_sync::env_files::copy(&sb.project_path, &cfg.config.defaults.env_files, &channel)?;
     }
     let result = keystone_sync::sync(&git, &channel, &sb.name, branch, dry_run);
-    if !dry_run {
+    // "No changes" is not an event worth recording (the automatic modes
+    // would otherwise rewrite the registry every poll).
+    let nothing = matches!(&result, Err(keystone_sync::SyncError::NoChanges { .. }));
+    if !dry_run && !nothing {
         let outcome = match &result {
             Ok(r) => format!(
                 "{} commit(s) to the host, {} to the sandbox",

@@ -50,6 +50,14 @@ macro_rules! backend_suite {
                 scenarios::artifacts(Host::new($backend, concat!("art-", $backend)));
             }
             #[test]
+            fn auto_commit() {
+                scenarios::auto_commit(Host::new($backend, concat!("autoc-", $backend)));
+            }
+            #[test]
+            fn auto_idle() {
+                scenarios::auto_idle(Host::new($backend, concat!("autoi-", $backend)));
+            }
+            #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }

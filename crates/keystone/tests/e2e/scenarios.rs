@@ -810,3 +810,84 @@ pub fn artifacts(h: Host) {
     );
     assert!(!outside.join("report.txt").exists());
 }
+
+/// auto-commit: a commit in the sandbox reaches the host with no command;
+/// a refusal is recorded and shown by status; the syncer stops with the
+/// sandbox.
+pub fn auto_commit(h: Host) {
+    let name = h.name();
+    h.start(&["--sync-mode", "auto-commit"]).ok();
+    let theirs = h.sh(
+        "echo auto > auto.txt && git add auto.txt && git commit -qm auto && git rev-parse HEAD",
+    );
+    let arrived = eventually(Duration::from_secs(20), || {
+        h.git(&["rev-parse", "HEAD"]) == theirs.trim()
+    });
+    assert!(arrived, "the sandbox's commit did not reach the host");
+    assert!(h.project.join("auto.txt").exists());
+    // A dirty host on another branch: recorded, not forced.
+    h.write(&h.project.join("README.md"), "dirty on the host\n");
+    h.sh("git switch -qc elsewhere && echo e > e.txt && git add e.txt && git commit -qm elsewhere");
+    let recorded = eventually(Duration::from_secs(20), || {
+        h.status_json(&name)["last_sync"]["outcome"]
+            .as_str()
+            .unwrap_or("")
+            .contains("uncommitted changes")
+    });
+    assert!(
+        recorded,
+        "the refusal must show in status: {}",
+        h.status_json(&name)
+    );
+    assert_eq!(h.git(&["branch", "--show-current"]), "main");
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("README.md")).expect("readme"),
+        "dirty on the host\n"
+    );
+    assert!(
+        !processes_matching(&format!("__autosync {name}")).is_empty(),
+        "the syncer runs while the sandbox runs"
+    );
+    h.ks(&["stop"]).ok();
+    assert!(
+        eventually(Duration::from_secs(10), || processes_matching(&format!(
+            "__autosync {name}"
+        ))
+        .is_empty()),
+        "the syncer must stop with the sandbox"
+    );
+}
+
+/// auto-idle: nothing moves while the workspace is busy; the commit comes
+/// once it has been quiet for sync_idle_seconds.
+pub fn auto_idle(h: Host) {
+    let cfg = h.tmp.path().join("config/keystone/agent.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("config")
+        .replace("[defaults]\n", "[defaults]\nsync_idle_seconds = 4\n");
+    h.write(&cfg, &text);
+    h.start(&["--sync-mode", "auto-idle"]).ok();
+    let head = h.git(&["rev-parse", "HEAD"]);
+    // Commit, then keep the workspace busy for ~8 s.
+    let theirs = h.sh(
+        "echo idle > idle.txt && git add idle.txt && git commit -qm idle && git rev-parse HEAD",
+    );
+    let busy = h.ks_spawn(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 16); do date > busy.log; sleep 0.5; done",
+    ]);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        h.git(&["rev-parse", "HEAD"]),
+        head,
+        "synced while the workspace was busy"
+    );
+    let _ = busy.wait_with_output();
+    let arrived = eventually(Duration::from_secs(20), || {
+        h.git(&["rev-parse", "HEAD"]) == theirs.trim()
+    });
+    assert!(arrived, "the commit did not arrive after the quiet period");
+}
