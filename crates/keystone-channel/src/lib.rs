@@ -184,7 +184,16 @@ Host {alias}\n\
     /// binary or runtime directory never leaves a stale ProxyCommand).
     pub fn write_config(&self) -> Result<PathBuf, ChannelError> {
         let path = self.config_path();
-        fs::write(&path, self.render_config()).map_err(io_err(&path))?;
+        let text = self.render_config();
+        if fs::read_to_string(&path).is_ok_and(|old| old == text) {
+            return Ok(path);
+        }
+        // Atomically: concurrent ssh processes may be reading it.
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{}-{seq}", std::process::id()));
+        fs::write(&tmp, text).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
         Ok(path)
     }
 

@@ -140,6 +140,16 @@ pub fn fetch(
 ) -> Result<(BTreeMap<String, String>, Option<String>), SyncError> {
     let url = channel.git_url("/workspace");
     let prefix = private_prefix(sandbox);
+    // Which branch the sandbox is on, asked over the same (multiplexed)
+    // connection while the fetch runs, to save a round trip.
+    let ask = channel.clone();
+    let current = std::thread::spawn(move || {
+        ask.run("git symbolic-ref -q --short HEAD", &ExecOptions::default())
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|b| !b.is_empty())
+    });
     git.remote_op(
         channel,
         &[
@@ -154,15 +164,7 @@ pub fn fetch(
         ],
     )?;
     let refs = git.refs_under(&prefix)?;
-    let current = channel
-        .run(
-            "cd /workspace && git symbolic-ref -q --short HEAD",
-            &ExecOptions::default(),
-        )
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|b| !b.is_empty());
+    let current = current.join().ok().flatten();
     Ok((refs, current))
 }
 
