@@ -356,9 +356,10 @@ pub fn destroy_guards(h: Host) {
         "{}",
         r.text()
     );
-    // Stopped, it still knows (recorded at stop).
+    // Stopped, it still knows (recorded at stop), and status says so.
     h.ks(&["stop"]).ok();
     h.ks(&["destroy", &name]).code(2);
+    assert_eq!(h.status_json(&name)["pending_commits"], 1);
     h.start(&[]).ok();
     h.ks(&["sync"]).ok();
     // Nothing unsynced: without a terminal the confirmation cannot be
@@ -605,6 +606,13 @@ pub fn sync_rules(h: Host) {
     assert_eq!(h.git(&["branch", "--show-current"]), "wt-branch");
     assert!(h.project.join("w.txt").exists());
     h.ks(&["sync", "--branch", "no-such-branch"]).code(2);
+
+    // stop --sync brings the last commits home before stopping.
+    h.sh("echo last > last.txt && git add last.txt && git commit -qm last");
+    h.ks(&["stop", "--sync"]).ok();
+    assert_eq!(h.git(&["branch", "--show-current"]), "other");
+    assert!(h.project.join("last.txt").exists());
+    assert_eq!(h.status_json(&name)["state"], "stopped");
 }
 
 /// A hostile sandbox: nothing it writes may run code on the host or
@@ -739,6 +747,12 @@ pub fn env_files(h: Host) {
         "",
         "env files must not show as changes in the guest"
     );
+    // The session's interactive shells load them too (direnv's hook).
+    let pane = h.sh(
+        "tmux new-session -d -s envcheck -c /workspace && sleep 1 && tmux send-keys -t envcheck 'echo VAL=$APP_MODE' Enter \
+         && sleep 1.5 && tmux capture-pane -p -t envcheck; tmux kill-session -t envcheck",
+    );
+    assert!(pane.contains("VAL=from-dotenv"), "{pane}");
     // Changed on the host: the next sync carries it.
     h.write(&h.project.join(".env"), "APP_MODE=changed\nSHARED=base\n");
     h.ks(&["sync"]).code(2);
