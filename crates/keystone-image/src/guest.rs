@@ -91,8 +91,10 @@ pub const RESOLV_CONF: &str = "# Written by the keystone backend when a sandbox 
 /// there is no initrd). This script mounts the kernel filesystems, loads
 /// the virtio modules, unpacks the per-boot configuration the backend
 /// hands in as a tar archive on the read-only virtio disk (`/dev/vda`:
-/// host key, authorized_keys, hostname, address, resolver) into a tmpfs at
-/// `/etc/keystone`, brings up the network statically, and runs sshd under
+/// host key, authorized_keys, hostname, addresses, resolver) into a tmpfs
+/// at `/etc/keystone`, brings up the network statically (eth0: the
+/// host-only link sshd is reached on; eth1, with `--network nat`: the way
+/// out, and the default route), and runs sshd under
 /// tini, which reaps orphans. Shutdown: the backend sends ctrl-alt-del,
 /// which the kernel turns into SIGINT for PID 1; tini passes it to this
 /// script's process group, which stops sshd, syncs, remounts read-only and
@@ -133,18 +135,18 @@ while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 tar -xf /dev/vda -C /etc/keystone --no-same-owner || say "cannot read the configuration disk /dev/vda"
 [ -f /etc/keystone/hostname ] && read -r name < /etc/keystone/hostname && echo "$name" > /proc/sys/kernel/hostname
 [ -f /etc/keystone/resolv.conf ] && cp /etc/keystone/resolv.conf /etc/resolv.conf
-dev=
-for d in /sys/class/net/*; do
-    [ "${d##*/}" = lo ] || { dev=${d##*/}; break; }
-done
-ADDRESS= GATEWAY=
+ADDRESS= NAT_ADDRESS= NAT_GATEWAY=
 [ -f /etc/keystone/network ] && . /etc/keystone/network
 {
     echo "link set lo up"
-    if [ -n "$dev" ] && [ -n "$ADDRESS" ]; then
-        echo "link set $dev up"
-        echo "addr add $ADDRESS dev $dev"
-        echo "route add default via $GATEWAY dev $dev"
+    if [ -n "$ADDRESS" ]; then
+        echo "link set eth0 up"
+        echo "addr add $ADDRESS dev eth0"
+    fi
+    if [ -n "$NAT_ADDRESS" ]; then
+        echo "link set eth1 up"
+        echo "addr add $NAT_ADDRESS dev eth1"
+        echo "route add default via $NAT_GATEWAY dev eth1"
     fi
 } | ip -batch -
 say "up"

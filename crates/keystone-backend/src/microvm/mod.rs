@@ -19,14 +19,15 @@
 //!   virtio-blk, nothing writable shared with the host, and the private
 //!   host key never appears on QEMU's command line (visible in `ps`).
 //!   fw_cfg needs a module and 9p is not in the cloud kernel.
-//! - `--network nat` is passt over a socketpair (`-netdev socket,fd=`,
-//!   passt `-F`): no socket file, and `--no-map-gw` keeps the host's
-//!   loopback out of reach, which QEMU's own user networking (which always
-//!   maps 10.0.2.2 to it) cannot. `--network none` is QEMU user networking
-//!   with `restrict=on`: the guest has no way out, while the host-initiated
-//!   forward to sshd still works. Either way sshd is forwarded from a free
-//!   port on 127.0.0.1, verified to be held by our own child, and a relay
-//!   process serves it on the sandbox's Unix socket like every backend.
+//! - Two links. eth0 is QEMU user networking with `restrict=on`: it
+//!   carries only the host-initiated forward to sshd (from a free port on
+//!   127.0.0.1, verified to be held by our QEMU), so `--network none` is
+//!   just that. With `--network nat`, eth1 is passt over a socketpair
+//!   (`-netdev socket,fd=`, passt `-F`: no socket file) with `--no-map-gw`,
+//!   which keeps the host's loopback out of reach; QEMU's own user
+//!   networking always maps 10.0.2.2 to it, so it cannot be the way out.
+//!   A relay process serves the forward on the sandbox's Unix socket, as
+//!   every backend does.
 //! - QEMU, passt and the relay are direct children of the supervisor, each
 //!   in its own process group with PDEATHSIG, addressed through pidfds;
 //!   teardown checks the process groups are empty and the port is free.
@@ -47,7 +48,7 @@ use keystone_registry::ProcessId;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::Pid;
 use proc::Child;
-use qemu::{Net, VmSpec};
+use qemu::VmSpec;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
@@ -266,15 +267,21 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
         fs::set_permissions(&to, fs::Permissions::from_mode(0o644)).map_err(BackendError::io(to.display().to_string()))
     };
     write("hostname", format!("{}\n", inst.name))?;
-    write("network", format!("ADDRESS={}\nGATEWAY={}\n", qemu::GUEST_ADDRESS, qemu::GATEWAY))?;
+    let mut network = format!("ADDRESS={}\n", qemu::GUEST_ADDRESS);
+    if inst.settings.network == "nat" {
+        network.push_str(&format!("NAT_ADDRESS={}\nNAT_GATEWAY={}\n", qemu::NAT_ADDRESS, qemu::NAT_GATEWAY));
+    }
+    write("network", network)?;
     write("resolv.conf", resolv_conf(&inst.settings.network))?;
     let tar = run.join("config.tar");
+    // Files only: a "./" entry would give the guest's /etc/keystone the
+    // staging directory's 0700, and sshd reads authorized_keys as the user.
     let out = Command::new("tar")
         .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
         .arg(&tar)
         .arg("-C")
         .arg(&stage)
-        .arg(".")
+        .args(CONFIG_FILES)
         .output()
         .map_err(BackendError::io("tar"))?;
     let _ = fs::remove_dir_all(&stage);
@@ -287,6 +294,8 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
     }
     Ok(tar)
 }
+
+const CONFIG_FILES: [&str; 5] = ["ssh_host_ed25519_key", "authorized_keys", "hostname", "network", "resolv.conf"];
 
 fn resolv_conf(network: &str) -> String {
     if network != "nat" {
@@ -464,16 +473,15 @@ impl Backend for MicrovmBackend {
         let mut vm = loop {
             attempt += 1;
             let port = proc::free_port()?;
-            let (net, passt) = if inst.settings.network == "nat" {
+            let (nat_fd, passt) = if inst.settings.network == "nat" {
                 let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
                 let log = log_file(&inst.log_dir().join("passt.log"))?;
                 let mut cmd = Command::new("passt");
                 // Foreground, one client (the socketpair), IPv4, the
-                // guest's static address, no mapping of the gateway to
-                // the host's loopback, and sshd forwarded from loopback.
-                cmd.args(["-f", "-q", "-4", "--no-map-gw", "-u", "none"])
-                    .args(["-a", qemu::GUEST_IP, "-n", "24", "-g", qemu::GATEWAY])
-                    .args(["-t", &format!("127.0.0.1/{port}:22")])
+                // guest's static address, no inbound forwards, and no
+                // mapping of the gateway to the host's loopback.
+                cmd.args(["-f", "-q", "-4", "--no-map-gw", "-t", "none", "-u", "none"])
+                    .args(["-a", qemu::NAT_IP, "-n", "24", "-g", qemu::NAT_GATEWAY])
                     .args(["-F", &a.as_raw_fd().to_string()])
                     .stdin(Stdio::null())
                     .stdout(log.try_clone().map_err(BackendError::io("passt.log"))?)
@@ -482,13 +490,9 @@ impl Backend for MicrovmBackend {
                     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
                 let p = proc::spawn("passt", cmd, &[a.as_raw_fd()])?;
                 drop(a);
-                (Some((Net::Passt { fd: b.as_raw_fd() }, b)), Some(p))
+                (Some(b), Some(p))
             } else {
                 (None, None)
-            };
-            let (net_spec, keep_fd) = match &net {
-                Some((n, fd)) => (n.clone(), Some(fd.as_raw_fd())),
-                None => (Net::Restricted { ssh_port: port }, None),
             };
             let spec = VmSpec {
                 name: inst.name.clone(),
@@ -499,7 +503,8 @@ impl Backend for MicrovmBackend {
                 kernel: art.kernel(),
                 disk: disk.clone(),
                 config: config.clone(),
-                net: net_spec,
+                ssh_port: port,
+                passt_fd: nat_fd.as_ref().map(|fd| fd.as_raw_fd()),
                 qmp: qmp_path.clone(),
                 console_log: boot_log.clone(),
                 bios: Path::new(QBOOT).exists().then(|| PathBuf::from(QBOOT)),
@@ -512,7 +517,7 @@ impl Backend for MicrovmBackend {
                 .env_clear()
                 .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
             tracing::info!(args = ?spec.args(), "starting qemu");
-            let keep: Vec<_> = keep_fd.into_iter().collect();
+            let keep: Vec<_> = nat_fd.as_ref().map(|fd| fd.as_raw_fd()).into_iter().collect();
             let qemu = match proc::spawn("qemu", cmd, &keep) {
                 Ok(q) => q,
                 Err(e) => {
@@ -522,7 +527,7 @@ impl Backend for MicrovmBackend {
                     return Err(e);
                 }
             };
-            drop(net);
+            drop(nat_fd);
             let mut vm = Vm {
                 qemu,
                 passt,
@@ -532,7 +537,7 @@ impl Backend for MicrovmBackend {
                 socket: inst.socket.clone(),
             };
             // The forward must be bound by our own child, nobody else.
-            let owner = vm.passt.as_ref().map_or(vm.qemu.pid, |p| p.pid);
+            let owner = vm.qemu.pid;
             let deadline = Instant::now() + Duration::from_secs(10);
             let verdict = loop {
                 if let Some(inode) = proc::loopback_listener(port) {

@@ -3,21 +3,15 @@
 use super::accel::Accel;
 use std::path::PathBuf;
 
-/// The guest's address on its virtual network (QEMU's user-net default,
-/// which passt is told to use too, so the guest's init needs no DHCP).
+/// The guest's address on its host-only link (eth0): QEMU user networking
+/// with `restrict=on`, which carries nothing but the host-initiated
+/// forward to sshd. Static, so the guest's init needs no DHCP.
 pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
 pub const GUEST_IP: &str = "10.0.2.15";
-pub const GATEWAY: &str = "10.0.2.2";
-
-/// How the guest's NIC reaches the world.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Net {
-    /// A stream socket (one end of a socketpair) whose other end is passt.
-    Passt { fd: i32 },
-    /// QEMU's own user-mode network with `restrict=on`: no way out for the
-    /// guest, while the host-initiated forward to sshd still works.
-    Restricted { ssh_port: u16 },
-}
+/// The guest's side of passt (eth1), with `--network nat` only.
+pub const NAT_ADDRESS: &str = "10.0.3.15/24";
+pub const NAT_IP: &str = "10.0.3.15";
+pub const NAT_GATEWAY: &str = "10.0.3.2";
 
 #[derive(Clone, Debug)]
 pub struct VmSpec {
@@ -34,7 +28,11 @@ pub struct VmSpec {
     pub disk: PathBuf,
     /// The per-boot configuration, a tar archive read by the guest's init.
     pub config: PathBuf,
-    pub net: Net,
+    /// Host port on 127.0.0.1 forwarded to the guest's sshd.
+    pub ssh_port: u16,
+    /// With `--network nat`: one end of a socketpair whose other end is
+    /// passt (the guest's way out, eth1).
+    pub passt_fd: Option<i32>,
     pub qmp: PathBuf,
     pub console_log: PathBuf,
 }
@@ -105,13 +103,18 @@ impl VmSpec {
             "-device",
             "virtio-blk-pci,drive=config",
         ]);
-        let netdev = match &self.net {
-            Net::Passt { fd } => format!("socket,id=net0,fd={fd}"),
-            Net::Restricted { ssh_port } => format!(
-                "user,id=net0,restrict=on,ipv6=off,net=10.0.2.0/24,host={GATEWAY},hostfwd=tcp:127.0.0.1:{ssh_port}-{GUEST_IP}:22"
-            ),
-        };
-        push(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=net0"]);
+        // The SSH link first (eth0), the way out second (eth1). The SSH
+        // forward never goes through passt: passt's `--no-map-gw`, which
+        // keeps the host's loopback out of reach, also breaks replies to
+        // connections it forwards from the host's loopback.
+        let ctl = format!(
+            "user,id=ctl,restrict=on,ipv6=off,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{}-{GUEST_IP}:22",
+            self.ssh_port
+        );
+        push(&["-netdev", &ctl, "-device", "virtio-net-pci,netdev=ctl"]);
+        if let Some(fd) = self.passt_fd {
+            push(&["-netdev", &format!("socket,id=nat,fd={fd}"), "-device", "virtio-net-pci,netdev=nat"]);
+        }
         push(&["-device", "virtio-rng-pci"]);
         push(&[
             "-chardev",
@@ -133,7 +136,7 @@ fn qemu_path(p: &std::path::Path) -> String {
 mod tests {
     use super::*;
 
-    fn spec(accel: Accel, nested_flag: Option<&'static str>, net: Net) -> VmSpec {
+    fn spec(accel: Accel, nested_flag: Option<&'static str>, passt_fd: Option<i32>) -> VmSpec {
         VmSpec {
             name: "demo".into(),
             accel,
@@ -144,7 +147,8 @@ mod tests {
             bios: None,
             disk: "/s/disk/root.qcow2".into(),
             config: "/s/run/config,1.tar".into(),
-            net,
+            ssh_port: 40123,
+            passt_fd,
             qmp: "/s/run/qmp.sock".into(),
             console_log: "/s/logs/boot.log".into(),
         }
@@ -156,35 +160,39 @@ mod tests {
 
     #[test]
     fn tcg_uses_cpu_max_and_never_host() {
-        let a = spec(Accel::Tcg, Some("vmx"), Net::Restricted { ssh_port: 2222 }).args();
+        let a = spec(Accel::Tcg, Some("vmx"), None).args();
         assert_eq!(after(&a, "-cpu"), ["max"]);
         assert_eq!(after(&a, "-accel"), ["tcg,thread=multi"]);
     }
 
     #[test]
     fn kvm_passes_nested_flag_or_masks_it() {
-        let a = spec(Accel::Kvm, Some("svm"), Net::Passt { fd: 5 }).args();
+        let a = spec(Accel::Kvm, Some("svm"), Some(5)).args();
         assert_eq!(after(&a, "-cpu"), ["host,+svm"]);
-        let a = spec(Accel::Kvm, None, Net::Passt { fd: 5 }).args();
+        let a = spec(Accel::Kvm, None, Some(5)).args();
         assert_eq!(after(&a, "-cpu"), ["host,-vmx,-svm"]);
     }
 
     #[test]
     fn memory_vcpus_and_disks_in_order() {
-        let a = spec(Accel::Tcg, None, Net::Passt { fd: 7 }).args();
+        let a = spec(Accel::Tcg, None, Some(7)).args();
         assert_eq!(after(&a, "-m"), ["2048"]);
         assert_eq!(after(&a, "-smp"), ["2"]);
         let drives = after(&a, "-drive");
         assert!(drives[0].starts_with("file=/s/disk/root.qcow2,format=qcow2"));
         assert!(drives[1].starts_with("file=/s/run/config,,1.tar,format=raw"), "{}", drives[1]);
         assert!(drives[1].contains("readonly=on"));
-        assert_eq!(after(&a, "-netdev"), ["socket,id=net0,fd=7"]);
+        let nets = after(&a, "-netdev");
+        assert!(nets[0].starts_with("user,id=ctl,restrict=on"), "{}", nets[0]);
+        assert_eq!(nets[1], "socket,id=nat,fd=7");
     }
 
     #[test]
     fn restricted_net_forwards_ssh_on_loopback_only() {
-        let a = spec(Accel::Tcg, None, Net::Restricted { ssh_port: 40123 }).args();
-        let n = after(&a, "-netdev")[0];
+        let a = spec(Accel::Tcg, None, None).args();
+        let n = after(&a, "-netdev");
+        assert_eq!(n.len(), 1, "no way out without passt");
+        let n = n[0];
         assert!(n.contains("restrict=on"));
         assert!(n.contains("hostfwd=tcp:127.0.0.1:40123-10.0.2.15:22"), "{n}");
     }
