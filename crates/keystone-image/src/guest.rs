@@ -126,6 +126,9 @@ if [ "${1:-}" = --run ]; then
 fi
 mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
 mount -t proc -o nosuid,nodev,noexec proc /proc
+# Ctrl-alt-del must reach us as SIGINT: the kernel's default is an
+# immediate reboot, without syncing the disk.
+echo 0 > /proc/sys/kernel/ctrl-alt-del
 mount -a -T /usr/local/share/keystone/fstab
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 mkdir -p /run/sshd /run/lock
