@@ -135,7 +135,9 @@ pub fn backend_for(kind: &str) -> Result<Box<dyn Backend>> {
     match kind {
         "container" => Ok(Box::new(ContainerBackend)),
         "microvm" => Ok(Box::new(MicrovmBackend)),
-        "kubernetes" => Err(CliError::missing("the kubernetes backend; use --backend container")),
+        "kubernetes" => Err(CliError::missing(
+            "the kubernetes backend; use --backend container",
+        )),
         other => Err(CliError::failed(format!("unknown backend {other:?}"))),
     }
 }

@@ -59,7 +59,8 @@ impl KvmFacts {
     }
 
     pub fn choose(&self) -> AccelChoice {
-        const COST: &str = "software emulation, several times slower to boot and build than with KVM";
+        const COST: &str =
+            "software emulation, several times slower to boot and build than with KVM";
         let tcg = |why: String| AccelChoice {
             accel: Accel::Tcg,
             reason: format!("acceleration: TCG ({COST}): {why}"),
@@ -71,7 +72,9 @@ impl KvmFacts {
             return tcg("/dev/kvm is present but this is a PVM host (kvm_pvm), under which stock kernels hang".into());
         }
         if let Some(e) = &self.open_error {
-            return tcg(format!("/dev/kvm is not usable by this user ({e}); add the user to group kvm"));
+            return tcg(format!(
+                "/dev/kvm is not usable by this user ({e}); add the user to group kvm"
+            ));
         }
         AccelChoice {
             accel: Accel::Kvm,
@@ -123,12 +126,22 @@ impl NestedHost {
 }
 
 /// Whether the guest gets virtualization, and the line that says so.
-pub fn nested_decision(wanted: bool, accel: Accel, host: &NestedHost) -> (Option<&'static str>, String) {
+pub fn nested_decision(
+    wanted: bool,
+    accel: Accel,
+    host: &NestedHost,
+) -> (Option<&'static str>, String) {
     if !wanted {
-        return (None, "nested virtualization: off (disabled with --no-nested)".into());
+        return (
+            None,
+            "nested virtualization: off (disabled with --no-nested)".into(),
+        );
     }
     if accel != Accel::Kvm {
-        return (None, "nested virtualization: off (needs KVM; this VM runs under TCG)".into());
+        return (
+            None,
+            "nested virtualization: off (needs KVM; this VM runs under TCG)".into(),
+        );
     }
     match (host.cpu_flag(), host.enabled) {
         (Some(flag), true) => (Some(flag), format!("nested virtualization: on ({flag} passed through)")),

@@ -123,7 +123,11 @@ impl MicrovmBackend {
         Ok(())
     }
 
-    fn build_artifacts(inst: &Instance, art: &Artifacts, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
+    fn build_artifacts(
+        inst: &Instance,
+        art: &Artifacts,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), BackendError> {
         let parent = art.dir.parent().unwrap_or(Path::new("/"));
         fs::create_dir_all(parent).map_err(BackendError::io(parent.display().to_string()))?;
         let lock_path = parent.join(format!("{}.lock", inst.image_id));
@@ -138,16 +142,25 @@ impl MicrovmBackend {
         if art.complete() {
             return Ok(());
         }
-        progress(&format!("making the microVM disk of image {}", inst.image_id));
+        progress(&format!(
+            "making the microVM disk of image {}",
+            inst.image_id
+        ));
         let map = IdMap::for_current_user()?;
         let tmp = parent.join(format!(".{}.tmp-{}", inst.image_id, std::process::id()));
         let root = tmp.join("root");
         if tmp.exists() {
-            let _ = idmap::run_mapped(&map, &["rm", "-rf", "--one-file-system", &tmp.display().to_string()]);
+            let _ = idmap::run_mapped(
+                &map,
+                &["rm", "-rf", "--one-file-system", &tmp.display().to_string()],
+            );
         }
         fs::create_dir_all(&root).map_err(BackendError::io(root.display().to_string()))?;
         let cleanup = |map: &IdMap| {
-            let _ = idmap::run_mapped(map, &["rm", "-rf", "--one-file-system", &tmp.display().to_string()]);
+            let _ = idmap::run_mapped(
+                map,
+                &["rm", "-rf", "--one-file-system", &tmp.display().to_string()],
+            );
         };
         let tar = inst.image_tar.display().to_string();
         let root_s = root.display().to_string();
@@ -156,20 +169,31 @@ impl MicrovmBackend {
         // user namespace with the sandbox id map, so owners are the image's.
         let status = idmap::run_mapped(
             &map,
-            &["tar", "--numeric-owner", "--exclude=./dev/*", "-xpf", &tar, "-C", &root_s],
+            &[
+                "tar",
+                "--numeric-owner",
+                "--exclude=./dev/*",
+                "-xpf",
+                &tar,
+                "-C",
+                &root_s,
+            ],
         )?;
         if !status.success() {
             cleanup(&map);
-            return Err(BackendError::Failed(format!("unpacking {tar} failed ({status})")));
+            return Err(BackendError::Failed(format!(
+                "unpacking {tar} failed ({status})"
+            )));
         }
-        let kernel = fs::read_dir(root.join("boot"))
-            .ok()
-            .and_then(|d| {
-                d.flatten()
-                    .map(|e| e.path())
-                    .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
-                    .max()
-            });
+        let kernel = fs::read_dir(root.join("boot")).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+                })
+                .max()
+        });
         let Some(kernel) = kernel else {
             cleanup(&map);
             return Err(BackendError::Failed(format!(
@@ -185,10 +209,12 @@ impl MicrovmBackend {
                 inst.image_id
             )));
         }
-        fs::copy(&kernel, tmp.join("vmlinuz")).map_err(BackendError::io(kernel.display().to_string()))?;
+        fs::copy(&kernel, tmp.join("vmlinuz"))
+            .map_err(BackendError::io(kernel.display().to_string()))?;
         let ext4 = tmp.join("rootfs.ext4");
         let f = fs::File::create(&ext4).map_err(BackendError::io(ext4.display().to_string()))?;
-        f.set_len(ROOT_SIZE).map_err(BackendError::io(ext4.display().to_string()))?;
+        f.set_len(ROOT_SIZE)
+            .map_err(BackendError::io(ext4.display().to_string()))?;
         drop(f);
         let ext4_s = ext4.display().to_string();
         let status = idmap::run_mapped(
@@ -211,11 +237,14 @@ impl MicrovmBackend {
         let _ = idmap::run_mapped(&map, &["rm", "-rf", "--one-file-system", &root_s]);
         if !status.success() {
             cleanup(&map);
-            return Err(BackendError::Failed(format!("mkfs.ext4 -d failed ({status})")));
+            return Err(BackendError::Failed(format!(
+                "mkfs.ext4 -d failed ({status})"
+            )));
         }
         // Shared by every sandbox of the image: never written again.
         let _ = fs::set_permissions(&ext4, fs::Permissions::from_mode(0o444));
-        fs::write(tmp.join(".keystone-complete"), b"").map_err(BackendError::io(tmp.display().to_string()))?;
+        fs::write(tmp.join(".keystone-complete"), b"")
+            .map_err(BackendError::io(tmp.display().to_string()))?;
         if art.dir.exists() {
             let _ = fs::remove_dir_all(&art.dir);
         }
@@ -252,24 +281,31 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
         let _ = fs::remove_dir_all(&stage);
     }
     fs::create_dir_all(&stage).map_err(BackendError::io(stage.display().to_string()))?;
-    fs::set_permissions(&stage, fs::Permissions::from_mode(0o700)).map_err(BackendError::io(stage.display().to_string()))?;
+    fs::set_permissions(&stage, fs::Permissions::from_mode(0o700))
+        .map_err(BackendError::io(stage.display().to_string()))?;
     let copy = |name: &str, mode: u32| -> Result<(), BackendError> {
         let from = inst.guest_dir.join(name);
         let to = stage.join(name);
         fs::copy(&from, &to).map_err(BackendError::io(from.display().to_string()))?;
-        fs::set_permissions(&to, fs::Permissions::from_mode(mode)).map_err(BackendError::io(to.display().to_string()))
+        fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+            .map_err(BackendError::io(to.display().to_string()))
     };
     copy("ssh_host_ed25519_key", 0o600)?;
     copy("authorized_keys", 0o644)?;
     let write = |name: &str, body: String| -> Result<(), BackendError> {
         let to = stage.join(name);
         fs::write(&to, body).map_err(BackendError::io(to.display().to_string()))?;
-        fs::set_permissions(&to, fs::Permissions::from_mode(0o644)).map_err(BackendError::io(to.display().to_string()))
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o644))
+            .map_err(BackendError::io(to.display().to_string()))
     };
     write("hostname", format!("{}\n", inst.name))?;
     let mut network = format!("ADDRESS={}\n", qemu::GUEST_ADDRESS);
     if inst.settings.network == "nat" {
-        network.push_str(&format!("NAT_ADDRESS={}\nNAT_GATEWAY={}\n", qemu::NAT_ADDRESS, qemu::NAT_GATEWAY));
+        network.push_str(&format!(
+            "NAT_ADDRESS={}\nNAT_GATEWAY={}\n",
+            qemu::NAT_ADDRESS,
+            qemu::NAT_GATEWAY
+        ));
     }
     write("network", network)?;
     write("resolv.conf", resolv_conf(&inst.settings.network))?;
@@ -295,7 +331,13 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
     Ok(tar)
 }
 
-const CONFIG_FILES: [&str; 5] = ["ssh_host_ed25519_key", "authorized_keys", "hostname", "network", "resolv.conf"];
+const CONFIG_FILES: [&str; 5] = [
+    "ssh_host_ed25519_key",
+    "authorized_keys",
+    "hostname",
+    "network",
+    "resolv.conf",
+];
 
 fn resolv_conf(network: &str) -> String {
     if network != "nat" {
@@ -306,7 +348,9 @@ fn resolv_conf(network: &str) -> String {
         .lines()
         .filter(|l| {
             l.starts_with("nameserver")
-                && l.split_whitespace().nth(1).is_some_and(|a| !a.starts_with("127.") && a != "::1")
+                && l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| !a.starts_with("127.") && a != "::1")
         })
         .map(|l| format!("{l}\n"))
         .collect()
@@ -327,7 +371,9 @@ fn tail(path: &Path, n: usize) -> String {
 }
 
 fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
-    runtime.get(key).and_then(|v| serde_json::from_value(v.clone()).ok())
+    runtime
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
 /// Everything the supervisor runs for one VM, torn down together.
@@ -342,12 +388,15 @@ struct Vm {
 
 impl Vm {
     fn children(&mut self) -> impl Iterator<Item = &mut Child> {
-        std::iter::once(&mut self.qemu).chain(self.passt.as_mut()).chain(self.relay.as_mut())
+        std::iter::once(&mut self.qemu)
+            .chain(self.passt.as_mut())
+            .chain(self.relay.as_mut())
     }
 
     fn stop(&mut self, signals: &mut Signals, kind: StopRequest) {
         if kind == StopRequest::Graceful && !self.qemu.try_reap() {
-            let asked = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2)).and_then(|mut q| q.ctrl_alt_del());
+            let asked = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2))
+                .and_then(|mut q| q.ctrl_alt_del());
             if let Err(e) = &asked {
                 tracing::warn!("graceful power-down over QMP failed: {e}");
             }
@@ -361,7 +410,10 @@ impl Vm {
                 }
             }
             if !self.qemu.try_reap() {
-                tracing::warn!("the guest did not power off within {}s; quitting QEMU", STOP_GRACE.as_secs());
+                tracing::warn!(
+                    "the guest did not power off within {}s; quitting QEMU",
+                    STOP_GRACE.as_secs()
+                );
                 if let Ok(mut q) = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2)) {
                     let _ = q.quit();
                 }
@@ -393,7 +445,10 @@ impl Vm {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(BackendError::Failed(format!("teardown left {}", left.join(", "))));
+                return Err(BackendError::Failed(format!(
+                    "teardown left {}",
+                    left.join(", ")
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -406,12 +461,24 @@ impl Backend for MicrovmBackend {
     }
 
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
-        require_tool("qemu-system-x86_64", "qemu-system-x86", "it runs the microVMs")?;
-        require_tool("qemu-img", "qemu-utils", "it makes each sandbox's disk overlay")?;
+        require_tool(
+            "qemu-system-x86_64",
+            "qemu-system-x86",
+            "it runs the microVMs",
+        )?;
+        require_tool(
+            "qemu-img",
+            "qemu-utils",
+            "it makes each sandbox's disk overlay",
+        )?;
         require_tool("mkfs.ext4", "e2fsprogs", "it makes the microVM root disk")?;
         require_tool("tar", "tar", "it unpacks the image")?;
         match inst.settings.network.as_str() {
-            "nat" => require_tool("passt", "passt", "--network nat for microVMs; or use --network none")?,
+            "nat" => require_tool(
+                "passt",
+                "passt",
+                "--network nat for microVMs; or use --network none",
+            )?,
             "none" => {}
             other => {
                 return Err(BackendError::NotImplemented {
@@ -454,11 +521,15 @@ impl Backend for MicrovmBackend {
             let _ = fs::remove_file(&disk);
             make_overlay(&art.rootfs(), &disk)?;
         } else if !disk.exists() {
-            return Err(BackendError::Failed(format!("the sandbox's disk {} is missing", disk.display())));
+            return Err(BackendError::Failed(format!(
+                "the sandbox's disk {} is missing",
+                disk.display()
+            )));
         }
         let config = write_config(inst, &run_dir)?;
         let (choice, host_nested) = host_acceleration();
-        let (nested_flag, nested_line) = accel::nested_decision(inst.settings.nested_virt, choice.accel, &host_nested);
+        let (nested_flag, nested_line) =
+            accel::nested_decision(inst.settings.nested_virt, choice.accel, &host_nested);
         let notes = vec![choice.reason.clone(), nested_line];
 
         let qmp_path = run_dir.join("qmp.sock");
@@ -474,7 +545,12 @@ impl Backend for MicrovmBackend {
             attempt += 1;
             let port = proc::free_port()?;
             let (nat_fd, passt) = if inst.settings.network == "nat" {
-                let (a, b) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)?;
+                let (a, b) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )?;
                 let log = log_file(&inst.log_dir().join("passt.log"))?;
                 let mut cmd = Command::new("passt");
                 // Foreground, one client (the socketpair), IPv4, the
@@ -517,7 +593,11 @@ impl Backend for MicrovmBackend {
                 .env_clear()
                 .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
             tracing::info!(args = ?spec.args(), "starting qemu");
-            let keep: Vec<_> = nat_fd.as_ref().map(|fd| fd.as_raw_fd()).into_iter().collect();
+            let keep: Vec<_> = nat_fd
+                .as_ref()
+                .map(|fd| fd.as_raw_fd())
+                .into_iter()
+                .collect();
             let qemu = match proc::spawn("qemu", cmd, &keep) {
                 Ok(q) => q,
                 Err(e) => {
@@ -547,7 +627,10 @@ impl Backend for MicrovmBackend {
                     break Err(format!("port {port} was taken by another process"));
                 }
                 if vm.qemu.try_reap() || vm.passt.as_mut().is_some_and(|p| p.try_reap()) {
-                    break Err(format!("QEMU or passt exited at start: {}", tail(&qemu_log_path, 5)));
+                    break Err(format!(
+                        "QEMU or passt exited at start: {}",
+                        tail(&qemu_log_path, 5)
+                    ));
                 }
                 if Instant::now() > deadline {
                     break Err(format!("nothing listens on the forwarded port {port}"));
@@ -628,7 +711,10 @@ impl Backend for MicrovmBackend {
         runtime.insert("ssh_port".into(), serde_json::json!(vm.port));
         runtime.insert("accel".into(), serde_json::json!(choice.accel.as_str()));
         runtime.insert("nested".into(), serde_json::json!(nested_flag.is_some()));
-        runtime.insert("boot_seconds".into(), serde_json::json!(started.elapsed().as_secs_f64()));
+        runtime.insert(
+            "boot_seconds".into(),
+            serde_json::json!(started.elapsed().as_secs_f64()),
+        );
         // For `reap` after a supervisor that died: it gets no registry.
         let _ = fs::write(
             run_dir.join("runtime.json"),
@@ -677,7 +763,8 @@ impl Backend for MicrovmBackend {
         // supervisor; make sure through the recorded identities (PID and
         // start time, then a pidfd, so a reused PID is never signalled).
         if let Ok(sb) = fs::read_to_string(inst.dir.join("run/runtime.json")) {
-            let runtime: BTreeMap<String, serde_json::Value> = serde_json::from_str(&sb).unwrap_or_default();
+            let runtime: BTreeMap<String, serde_json::Value> =
+                serde_json::from_str(&sb).unwrap_or_default();
             kill_recorded(&runtime);
         }
         let _ = fs::remove_file(&inst.socket);
@@ -696,17 +783,19 @@ impl Backend for MicrovmBackend {
     fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage {
         use std::os::unix::fs::MetadataExt;
         // The guest's memory as the host sees it: QEMU's resident set.
-        let memory_bytes = runtime_pid(runtime, "qemu").filter(|p| p.is_alive()).and_then(|p| {
-            let status = fs::read_to_string(format!("/proc/{}/status", p.pid)).ok()?;
-            let kb: u64 = status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some(kb * 1024)
-        });
+        let memory_bytes = runtime_pid(runtime, "qemu")
+            .filter(|p| p.is_alive())
+            .and_then(|p| {
+                let status = fs::read_to_string(format!("/proc/{}/status", p.pid)).ok()?;
+                let kb: u64 = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                Some(kb * 1024)
+            });
         // What the sandbox's own disk really takes (the overlay's allocated
         // blocks; the shared base is the image's).
         let disk_bytes = fs::metadata(overlay(inst)).ok().map(|m| m.blocks() * 512);
@@ -721,8 +810,12 @@ impl Backend for MicrovmBackend {
 /// same processes.
 pub fn kill_recorded(runtime: &BTreeMap<String, serde_json::Value>) {
     for key in ["qemu", "passt", "relay"] {
-        let Some(id) = runtime_pid(runtime, key) else { continue };
-        let Ok(fd) = proc::pidfd_open(id.pid) else { continue };
+        let Some(id) = runtime_pid(runtime, key) else {
+            continue;
+        };
+        let Ok(fd) = proc::pidfd_open(id.pid) else {
+            continue;
+        };
         // The pidfd pins the process; check it is the recorded one.
         if id.is_alive() {
             let _ = proc::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL);

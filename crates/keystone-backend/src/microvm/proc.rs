@@ -76,7 +76,8 @@ pub fn spawn(name: &'static str, mut cmd: Command, keep: &[RawFd]) -> Result<Chi
     let pid = Pid::from_raw(child.id() as i32);
     // The child cannot be reaped before we wait for it, so this pidfd is
     // for exactly this process.
-    let pidfd = pidfd_open(pid.as_raw()).map_err(BackendError::io(format!("pidfd_open({name})")))?;
+    let pidfd =
+        pidfd_open(pid.as_raw()).map_err(BackendError::io(format!("pidfd_open({name})")))?;
     // We reap it ourselves through waitpid.
     std::mem::forget(child);
     Ok(Child {
@@ -110,7 +111,9 @@ impl Child {
         if self.reaped {
             return true;
         }
-        if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) = waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+        if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+            waitpid(self.pid, Some(WaitPidFlag::WNOHANG))
+        {
             self.reaped = true;
         }
         self.reaped
@@ -183,8 +186,11 @@ pub fn holds_socket(pid: Pid, inode: u64) -> bool {
 /// A port on 127.0.0.1 that nothing listens on right now. Whoever binds
 /// it next is checked with [`holds_socket`].
 pub fn free_port() -> Result<u16, BackendError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(BackendError::io("bind 127.0.0.1:0"))?;
-    Ok(l.local_addr().map_err(BackendError::io("local_addr"))?.port())
+    let l =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(BackendError::io("bind 127.0.0.1:0"))?;
+    Ok(l.local_addr()
+        .map_err(BackendError::io("local_addr"))?
+        .port())
 }
 
 #[cfg(test)]

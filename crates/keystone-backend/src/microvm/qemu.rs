@@ -71,7 +71,15 @@ impl VmSpec {
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&["-name", &format!("keystone-{}", self.name)]);
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-no-reboot",
+        ]);
         let cpu = match (self.accel, self.nested_flag) {
             (Accel::Kvm, Some(flag)) => format!("host,+{flag}"),
             (Accel::Kvm, None) => "host,-vmx,-svm".to_string(),
@@ -86,20 +94,31 @@ impl VmSpec {
         if let Some(bios) = &self.bios {
             push(&["-bios", &bios.display().to_string()]);
         }
-        push(&["-m", &self.memory_mb.to_string(), "-smp", &self.vcpus.to_string()]);
+        push(&[
+            "-m",
+            &self.memory_mb.to_string(),
+            "-smp",
+            &self.vcpus.to_string(),
+        ]);
         push(&["-kernel", &self.kernel.display().to_string()]);
         push(&["-append", &kernel_cmdline()]);
         // The root is the only NVMe drive (nvme0n1, mounted by the kernel);
         // the configuration the only virtio disk (vda, read by the init).
         push(&[
             "-drive",
-            &format!("file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback", qemu_path(&self.disk)),
+            &format!(
+                "file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback",
+                qemu_path(&self.disk)
+            ),
             "-device",
             "nvme,serial=keystone-root,drive=root",
         ]);
         push(&[
             "-drive",
-            &format!("file={},format=raw,if=none,id=config,readonly=on", qemu_path(&self.config)),
+            &format!(
+                "file={},format=raw,if=none,id=config,readonly=on",
+                qemu_path(&self.config)
+            ),
             "-device",
             "virtio-blk-pci,drive=config",
         ]);
@@ -113,7 +132,12 @@ impl VmSpec {
         );
         push(&["-netdev", &ctl, "-device", "virtio-net-pci,netdev=ctl"]);
         if let Some(fd) = self.passt_fd {
-            push(&["-netdev", &format!("socket,id=nat,fd={fd}"), "-device", "virtio-net-pci,netdev=nat"]);
+            push(&[
+                "-netdev",
+                &format!("socket,id=nat,fd={fd}"),
+                "-device",
+                "virtio-net-pci,netdev=nat",
+            ]);
         }
         push(&["-device", "virtio-rng-pci"]);
         push(&[
@@ -122,7 +146,10 @@ impl VmSpec {
             "-serial",
             "chardev:console",
         ]);
-        push(&["-qmp", &format!("unix:{},server=on,wait=off", qemu_path(&self.qmp))]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qemu_path(&self.qmp)),
+        ]);
         a
     }
 }
@@ -155,7 +182,10 @@ mod tests {
     }
 
     fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
@@ -180,10 +210,18 @@ mod tests {
         assert_eq!(after(&a, "-smp"), ["2"]);
         let drives = after(&a, "-drive");
         assert!(drives[0].starts_with("file=/s/disk/root.qcow2,format=qcow2"));
-        assert!(drives[1].starts_with("file=/s/run/config,,1.tar,format=raw"), "{}", drives[1]);
+        assert!(
+            drives[1].starts_with("file=/s/run/config,,1.tar,format=raw"),
+            "{}",
+            drives[1]
+        );
         assert!(drives[1].contains("readonly=on"));
         let nets = after(&a, "-netdev");
-        assert!(nets[0].starts_with("user,id=ctl,restrict=on"), "{}", nets[0]);
+        assert!(
+            nets[0].starts_with("user,id=ctl,restrict=on"),
+            "{}",
+            nets[0]
+        );
         assert_eq!(nets[1], "socket,id=nat,fd=7");
     }
 
@@ -194,7 +232,10 @@ mod tests {
         assert_eq!(n.len(), 1, "no way out without passt");
         let n = n[0];
         assert!(n.contains("restrict=on"));
-        assert!(n.contains("hostfwd=tcp:127.0.0.1:40123-10.0.2.15:22"), "{n}");
+        assert!(
+            n.contains("hostfwd=tcp:127.0.0.1:40123-10.0.2.15:22"),
+            "{n}"
+        );
     }
 
     #[test]

@@ -31,9 +31,13 @@ impl Qmp {
     fn read_value(&mut self) -> std::io::Result<Value> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "qmp closed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "qmp closed",
+            ));
         }
-        serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_str(&line)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     /// Run a command and return its `return` value (or its error).
@@ -65,7 +69,8 @@ impl Qmp {
             .iter()
             .map(|k| json!({ "type": "qcode", "data": k }))
             .collect();
-        self.execute("send-key", Some(json!({ "keys": keys }))).map(|_| ())
+        self.execute("send-key", Some(json!({ "keys": keys })))
+            .map(|_| ())
     }
 
     pub fn quit(&mut self) -> std::io::Result<()> {

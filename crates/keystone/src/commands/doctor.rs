@@ -40,7 +40,10 @@ pub fn kvm_state() -> (bool, String) {
     let detail = if ok {
         "KVM is usable: microVMs run accelerated".to_string()
     } else {
-        choice.reason.trim_start_matches("acceleration: ").to_string()
+        choice
+            .reason
+            .trim_start_matches("acceleration: ")
+            .to_string()
     };
     (ok, detail)
 }
@@ -48,7 +51,14 @@ pub fn kvm_state() -> (bool, String) {
 fn nested() -> (bool, String) {
     let (choice, host) = keystone_backend::microvm::host_acceleration();
     let (flag, line) = keystone_backend::microvm::accel::nested_decision(true, choice.accel, &host);
-    (flag.is_some(), format!("{} [{}]", line.trim_start_matches("nested virtualization: "), host.describe()))
+    (
+        flag.is_some(),
+        format!(
+            "{} [{}]",
+            line.trim_start_matches("nested virtualization: "),
+            host.describe()
+        ),
+    )
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
@@ -60,9 +70,24 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         tool("mmdebstrap", "mmdebstrap", "building the guest image", true),
         tool("tar", "tar", "unpacking the image", true),
         tool("pasta", "passt", "container backend, --network nat", false),
-        tool("qemu-system-x86_64", "qemu-system-x86", "microvm backend", false),
-        tool("qemu-img", "qemu-utils", "microvm backend: per-sandbox disk overlays", false),
-        tool("mkfs.ext4", "e2fsprogs", "microvm backend: the root disk", false),
+        tool(
+            "qemu-system-x86_64",
+            "qemu-system-x86",
+            "microvm backend",
+            false,
+        ),
+        tool(
+            "qemu-img",
+            "qemu-utils",
+            "microvm backend: per-sandbox disk overlays",
+            false,
+        ),
+        tool(
+            "mkfs.ext4",
+            "e2fsprogs",
+            "microvm backend: the root disk",
+            false,
+        ),
         tool("passt", "passt", "microvm backend, --network nat", false),
         tool("rsync", "rsync", "sync --artifacts", false),
     ];

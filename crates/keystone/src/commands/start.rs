@@ -86,7 +86,9 @@ pub fn run(args: StartArgs) -> Result<i32> {
     let backend = backend_for(&backend_kind)?;
     if cfg.backend.microvm.workspace.to_string() == "share" {
         if backend_kind != "microvm" {
-            return Err(CliError::state("--share (a live share of the project) needs the microvm backend"));
+            return Err(CliError::state(
+                "--share (a live share of the project) needs the microvm backend",
+            ));
         }
         // Debian's cloud kernel has no 9p, and virtiofsd is not in
         // bookworm: the share needs virtiofsd from crates.io, not wired yet.
@@ -561,7 +563,9 @@ fn rollback(
 fn log_tail(dir: &std::path::Path) -> String {
     let mut out = String::new();
     for name in ["container.log", "qemu.log", "boot.log", "supervisor.log"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(name)) else { continue };
+        let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+            continue;
+        };
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
         if lines.is_empty() {
             continue;

@@ -38,11 +38,15 @@ impl Traces {
     #[track_caller]
     fn assert_gone(&self, h: &Host) {
         for (what, pid) in &self.pids {
-            assert!(eventually(Duration::from_secs(10), || !pid_alive(*pid)), "the sandbox's {what} {pid} survived");
+            assert!(
+                eventually(Duration::from_secs(10), || !pid_alive(*pid)),
+                "the sandbox's {what} {pid} survived"
+            );
         }
         let vm = format!("-name keystone-{} ", h.name());
         assert!(
-            eventually(Duration::from_secs(10), || processes_matching(&vm).is_empty()),
+            eventually(Duration::from_secs(10), || processes_matching(&vm)
+                .is_empty()),
             "QEMU left: {:?}",
             processes_matching(&vm)
         );
@@ -298,17 +302,33 @@ pub fn network_none(h: Host) {
     } else {
         assert_eq!(links, "eth0 lo", "only the host-only link:\n{out}");
     }
-    assert_eq!(lines.next().map(str::trim), Some("0"), "no default route may exist:\n{out}");
+    assert_eq!(
+        lines.next().map(str::trim),
+        Some("0"),
+        "no default route may exist:\n{out}"
+    );
     // An address the host itself reaches (an outside web server, or a
     // transparent proxy answering for it): the sandbox must not.
     let target = ["deb.debian.org:80", "1.1.1.1:80"]
         .iter()
-        .find_map(|a| std::net::ToSocketAddrs::to_socket_addrs(a).ok().and_then(|mut i| i.find(|s| s.is_ipv4())))
+        .find_map(|a| {
+            std::net::ToSocketAddrs::to_socket_addrs(a)
+                .ok()
+                .and_then(|mut i| i.find(|s| s.is_ipv4()))
+        })
         .filter(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(5)).is_ok());
-    for addr in target.iter().map(|a| a.to_string()).chain(["10.0.2.2:22".to_string(), "10.0.3.2:80".to_string()]) {
+    for addr in target
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["10.0.2.2:22".to_string(), "10.0.3.2:80".to_string()])
+    {
         let (ip, port) = addr.split_once(':').expect("ip:port");
         let r = h.ks(&["exec", "--", "bash", "-c", &format!("timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' && echo CONNECTED || echo blocked")]);
-        assert!(r.stdout.contains("blocked"), "outbound connection to {addr} succeeded:\n{}", r.text());
+        assert!(
+            r.stdout.contains("blocked"),
+            "outbound connection to {addr} succeeded:\n{}",
+            r.text()
+        );
     }
     assert_eq!(h.status_json(&h.name())["network"], "none");
 }
@@ -322,10 +342,18 @@ pub fn supervisor_killed(h: Host) {
     let rec = h.record(&name).expect("record");
     let sup = rec["owner"]["pid"].as_i64().expect("owner pid");
     let port = rec["runtime"]["ssh_port"].as_u64();
-    assert!(std::process::Command::new("kill").args(["-9", &sup.to_string()]).status().expect("kill").success());
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &sup.to_string()])
+        .status()
+        .expect("kill")
+        .success());
     if let Some(port) = port {
         assert!(
-            eventually(Duration::from_secs(10), || TcpListener::bind(("127.0.0.1", port as u16)).is_ok()),
+            eventually(Duration::from_secs(10), || TcpListener::bind((
+                "127.0.0.1",
+                port as u16
+            ))
+            .is_ok()),
             "the forwarded port {port} is still taken after the supervisor died"
         );
     }
