@@ -18,6 +18,8 @@
 //! Backends live in their own modules and never reach into each other.
 
 pub mod container;
+pub mod idmap;
+pub mod microvm;
 mod signals;
 
 pub use signals::{unblock_all, StopRequest, STOP_FORCE, STOP_GRACEFUL};

@@ -21,7 +21,9 @@ pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 /// a user can `apt-get install` inside a sandbox.
 pub(crate) const VARIANT: &str = "apt";
 
-/// Packages of every image.
+/// Packages of every image. The kernel (Debian's cloud flavour, the
+/// smallest with virtio) and initramfs-tools are for the microvm backend,
+/// which boots the image's own kernel; the container backend ignores /boot.
 const MINIMAL_PACKAGES: &[&str] = &[
     "ca-certificates",
     "curl",
@@ -29,8 +31,10 @@ const MINIMAL_PACKAGES: &[&str] = &[
     "git",
     "iproute2",
     "jq",
+    "kmod",
     "less",
     "libnss-myhostname",
+    "linux-image-cloud-amd64",
     "openssh-server",
     "procps",
     "ripgrep",
@@ -392,7 +396,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-1d4117dad4cb");
+        assert_eq!(minimal().id(), "minimal-53a27a5537f0");
     }
 
     #[test]
@@ -416,8 +420,10 @@ mod tests {
             "git",
             "iproute2",
             "jq",
+            "kmod",
             "less",
             "libnss-myhostname",
+            "linux-image-cloud-amd64",
             "openssh-server",
             "procps",
             "ripgrep",

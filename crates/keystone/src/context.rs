@@ -3,6 +3,7 @@
 
 use crate::error::{CliError, Exit, Result};
 use keystone_backend::container::ContainerBackend;
+use keystone_backend::microvm::MicrovmBackend;
 use keystone_backend::{Backend, Instance};
 use keystone_channel::{keys, Channel};
 use keystone_config::{Effective, Flag, Inputs};
@@ -133,10 +134,10 @@ pub fn cache_root() -> Option<PathBuf> {
 pub fn backend_for(kind: &str) -> Result<Box<dyn Backend>> {
     match kind {
         "container" => Ok(Box::new(ContainerBackend)),
-        "microvm" => Err(CliError::missing(
-            "the microvm backend (QEMU); use --backend container (or set [backend] type = \"container\")",
+        "microvm" => Ok(Box::new(MicrovmBackend)),
+        "kubernetes" => Err(CliError::missing(
+            "the kubernetes backend; use --backend container",
         )),
-        "kubernetes" => Err(CliError::missing("the kubernetes backend; use --backend container")),
         other => Err(CliError::failed(format!("unknown backend {other:?}"))),
     }
 }

@@ -15,7 +15,7 @@
 //! with the sandbox's id map when rootless, so file owners line up.
 
 mod cgroup;
-pub mod idmap;
+pub use crate::idmap;
 mod init;
 
 pub use cgroup::version as cgroup_version;

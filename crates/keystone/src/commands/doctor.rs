@@ -5,7 +5,6 @@ use crate::cli::DoctorArgs;
 use crate::error::{CliError, Exit, Result};
 use keystone_channel::which;
 use serde::Serialize;
-use std::path::Path;
 
 #[derive(Serialize)]
 struct Check {
@@ -33,41 +32,33 @@ fn tool(name: &str, package: &str, needed_for: &str, required: bool) -> Check {
     }
 }
 
-/// KVM as it really is: present, usable, or present but unusable (PVM).
+/// KVM as it really is: usable, or why not (absent, PVM host, no access),
+/// decided by the microvm backend itself so doctor and start agree.
 pub fn kvm_state() -> (bool, String) {
-    if !Path::new("/dev/kvm").exists() {
-        return (
-            false,
-            "no /dev/kvm: microVMs run under TCG (software emulation, roughly 10x slower)".into(),
-        );
-    }
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        return (
-            false,
-            "/dev/kvm is present but this is a PVM host (kvm_pvm): stock kernels hang under it, so TCG is used".into(),
-        );
-    }
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => (true, "/dev/kvm is usable".into()),
-        Err(e) => (
-            false,
-            format!("/dev/kvm is not usable by this user ({e}): add the user to group kvm"),
-        ),
-    }
+    let (choice, _) = keystone_backend::microvm::host_acceleration();
+    let ok = choice.accel == keystone_backend::microvm::accel::Accel::Kvm;
+    let detail = if ok {
+        "KVM is usable: microVMs run accelerated".to_string()
+    } else {
+        choice
+            .reason
+            .trim_start_matches("acceleration: ")
+            .to_string()
+    };
+    (ok, detail)
 }
 
-fn nested() -> String {
-    for m in ["kvm_intel", "kvm_amd"] {
-        if let Ok(v) = std::fs::read_to_string(format!("/sys/module/{m}/parameters/nested")) {
-            let on = matches!(v.trim(), "Y" | "y" | "1");
-            return format!("{m} nested={}", if on { "on" } else { "off" });
-        }
-    }
-    "no kvm_intel/kvm_amd module: nested virtualization unavailable".into()
+fn nested() -> (bool, String) {
+    let (choice, host) = keystone_backend::microvm::host_acceleration();
+    let (flag, line) = keystone_backend::microvm::accel::nested_decision(true, choice.accel, &host);
+    (
+        flag.is_some(),
+        format!(
+            "{} [{}]",
+            line.trim_start_matches("nested virtualization: "),
+            host.describe()
+        ),
+    )
 }
 
 pub fn run(args: DoctorArgs) -> Result<i32> {
@@ -85,6 +76,19 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
             "microvm backend",
             false,
         ),
+        tool(
+            "qemu-img",
+            "qemu-utils",
+            "microvm backend: per-sandbox disk overlays",
+            false,
+        ),
+        tool(
+            "mkfs.ext4",
+            "e2fsprogs",
+            "microvm backend: the root disk",
+            false,
+        ),
+        tool("passt", "passt", "microvm backend, --network nat", false),
         tool("rsync", "rsync", "sync --artifacts", false),
     ];
     if !root {
@@ -146,10 +150,11 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         required: false,
         fix: None,
     });
+    let (nested_ok, nested_detail) = nested();
     checks.push(Check {
         name: "nested virtualization".into(),
-        ok: nested().contains("=on"),
-        detail: nested(),
+        ok: nested_ok,
+        detail: nested_detail,
         required: false,
         fix: None,
     });

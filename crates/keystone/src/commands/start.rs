@@ -84,9 +84,16 @@ pub fn run(args: StartArgs) -> Result<i32> {
     let cfg = &effective.config;
     let backend_kind = cfg.backend.kind.to_string();
     let backend = backend_for(&backend_kind)?;
-    if cfg.backend.microvm.workspace.to_string() == "share" && backend_kind != "microvm" {
-        return Err(CliError::state(
-            "--share (a live share of the project) needs the microvm backend",
+    if cfg.backend.microvm.workspace.to_string() == "share" {
+        if backend_kind != "microvm" {
+            return Err(CliError::state(
+                "--share (a live share of the project) needs the microvm backend",
+            ));
+        }
+        // Debian's cloud kernel has no 9p, and virtiofsd is not in
+        // bookworm: the share needs virtiofsd from crates.io, not wired yet.
+        return Err(CliError::missing(
+            "the live share (--share / workspace = \"share\"); the sandbox works on its own clone, synced with `keystone agent sync`",
         ));
     }
     if let Some(n) = &args.name {
@@ -555,7 +562,7 @@ fn rollback(
 /// themselves go away with a sandbox whose first start failed).
 fn log_tail(dir: &std::path::Path) -> String {
     let mut out = String::new();
-    for name in ["container.log", "supervisor.log"] {
+    for name in ["container.log", "qemu.log", "boot.log", "supervisor.log"] {
         let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
             continue;
         };

@@ -19,6 +19,12 @@ pub fn require_tools(backend: &str) {
         tools.push(("pasta", "passt"));
         tools.push(("newuidmap", "uidmap"));
     }
+    if backend == "microvm" {
+        tools.push(("qemu-system-x86_64", "qemu-system-x86"));
+        tools.push(("qemu-img", "qemu-utils"));
+        tools.push(("mkfs.ext4", "e2fsprogs"));
+        tools.push(("passt", "passt"));
+    }
     for (tool, pkg) in tools {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))

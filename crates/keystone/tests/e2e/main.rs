@@ -70,6 +70,7 @@ macro_rules! backend_suite {
 }
 
 backend_suite!(container, "container");
+backend_suite!(microvm, "microvm");
 
 /// The container scenario as an unprivileged user (rootless): user
 /// namespaces with subordinate ids, no cgroup delegation on v1.

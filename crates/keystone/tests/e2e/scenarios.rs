@@ -11,28 +11,45 @@ use std::time::Duration;
 /// crash leaves any of it, the test names it.
 struct Traces {
     id: String,
-    init_pid: Option<i64>,
+    /// Every process the backend recorded (container: init; microvm:
+    /// qemu, passt, relay).
+    pids: Vec<(String, i64)>,
     state_dir: std::path::PathBuf,
 }
 
 impl Traces {
     fn of(h: &Host) -> Traces {
         let rec = h.record(&h.name()).expect("sandbox record");
+        let pids = rec["runtime"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v["pid"].as_i64().map(|p| (k.clone(), p)))
+                    .collect()
+            })
+            .unwrap_or_default();
         Traces {
             id: rec["id"].as_str().expect("id").to_string(),
-            init_pid: rec["runtime"]["init"]["pid"].as_i64(),
+            pids,
             state_dir: h.state_dir(),
         }
     }
 
     #[track_caller]
     fn assert_gone(&self, h: &Host) {
-        if let Some(pid) = self.init_pid {
+        for (what, pid) in &self.pids {
             assert!(
-                eventually(Duration::from_secs(10), || !pid_alive(pid)),
-                "the sandbox's init {pid} survived"
+                eventually(Duration::from_secs(10), || !pid_alive(*pid)),
+                "the sandbox's {what} {pid} survived"
             );
         }
+        let vm = format!("-name keystone-{} ", h.name());
+        assert!(
+            eventually(Duration::from_secs(10), || processes_matching(&vm)
+                .is_empty()),
+            "QEMU left: {:?}",
+            processes_matching(&vm)
+        );
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         let sd = self.state_dir.display().to_string();
         assert!(
@@ -244,6 +261,9 @@ pub fn isolation(h: Host) {
         echo "canary:$(grep -rlsE 'host-private-key-canary|host-credentials-canary' /home /root /etc /tmp /workspace /opt /srv /mnt 2>/dev/null | wc -l)"
         sleep 2.5
         echo "loopback:$(timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}; cat <&3' 2>/dev/null || echo refused)"
+        for gw in $(ip route | awk '/^default/ {{print $3}}') 10.0.2.2 10.0.3.2; do
+            echo "gateway $gw:$(timeout 3 bash -c "exec 3<>/dev/tcp/$gw/{port}; cat <&3" 2>/dev/null || echo refused)"
+        done
         "#
     );
     let r = h.ks_env(&["exec", "--", "bash", "-c", &script], &secret_env);
@@ -268,18 +288,48 @@ pub fn isolation(h: Host) {
     assert_eq!(h.sh("sudo -n id -u").trim(), "0");
 }
 
-/// `--network none`: loopback only, and exec still works.
+/// `--network none`: no way out, and exec still works. The container has
+/// loopback only; the microVM keeps the host-only link its sshd is
+/// reached on (QEMU `restrict=on`), with no default route and no outbound
+/// connection getting through even to an address the host reaches.
 pub fn network_none(h: Host) {
     h.start(&["--network", "none"]).ok();
-    let out =
-        h.sh("ip -o link | awk -F': ' '{print $2}' | sort | tr '\\n' ' '; echo; ip route | wc -l");
+    let out = h.sh("ip -o link | awk -F': ' '{print $2}' | sort | tr '\\n' ' '; echo; ip route | grep -c default || true");
     let mut lines = out.lines();
-    assert_eq!(lines.next().map(str::trim), Some("lo"), "{out}");
+    let links = lines.next().map(str::trim).unwrap_or_default().to_string();
+    if h.backend == "container" {
+        assert_eq!(links, "lo", "{out}");
+    } else {
+        assert_eq!(links, "eth0 lo", "only the host-only link:\n{out}");
+    }
     assert_eq!(
         lines.next().map(str::trim),
         Some("0"),
-        "no route may exist:\n{out}"
+        "no default route may exist:\n{out}"
     );
+    // An address the host itself reaches (an outside web server, or a
+    // transparent proxy answering for it): the sandbox must not.
+    let target = ["deb.debian.org:80", "1.1.1.1:80"]
+        .iter()
+        .find_map(|a| {
+            std::net::ToSocketAddrs::to_socket_addrs(a)
+                .ok()
+                .and_then(|mut i| i.find(|s| s.is_ipv4()))
+        })
+        .filter(|a| std::net::TcpStream::connect_timeout(a, Duration::from_secs(5)).is_ok());
+    for addr in target
+        .iter()
+        .map(|a| a.to_string())
+        .chain(["10.0.2.2:22".to_string(), "10.0.3.2:80".to_string()])
+    {
+        let (ip, port) = addr.split_once(':').expect("ip:port");
+        let r = h.ks(&["exec", "--", "bash", "-c", &format!("timeout 5 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' && echo CONNECTED || echo blocked")]);
+        assert!(
+            r.stdout.contains("blocked"),
+            "outbound connection to {addr} succeeded:\n{}",
+            r.text()
+        );
+    }
     assert_eq!(h.status_json(&h.name())["network"], "none");
 }
 
@@ -291,11 +341,22 @@ pub fn supervisor_killed(h: Host) {
     let traces = Traces::of(&h);
     let rec = h.record(&name).expect("record");
     let sup = rec["owner"]["pid"].as_i64().expect("owner pid");
+    let port = rec["runtime"]["ssh_port"].as_u64();
     assert!(std::process::Command::new("kill")
         .args(["-9", &sup.to_string()])
         .status()
         .expect("kill")
         .success());
+    if let Some(port) = port {
+        assert!(
+            eventually(Duration::from_secs(10), || TcpListener::bind((
+                "127.0.0.1",
+                port as u16
+            ))
+            .is_ok()),
+            "the forwarded port {port} is still taken after the supervisor died"
+        );
+    }
     let st = h.status_json(&name);
     assert_eq!(st["state"], "error", "{st}");
     assert!(

@@ -1,4 +1,4 @@
-//! User-namespace id maps.
+//! User-namespace id maps, shared by the backends that unpack images.
 //!
 //! Root maps the container's ids 0..65535 onto the same host ids, so an
 //! image unpacked by root works as is while the container's root still has

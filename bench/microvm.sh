@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Benchmark: the microvm backend against a floor measured in the same run.
+#
+#  1. warm `keystone agent start` to a working `exec` (the image's disk and
+#     the sandbox's overlay already exist), vs the floor: the same QEMU
+#     command line (same kernel, machine, accelerator, memory, vCPUs) with
+#     `init=/bin/false`, i.e. the kernel boots, runs one userspace program,
+#     panics and QEMU exits (`panic=-1`, `-no-reboot`);
+#  2. idle memory overhead: host RSS of QEMU and the supervisor, beyond the
+#     memory the guest itself uses (MemTotal - MemFree inside).
+#
+# Prints absolute figures and ratios. Not a test: nothing here fails on time.
+#   sudo ./bench/microvm.sh [ITERATIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-3}
+for t in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.ext4:e2fsprogs bc:bc jq:jq; do
+    command -v "${t%%:*}" >/dev/null || { echo "${t%%:*} is required: apt-get install ${t##*:}" >&2; exit 4; }
+done
+cargo build --release -q -p keystone
+K=${CARGO_TARGET_DIR:-$PWD/target}/release/keystone
+work=$(mktemp -d /tmp/ks-bench-vm.XXXXXX)
+trap 'cd /; $K agent destroy bench --force >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+export XDG_STATE_HOME=$work/state XDG_CONFIG_HOME=$work/config
+export XDG_CACHE_HOME=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
+mkdir -p "$XDG_CONFIG_HOME/keystone" "$work/bench"
+printf '[defaults]\nmemory = 2048\nvcpus = 2\nnetwork = "none"\n[backend]\ntype = "microvm"\n[guest]\nprofile = "minimal"\n' > "$XDG_CONFIG_HOME/keystone/agent.toml"
+cd "$work/bench"
+git init -q -b main && git -c user.name=b -c user.email=b@e commit -q --allow-empty -m init
+
+now() { date +%s%N; }
+ms() { echo "scale=1; ($2 - $1) / 1000000" | bc; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+t0=$(now); $K agent start --no-attach >/dev/null 2>&1; $K agent exec -- true; t1=$(now)
+cold=$(ms "$t0" "$t1")
+
+# The QEMU command line the backend uses, and memory while idle.
+qpid=$(pgrep -f -- '-name keystone-bench ' | head -1)
+mapfile -d '' args < <(cat "/proc/$qpid/cmdline")
+spid=$(ps -o ppid= -p "$qpid" | tr -d ' ')
+sleep 5
+rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+qemu_kb=$(rss "$qpid"); sup_kb=$(rss "$spid")
+guest_kb=$($K agent exec -- awk '/^MemTotal:/ {t=$2} /^MemFree:/ {f=$2} END {print t-f}' /proc/meminfo)
+$K agent stop >/dev/null
+
+# 1. keystone warm start → exec
+ks=()
+for _ in $(seq "$N"); do
+    t0=$(now); $K agent start --no-attach >/dev/null 2>&1; $K agent exec -- true; t1=$(now)
+    ks+=("$(ms "$t0" "$t1")")
+    $K agent stop >/dev/null
+done
+
+# The floor: same command line, init=/bin/false, a scratch overlay, no QMP.
+floor_args=()
+for a in "${args[@]:1}"; do
+    case "$a" in
+        *init=/usr/local/sbin/keystone-init*) a=${a/init=\/usr\/local\/sbin\/keystone-init/init=\/bin\/false} ;;
+        file=*root.qcow2,*) a="file=$work/floor.qcow2,${a#*,}" ;;
+        unix:*qmp.sock*) a="unix:$work/floor-qmp.sock,server=on,wait=off" ;;
+        file,id=console,path=*) a="file,id=console,path=$work/floor-boot.log" ;;
+        user,id=ctl,*) a="user,id=ctl,restrict=on" ;;
+    esac
+    floor_args+=("$a")
+done
+base=$(qemu-img info --output=json "$XDG_STATE_HOME/keystone/sandboxes/bench/disk/root.qcow2" | jq -r '."backing-filename"')
+fl=()
+for _ in $(seq "$N"); do
+    qemu-img create -q -f qcow2 -F raw -b "$base" "$work/floor.qcow2"
+    t0=$(now); qemu-system-x86_64 "${floor_args[@]}" >/dev/null 2>&1 || true; t1=$(now)
+    fl+=("$(ms "$t0" "$t1")")
+done
+
+ks_m=$(printf '%s\n' "${ks[@]}" | median)
+fl_m=$(printf '%s\n' "${fl[@]}" | median)
+accel=$(printf '%s\n' "${args[@]}" | grep -A1 -x -- -accel | tail -1)
+echo "accelerator:                        $accel"
+echo "cold first start → exec:            ${cold} ms (makes the sandbox's disk, pushes the repository)"
+echo "warm start → exec (median of $N):    ${ks_m} ms   [${ks[*]}]"
+echo "floor: kernel → init=/bin/false:    ${fl_m} ms   [${fl[*]}]"
+echo "ratio start→exec / floor:           $(echo "scale=2; $ks_m / $fl_m" | bc)x (aim: <= 2.5x)"
+echo "idle memory: QEMU RSS ${qemu_kb} kB + supervisor RSS ${sup_kb} kB, guest uses ${guest_kb} kB"
+echo "idle overhead beyond the guest:     $(( qemu_kb + sup_kb - guest_kb )) kB"

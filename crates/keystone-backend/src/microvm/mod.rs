@@ -1,0 +1,869 @@
+//! The microvm backend: each sandbox is a QEMU virtual machine booting the
+//! guest image's own kernel (Debian's `linux-image-cloud-amd64`) straight
+//! into a small init of ours (`keystone-init`, see `keystone_image::guest`).
+//!
+//! Host side, per image (`<cache>/microvm/<image>/`, built once by
+//! `prepare`): `vmlinuz` and `rootfs.ext4`, made with `mkfs.ext4 -d` from the
+//! unpacked tarball and kept read-only. Per sandbox (`<sandbox>/`):
+//! `disk/root.qcow2`, a qcow2 overlay on that ext4 (the persistent disk;
+//! `--fresh` and `destroy` remove it), `run/config.tar`, `run/qmp.sock`,
+//! `logs/{boot,qemu,passt}.log`.
+//!
+//! Choices, and why:
+//! - No initrd. The cloud kernel has NVMe and ext4 built in, so the root
+//!   disk is an NVMe drive the kernel mounts by itself; an initramfs-tools
+//!   initrd cost 7 s under TCG (udev alone). Everything else (virtio-blk,
+//!   virtio-net, virtio-rng) is a module the init loads from the root.
+//! - Keys and per-boot settings enter through a read-only virtio disk
+//!   holding a plain tar archive: no file system, no guest driver beyond
+//!   virtio-blk, nothing writable shared with the host, and the private
+//!   host key never appears on QEMU's command line (visible in `ps`).
+//!   fw_cfg needs a module and 9p is not in the cloud kernel.
+//! - Two links. eth0 is QEMU user networking with `restrict=on`: it
+//!   carries only the host-initiated forward to sshd (from a free port on
+//!   127.0.0.1, verified to be held by our QEMU), so `--network none` is
+//!   just that. With `--network nat`, eth1 is passt over a socketpair
+//!   (`-netdev socket,fd=`, passt `-F`: no socket file) with `--no-map-gw`,
+//!   which keeps the host's loopback out of reach; QEMU's own user
+//!   networking always maps 10.0.2.2 to it, so it cannot be the way out.
+//!   A relay process serves the forward on the sandbox's Unix socket, as
+//!   every backend does.
+//! - QEMU, passt and the relay are direct children of the supervisor, each
+//!   in its own process group with PDEATHSIG, addressed through pidfds;
+//!   teardown checks the process groups are empty and the port is free.
+//! - Graceful stop is ctrl-alt-del over QMP (the guest's init syncs and
+//!   powers off), then a bounded wait, then QMP `quit`, then SIGKILL.
+//! - qboot instead of SeaBIOS when QEMU ships it: a second less under TCG.
+
+pub mod accel;
+mod proc;
+pub mod qemu;
+mod qmp;
+
+use crate::idmap::{self, IdMap};
+use crate::signals::{Signals, StopRequest, Wake};
+use crate::{Backend, BackendError, Ended, Instance, Running, Usage};
+use accel::{KvmFacts, NestedHost};
+use keystone_registry::ProcessId;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::Pid;
+use proc::Child;
+use qemu::VmSpec;
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the guest may take to power off after ctrl-alt-del.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+/// How long the guest's sshd may take to answer after QEMU starts.
+const READY_TIMEOUT: Duration = Duration::from_secs(110);
+/// The size of the guest's root file system (sparse: only what is written
+/// takes space, in the shared base or the sandbox's overlay).
+const ROOT_SIZE: u64 = 16 << 30;
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
+pub struct MicrovmBackend;
+
+/// What `prepare` derives from an image, shared by its sandboxes.
+struct Artifacts {
+    dir: PathBuf,
+}
+
+impl Artifacts {
+    fn of(inst: &Instance) -> Artifacts {
+        Artifacts {
+            dir: inst.cache_dir.join("microvm").join(&inst.image_id),
+        }
+    }
+    fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+    fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+    fn complete(&self) -> bool {
+        self.dir.join(".keystone-complete").exists()
+    }
+}
+
+fn overlay(inst: &Instance) -> PathBuf {
+    if inst.settings.persist {
+        inst.dir.join("disk/root.qcow2")
+    } else {
+        inst.dir.join("run/root.qcow2")
+    }
+}
+
+fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError> {
+    if keystone_channel::which(tool).is_none() {
+        return Err(BackendError::Requirement(format!(
+            "{tool} is not installed ({why}): apt-get install {package}"
+        )));
+    }
+    Ok(())
+}
+
+/// The accelerator and nested-virtualization lines for this host.
+pub fn host_acceleration() -> (accel::AccelChoice, NestedHost) {
+    (KvmFacts::probe().choose(), NestedHost::probe())
+}
+
+impl MicrovmBackend {
+    /// Remove an image's derived disk and kernel (on `image rm`).
+    pub fn forget_image(cache_dir: &Path, image_id: &str) -> Result<(), BackendError> {
+        let dir = cache_dir.join("microvm").join(image_id);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(BackendError::io(dir.display().to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn build_artifacts(
+        inst: &Instance,
+        art: &Artifacts,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), BackendError> {
+        let parent = art.dir.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(parent).map_err(BackendError::io(parent.display().to_string()))?;
+        let lock_path = parent.join(format!("{}.lock", inst.image_id));
+        let lock_file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(BackendError::io(lock_path.display().to_string()))?;
+        let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| BackendError::Failed(format!("lock {}: {e}", lock_path.display())))?;
+        if art.complete() {
+            return Ok(());
+        }
+        progress(&format!(
+            "making the microVM disk of image {}",
+            inst.image_id
+        ));
+        let map = IdMap::for_current_user()?;
+        let tmp = parent.join(format!(".{}.tmp-{}", inst.image_id, std::process::id()));
+        let root = tmp.join("root");
+        if tmp.exists() {
+            let _ = idmap::run_mapped(
+                &map,
+                &["rm", "-rf", "--one-file-system", &tmp.display().to_string()],
+            );
+        }
+        fs::create_dir_all(&root).map_err(BackendError::io(root.display().to_string()))?;
+        let cleanup = |map: &IdMap| {
+            let _ = idmap::run_mapped(
+                map,
+                &["rm", "-rf", "--one-file-system", &tmp.display().to_string()],
+            );
+        };
+        let tar = inst.image_tar.display().to_string();
+        let root_s = root.display().to_string();
+        // Device nodes cannot be made without privilege, and the guest's
+        // init mounts a devtmpfs anyway. Unpacked (and the ext4 made) in a
+        // user namespace with the sandbox id map, so owners are the image's.
+        let status = idmap::run_mapped(
+            &map,
+            &[
+                "tar",
+                "--numeric-owner",
+                "--exclude=./dev/*",
+                "-xpf",
+                &tar,
+                "-C",
+                &root_s,
+            ],
+        )?;
+        if !status.success() {
+            cleanup(&map);
+            return Err(BackendError::Failed(format!(
+                "unpacking {tar} failed ({status})"
+            )));
+        }
+        let kernel = fs::read_dir(root.join("boot")).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+                })
+                .max()
+        });
+        let Some(kernel) = kernel else {
+            cleanup(&map);
+            return Err(BackendError::Failed(format!(
+                "image {} has no kernel in /boot (it predates the microvm backend); rebuild it with `keystone agent image build`",
+                inst.image_id
+            )));
+        };
+        let has_init = root.join("usr/local/sbin/keystone-init").exists();
+        if !has_init {
+            cleanup(&map);
+            return Err(BackendError::Failed(format!(
+                "image {} has no /usr/local/sbin/keystone-init; rebuild it with `keystone agent image build`",
+                inst.image_id
+            )));
+        }
+        fs::copy(&kernel, tmp.join("vmlinuz"))
+            .map_err(BackendError::io(kernel.display().to_string()))?;
+        let ext4 = tmp.join("rootfs.ext4");
+        let f = fs::File::create(&ext4).map_err(BackendError::io(ext4.display().to_string()))?;
+        f.set_len(ROOT_SIZE)
+            .map_err(BackendError::io(ext4.display().to_string()))?;
+        drop(f);
+        let ext4_s = ext4.display().to_string();
+        let status = idmap::run_mapped(
+            &map,
+            &[
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "keystone",
+                "-m",
+                "1",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+                "-d",
+                &root_s,
+                &ext4_s,
+            ],
+        )?;
+        let _ = idmap::run_mapped(&map, &["rm", "-rf", "--one-file-system", &root_s]);
+        if !status.success() {
+            cleanup(&map);
+            return Err(BackendError::Failed(format!(
+                "mkfs.ext4 -d failed ({status})"
+            )));
+        }
+        // Shared by every sandbox of the image: never written again.
+        let _ = fs::set_permissions(&ext4, fs::Permissions::from_mode(0o444));
+        fs::write(tmp.join(".keystone-complete"), b"")
+            .map_err(BackendError::io(tmp.display().to_string()))?;
+        if art.dir.exists() {
+            let _ = fs::remove_dir_all(&art.dir);
+        }
+        fs::rename(&tmp, &art.dir).map_err(BackendError::io(art.dir.display().to_string()))?;
+        Ok(())
+    }
+}
+
+fn make_overlay(base: &Path, path: &Path) -> Result<(), BackendError> {
+    if let Some(p) = path.parent() {
+        fs::create_dir_all(p).map_err(BackendError::io(p.display().to_string()))?;
+    }
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(path)
+        .output()
+        .map_err(BackendError::io("qemu-img"))?;
+    if !out.status.success() {
+        return Err(BackendError::Failed(format!(
+            "qemu-img create {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The per-boot configuration archive the guest's init unpacks into
+/// `/etc/keystone`.
+fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
+    let stage = run.join("config");
+    if stage.exists() {
+        let _ = fs::remove_dir_all(&stage);
+    }
+    fs::create_dir_all(&stage).map_err(BackendError::io(stage.display().to_string()))?;
+    fs::set_permissions(&stage, fs::Permissions::from_mode(0o700))
+        .map_err(BackendError::io(stage.display().to_string()))?;
+    let copy = |name: &str, mode: u32| -> Result<(), BackendError> {
+        let from = inst.guest_dir.join(name);
+        let to = stage.join(name);
+        fs::copy(&from, &to).map_err(BackendError::io(from.display().to_string()))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(mode))
+            .map_err(BackendError::io(to.display().to_string()))
+    };
+    copy("ssh_host_ed25519_key", 0o600)?;
+    copy("authorized_keys", 0o644)?;
+    let write = |name: &str, body: String| -> Result<(), BackendError> {
+        let to = stage.join(name);
+        fs::write(&to, body).map_err(BackendError::io(to.display().to_string()))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o644))
+            .map_err(BackendError::io(to.display().to_string()))
+    };
+    write("hostname", format!("{}\n", inst.name))?;
+    let mut network = format!("ADDRESS={}\n", qemu::GUEST_ADDRESS);
+    if inst.settings.network == "nat" {
+        network.push_str(&format!(
+            "NAT_ADDRESS={}\nNAT_GATEWAY={}\n",
+            qemu::NAT_ADDRESS,
+            qemu::NAT_GATEWAY
+        ));
+    }
+    write("network", network)?;
+    write("resolv.conf", resolv_conf(&inst.settings.network))?;
+    let tar = run.join("config.tar");
+    // Files only: a "./" entry would give the guest's /etc/keystone the
+    // staging directory's 0700, and sshd reads authorized_keys as the user.
+    let out = Command::new("tar")
+        .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&stage)
+        .args(CONFIG_FILES)
+        .output()
+        .map_err(BackendError::io("tar"))?;
+    let _ = fs::remove_dir_all(&stage);
+    if !out.status.success() {
+        return Err(BackendError::Failed(format!(
+            "cannot write {}: {}",
+            tar.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(tar)
+}
+
+const CONFIG_FILES: [&str; 5] = [
+    "ssh_host_ed25519_key",
+    "authorized_keys",
+    "hostname",
+    "network",
+    "resolv.conf",
+];
+
+fn resolv_conf(network: &str) -> String {
+    if network != "nat" {
+        return String::new();
+    }
+    fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("nameserver")
+                && l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| !a.starts_with("127.") && a != "::1")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn log_file(path: &Path) -> Result<fs::File, BackendError> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(BackendError::io(path.display().to_string()))
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n  ")
+}
+
+fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
+    runtime
+        .get(key)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// Everything the supervisor runs for one VM, torn down together.
+struct Vm {
+    qemu: Child,
+    passt: Option<Child>,
+    relay: Option<Child>,
+    port: u16,
+    qmp: PathBuf,
+    socket: PathBuf,
+}
+
+impl Vm {
+    fn children(&mut self) -> impl Iterator<Item = &mut Child> {
+        std::iter::once(&mut self.qemu)
+            .chain(self.passt.as_mut())
+            .chain(self.relay.as_mut())
+    }
+
+    fn stop(&mut self, signals: &mut Signals, kind: StopRequest) {
+        if kind == StopRequest::Graceful && !self.qemu.try_reap() {
+            let asked = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2))
+                .and_then(|mut q| q.ctrl_alt_del());
+            if let Err(e) = &asked {
+                tracing::warn!("graceful power-down over QMP failed: {e}");
+            }
+            let deadline = Instant::now() + STOP_GRACE;
+            while asked.is_ok() && Instant::now() < deadline {
+                if self.qemu.wait_exit(Duration::from_millis(100)) {
+                    break;
+                }
+                if let Wake::Stop(StopRequest::Force) = signals.wait(Duration::from_millis(10)) {
+                    break;
+                }
+            }
+            if !self.qemu.try_reap() {
+                tracing::warn!(
+                    "the guest did not power off within {}s; quitting QEMU",
+                    STOP_GRACE.as_secs()
+                );
+                if let Ok(mut q) = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2)) {
+                    let _ = q.quit();
+                }
+                self.qemu.wait_exit(Duration::from_secs(3));
+            }
+        }
+        for c in self.children() {
+            c.kill();
+        }
+    }
+
+    /// Prove nothing of the VM remains: every child reaped, every process
+    /// group empty, the forwarded port free.
+    fn verify(&mut self) -> Result<(), BackendError> {
+        let _ = fs::remove_file(&self.socket);
+        let _ = fs::remove_file(&self.qmp);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut left = Vec::new();
+            for c in self.children() {
+                if !c.reaped() || c.group_alive() {
+                    left.push(format!("{} (process group {})", c.name, c.pid));
+                }
+            }
+            if proc::loopback_listener(self.port).is_some() {
+                left.push(format!("a listener on 127.0.0.1:{}", self.port));
+            }
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(BackendError::Failed(format!(
+                    "teardown left {}",
+                    left.join(", ")
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Backend for MicrovmBackend {
+    fn kind(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
+        require_tool(
+            "qemu-system-x86_64",
+            "qemu-system-x86",
+            "it runs the microVMs",
+        )?;
+        require_tool(
+            "qemu-img",
+            "qemu-utils",
+            "it makes each sandbox's disk overlay",
+        )?;
+        require_tool("mkfs.ext4", "e2fsprogs", "it makes the microVM root disk")?;
+        require_tool("tar", "tar", "it unpacks the image")?;
+        match inst.settings.network.as_str() {
+            "nat" => require_tool(
+                "passt",
+                "passt",
+                "--network nat for microVMs; or use --network none",
+            )?,
+            "none" => {}
+            other => {
+                return Err(BackendError::NotImplemented {
+                    backend: "microvm",
+                    what: format!("--network {other} (a tap on a host bridge); use nat or none"),
+                })
+            }
+        }
+        let art = Artifacts::of(inst);
+        if !art.complete() {
+            Self::build_artifacts(inst, &art, progress)?;
+        }
+        let disk = overlay(inst);
+        if inst.settings.persist && !disk.exists() {
+            make_overlay(&art.rootfs(), &disk)?;
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        inst: &Instance,
+        on_ready: &mut dyn FnMut(&Running) -> Result<(), String>,
+    ) -> Result<Ended, BackendError> {
+        let mut signals = Signals::install()?;
+        let art = Artifacts::of(inst);
+        if !art.complete() {
+            return Err(BackendError::Failed(format!(
+                "the microVM disk of image {} is not prepared at {}",
+                inst.image_id,
+                art.dir.display()
+            )));
+        }
+        let run_dir = inst.dir.join("run");
+        for d in [&run_dir, &inst.log_dir()] {
+            fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;
+        }
+        let disk = overlay(inst);
+        if !inst.settings.persist {
+            let _ = fs::remove_file(&disk);
+            make_overlay(&art.rootfs(), &disk)?;
+        } else if !disk.exists() {
+            return Err(BackendError::Failed(format!(
+                "the sandbox's disk {} is missing",
+                disk.display()
+            )));
+        }
+        let config = write_config(inst, &run_dir)?;
+        let (choice, host_nested) = host_acceleration();
+        let (nested_flag, nested_line) =
+            accel::nested_decision(inst.settings.nested_virt, choice.accel, &host_nested);
+        let notes = vec![choice.reason.clone(), nested_line];
+
+        let qmp_path = run_dir.join("qmp.sock");
+        let _ = fs::remove_file(&qmp_path);
+        let boot_log = inst.log_dir().join("boot.log");
+        let qemu_log_path = inst.log_dir().join("qemu.log");
+        let qemu_log = log_file(&qemu_log_path)?;
+
+        // A port that is free now; whoever binds it is checked below, and
+        // a lost race is retried with another.
+        let mut attempt = 0;
+        let mut vm = loop {
+            attempt += 1;
+            let port = proc::free_port()?;
+            let (nat_fd, passt) = if inst.settings.network == "nat" {
+                let (a, b) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )?;
+                let log = log_file(&inst.log_dir().join("passt.log"))?;
+                let mut cmd = Command::new("passt");
+                // Foreground, one client (the socketpair), IPv4, the
+                // guest's static address, no inbound forwards, and no
+                // mapping of the gateway to the host's loopback.
+                cmd.args(["-f", "-q", "-4", "--no-map-gw", "-t", "none", "-u", "none"])
+                    .args(["-a", qemu::NAT_IP, "-n", "24", "-g", qemu::NAT_GATEWAY])
+                    .args(["-F", &a.as_raw_fd().to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().map_err(BackendError::io("passt.log"))?)
+                    .stderr(log)
+                    .env_clear()
+                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+                let p = proc::spawn("passt", cmd, &[a.as_raw_fd()])?;
+                drop(a);
+                (Some(b), Some(p))
+            } else {
+                (None, None)
+            };
+            let spec = VmSpec {
+                name: inst.name.clone(),
+                accel: choice.accel,
+                nested_flag,
+                memory_mb: inst.settings.memory_mb,
+                vcpus: inst.settings.vcpus,
+                kernel: art.kernel(),
+                disk: disk.clone(),
+                config: config.clone(),
+                ssh_port: port,
+                passt_fd: nat_fd.as_ref().map(|fd| fd.as_raw_fd()),
+                qmp: qmp_path.clone(),
+                console_log: boot_log.clone(),
+                bios: Path::new(QBOOT).exists().then(|| PathBuf::from(QBOOT)),
+            };
+            let mut cmd = Command::new("qemu-system-x86_64");
+            cmd.args(spec.args())
+                .stdin(Stdio::null())
+                .stdout(qemu_log.try_clone().map_err(BackendError::io("qemu.log"))?)
+                .stderr(qemu_log.try_clone().map_err(BackendError::io("qemu.log"))?)
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+            tracing::info!(args = ?spec.args(), "starting qemu");
+            let keep: Vec<_> = nat_fd
+                .as_ref()
+                .map(|fd| fd.as_raw_fd())
+                .into_iter()
+                .collect();
+            let qemu = match proc::spawn("qemu", cmd, &keep) {
+                Ok(q) => q,
+                Err(e) => {
+                    if let Some(mut p) = passt {
+                        p.kill();
+                    }
+                    return Err(e);
+                }
+            };
+            drop(nat_fd);
+            let mut vm = Vm {
+                qemu,
+                passt,
+                relay: None,
+                port,
+                qmp: qmp_path.clone(),
+                socket: inst.socket.clone(),
+            };
+            // The forward must be bound by our own child, nobody else.
+            let owner = vm.qemu.pid;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let verdict = loop {
+                if let Some(inode) = proc::loopback_listener(port) {
+                    if proc::holds_socket(owner, inode) {
+                        break Ok(());
+                    }
+                    break Err(format!("port {port} was taken by another process"));
+                }
+                if vm.qemu.try_reap() || vm.passt.as_mut().is_some_and(|p| p.try_reap()) {
+                    break Err(format!(
+                        "QEMU or passt exited at start: {}",
+                        tail(&qemu_log_path, 5)
+                    ));
+                }
+                if Instant::now() > deadline {
+                    break Err(format!("nothing listens on the forwarded port {port}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            match verdict {
+                Ok(()) => break vm,
+                Err(e) => {
+                    vm.stop(&mut signals, StopRequest::Force);
+                    let _ = vm.verify();
+                    if attempt >= 3 {
+                        return Err(BackendError::Failed(e));
+                    }
+                    tracing::warn!("{e}; retrying with another port");
+                }
+            }
+        };
+
+        // The relay: the sandbox's Unix socket to the forwarded port.
+        let _ = fs::remove_file(&inst.socket);
+        let listener = std::os::unix::net::UnixListener::bind(&inst.socket)
+            .map_err(BackendError::io(format!("bind {}", inst.socket.display())))?;
+        // SAFETY: the supervisor is single-threaded; the child only serves.
+        match unsafe { nix::unistd::fork() }? {
+            nix::unistd::ForkResult::Child => relay_child(listener, vm.port),
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(listener);
+                match proc::adopt("relay", child) {
+                    Ok(c) => vm.relay = Some(c),
+                    Err(e) => {
+                        vm.stop(&mut signals, StopRequest::Force);
+                        let _ = vm.verify();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+
+        let started = Instant::now();
+        loop {
+            if vm.qemu.try_reap() {
+                vm.stop(&mut signals, StopRequest::Force);
+                let _ = vm.verify();
+                return Err(BackendError::Failed(format!(
+                    "QEMU exited while the guest booted:\n  {}\n  boot log:\n  {}",
+                    tail(&qemu_log_path, 5),
+                    tail(&boot_log, 8)
+                )));
+            }
+            if probe(&inst.socket) {
+                break;
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                vm.stop(&mut signals, StopRequest::Force);
+                let _ = vm.verify();
+                return Err(BackendError::Failed(format!(
+                    "the guest's sshd did not answer within {}s; last lines of {}:\n  {}",
+                    READY_TIMEOUT.as_secs(),
+                    boot_log.display(),
+                    tail(&boot_log, 8)
+                )));
+            }
+            if let Wake::Stop(_) = signals.wait(Duration::from_millis(100)) {
+                vm.stop(&mut signals, StopRequest::Force);
+                vm.verify()?;
+                return Ok(Ended::Stopped);
+            }
+        }
+        tracing::info!(elapsed = ?started.elapsed(), "guest sshd answered");
+
+        let mut runtime = BTreeMap::new();
+        for c in vm.children() {
+            if let Some(id) = ProcessId::of(c.pid.as_raw()) {
+                runtime.insert(c.name.to_string(), serde_json::json!(id));
+            }
+        }
+        runtime.insert("ssh_port".into(), serde_json::json!(vm.port));
+        runtime.insert("accel".into(), serde_json::json!(choice.accel.as_str()));
+        runtime.insert("nested".into(), serde_json::json!(nested_flag.is_some()));
+        runtime.insert(
+            "boot_seconds".into(),
+            serde_json::json!(started.elapsed().as_secs_f64()),
+        );
+        // For `reap` after a supervisor that died: it gets no registry.
+        let _ = fs::write(
+            run_dir.join("runtime.json"),
+            serde_json::to_string(&runtime).unwrap_or_default(),
+        );
+        if let Err(e) = on_ready(&Running { runtime, notes }) {
+            vm.stop(&mut signals, StopRequest::Force);
+            let _ = vm.verify();
+            return Err(BackendError::Failed(e));
+        }
+
+        loop {
+            match signals.wait(Duration::from_secs(5)) {
+                Wake::Stop(kind) => {
+                    vm.stop(&mut signals, kind);
+                    vm.verify()?;
+                    if !inst.settings.persist {
+                        let _ = fs::remove_file(&disk);
+                    }
+                    return Ok(Ended::Stopped);
+                }
+                Wake::Child | Wake::Timeout => {
+                    let mut gone = None;
+                    for c in vm.children() {
+                        if c.try_reap() {
+                            gone = Some(c.name);
+                            break;
+                        }
+                    }
+                    if let Some(name) = gone {
+                        vm.stop(&mut signals, StopRequest::Force);
+                        vm.verify()?;
+                        return Ok(Ended::Exited(if name == "qemu" {
+                            "the virtual machine powered off".into()
+                        } else {
+                            format!("helper process {name} exited")
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn reap(&self, inst: &Instance) {
+        // PDEATHSIG has taken QEMU, passt and the relay down with the
+        // supervisor; make sure through the recorded identities (PID and
+        // start time, then a pidfd, so a reused PID is never signalled).
+        if let Ok(sb) = fs::read_to_string(inst.dir.join("run/runtime.json")) {
+            let runtime: BTreeMap<String, serde_json::Value> =
+                serde_json::from_str(&sb).unwrap_or_default();
+            kill_recorded(&runtime);
+        }
+        let _ = fs::remove_file(&inst.socket);
+        let _ = fs::remove_file(inst.dir.join("run/qmp.sock"));
+        let _ = fs::remove_file(inst.dir.join("run/runtime.json"));
+    }
+
+    fn discard_disk(&self, inst: &Instance) -> Result<(), BackendError> {
+        let disk = inst.dir.join("disk");
+        if disk.exists() {
+            fs::remove_dir_all(&disk).map_err(BackendError::io(disk.display().to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage {
+        use std::os::unix::fs::MetadataExt;
+        // The guest's memory as the host sees it: QEMU's resident set.
+        let memory_bytes = runtime_pid(runtime, "qemu")
+            .filter(|p| p.is_alive())
+            .and_then(|p| {
+                let status = fs::read_to_string(format!("/proc/{}/status", p.pid)).ok()?;
+                let kb: u64 = status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()?;
+                Some(kb * 1024)
+            });
+        // What the sandbox's own disk really takes (the overlay's allocated
+        // blocks; the shared base is the image's).
+        let disk_bytes = fs::metadata(overlay(inst)).ok().map(|m| m.blocks() * 512);
+        Usage {
+            memory_bytes,
+            disk_bytes,
+        }
+    }
+}
+
+/// Kill the processes recorded in a runtime map, if they are still the
+/// same processes.
+pub fn kill_recorded(runtime: &BTreeMap<String, serde_json::Value>) {
+    for key in ["qemu", "passt", "relay"] {
+        let Some(id) = runtime_pid(runtime, key) else {
+            continue;
+        };
+        let Ok(fd) = proc::pidfd_open(id.pid) else {
+            continue;
+        };
+        // The pidfd pins the process; check it is the recorded one.
+        if id.is_alive() {
+            let _ = proc::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+fn probe(socket: &Path) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
+}
+
+fn relay_child(listener: std::os::unix::net::UnixListener, port: u16) -> ! {
+    // SAFETY: prctl only sets a flag on this task.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
+    crate::signals::unblock_all();
+    if let Err(e) = keystone_channel::bridge::serve_relay(listener, ([127, 0, 0, 1], port).into()) {
+        eprintln!("keystone relay: {e}");
+    }
+    // SAFETY: _exit in a forked child.
+    unsafe { libc::_exit(1) }
+}
+
+/// Whether the recorded QEMU of a sandbox is alive.
+pub fn qemu_alive(runtime: &BTreeMap<String, serde_json::Value>) -> bool {
+    runtime_pid(runtime, "qemu").is_some_and(|p| p.is_alive())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accel::Accel;
+    use super::*;
+
+    #[test]
+    fn resolv_conf_drops_loopback_resolvers_and_is_empty_offline() {
+        assert_eq!(resolv_conf("none"), "");
+        assert!(!resolv_conf("nat").contains("127."));
+    }
+
+    #[test]
+    fn accel_is_a_tcg_or_kvm_line() {
+        let (c, _) = host_acceleration();
+        assert!(c.reason.starts_with("acceleration: "));
+        assert!(matches!(c.accel, Accel::Kvm | Accel::Tcg));
+    }
+}

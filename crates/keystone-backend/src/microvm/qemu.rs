@@ -1,0 +1,249 @@
+//! The QEMU command line, built without doing any I/O so it can be tested.
+
+use super::accel::Accel;
+use std::path::PathBuf;
+
+/// The guest's address on its host-only link (eth0): QEMU user networking
+/// with `restrict=on`, which carries nothing but the host-initiated
+/// forward to sshd. Static, so the guest's init needs no DHCP.
+pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
+pub const GUEST_IP: &str = "10.0.2.15";
+/// The guest's side of passt (eth1), with `--network nat` only.
+pub const NAT_ADDRESS: &str = "10.0.3.15/24";
+pub const NAT_IP: &str = "10.0.3.15";
+pub const NAT_GATEWAY: &str = "10.0.3.2";
+
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub name: String,
+    pub accel: Accel,
+    /// `vmx`/`svm` to pass through, under KVM only.
+    pub nested_flag: Option<&'static str>,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    /// qboot when QEMU ships it: under TCG a second faster than SeaBIOS.
+    pub bios: Option<PathBuf>,
+    /// The sandbox's qcow2 overlay on the image's ext4.
+    pub disk: PathBuf,
+    /// The per-boot configuration, a tar archive read by the guest's init.
+    pub config: PathBuf,
+    /// Host port on 127.0.0.1 forwarded to the guest's sshd.
+    pub ssh_port: u16,
+    /// With `--network nat`: one end of a socketpair whose other end is
+    /// passt (the guest's way out, eth1).
+    pub passt_fd: Option<i32>,
+    pub qmp: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// The guest kernel's command line. The root is the NVMe drive, which the
+/// cloud kernel drives without modules, so no initrd is needed. `quiet`
+/// matters under TCG: every byte on the emulated UART costs time. `panic=-1` with `-no-reboot` turns a
+/// dead init into an exited QEMU instead of a hung VM.
+pub fn kernel_cmdline() -> String {
+    [
+        "console=ttyS0",
+        "root=/dev/nvme0n1",
+        "rootfstype=ext4",
+        "rootwait",
+        "rw",
+        "init=/usr/local/sbin/keystone-init",
+        "quiet",
+        "loglevel=3",
+        "panic=-1",
+        "net.ifnames=0",
+        "mitigations=off",
+        // Each of these skips work that costs time under TCG.
+        "cryptomgr.notests",
+        "audit=0",
+        "tsc=reliable",
+        "no_timer_check",
+        "i8042.nopnp",
+        "i8042.noaux",
+        "random.trust_cpu=on",
+    ]
+    .join(" ")
+}
+
+impl VmSpec {
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("keystone-{}", self.name)]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-no-reboot",
+        ]);
+        let cpu = match (self.accel, self.nested_flag) {
+            (Accel::Kvm, Some(flag)) => format!("host,+{flag}"),
+            (Accel::Kvm, None) => "host,-vmx,-svm".to_string(),
+            // `max` gives the guest every feature TCG emulates.
+            (Accel::Tcg, _) => "max".to_string(),
+        };
+        let accel = match self.accel {
+            Accel::Kvm => "kvm".to_string(),
+            Accel::Tcg => "tcg,thread=multi".to_string(),
+        };
+        push(&["-machine", "q35", "-accel", &accel, "-cpu", &cpu]);
+        if let Some(bios) = &self.bios {
+            push(&["-bios", &bios.display().to_string()]);
+        }
+        push(&[
+            "-m",
+            &self.memory_mb.to_string(),
+            "-smp",
+            &self.vcpus.to_string(),
+        ]);
+        push(&["-kernel", &self.kernel.display().to_string()]);
+        push(&["-append", &kernel_cmdline()]);
+        // The root is the only NVMe drive (nvme0n1, mounted by the kernel);
+        // the configuration the only virtio disk (vda, read by the init).
+        push(&[
+            "-drive",
+            &format!(
+                "file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback",
+                qemu_path(&self.disk)
+            ),
+            "-device",
+            "nvme,serial=keystone-root,drive=root",
+        ]);
+        push(&[
+            "-drive",
+            &format!(
+                "file={},format=raw,if=none,id=config,readonly=on",
+                qemu_path(&self.config)
+            ),
+            "-device",
+            "virtio-blk-pci,drive=config",
+        ]);
+        // The SSH link first (eth0), the way out second (eth1). The SSH
+        // forward never goes through passt: passt's `--no-map-gw`, which
+        // keeps the host's loopback out of reach, also breaks replies to
+        // connections it forwards from the host's loopback.
+        let ctl = format!(
+            "user,id=ctl,restrict=on,ipv6=off,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{}-{GUEST_IP}:22",
+            self.ssh_port
+        );
+        push(&["-netdev", &ctl, "-device", "virtio-net-pci,netdev=ctl"]);
+        if let Some(fd) = self.passt_fd {
+            push(&[
+                "-netdev",
+                &format!("socket,id=nat,fd={fd}"),
+                "-device",
+                "virtio-net-pci,netdev=nat",
+            ]);
+        }
+        push(&["-device", "virtio-rng-pci"]);
+        push(&[
+            "-chardev",
+            &format!("file,id=console,path={}", qemu_path(&self.console_log)),
+            "-serial",
+            "chardev:console",
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qemu_path(&self.qmp)),
+        ]);
+        a
+    }
+}
+
+/// QEMU splits option values at commas; a literal comma is doubled.
+fn qemu_path(p: &std::path::Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel, nested_flag: Option<&'static str>, passt_fd: Option<i32>) -> VmSpec {
+        VmSpec {
+            name: "demo".into(),
+            accel,
+            nested_flag,
+            memory_mb: 2048,
+            vcpus: 2,
+            kernel: "/c/vmlinuz".into(),
+            bios: None,
+            disk: "/s/disk/root.qcow2".into(),
+            config: "/s/run/config,1.tar".into(),
+            ssh_port: 40123,
+            passt_fd,
+            qmp: "/s/run/qmp.sock".into(),
+            console_log: "/s/logs/boot.log".into(),
+        }
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_uses_cpu_max_and_never_host() {
+        let a = spec(Accel::Tcg, Some("vmx"), None).args();
+        assert_eq!(after(&a, "-cpu"), ["max"]);
+        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi"]);
+    }
+
+    #[test]
+    fn kvm_passes_nested_flag_or_masks_it() {
+        let a = spec(Accel::Kvm, Some("svm"), Some(5)).args();
+        assert_eq!(after(&a, "-cpu"), ["host,+svm"]);
+        let a = spec(Accel::Kvm, None, Some(5)).args();
+        assert_eq!(after(&a, "-cpu"), ["host,-vmx,-svm"]);
+    }
+
+    #[test]
+    fn memory_vcpus_and_disks_in_order() {
+        let a = spec(Accel::Tcg, None, Some(7)).args();
+        assert_eq!(after(&a, "-m"), ["2048"]);
+        assert_eq!(after(&a, "-smp"), ["2"]);
+        let drives = after(&a, "-drive");
+        assert!(drives[0].starts_with("file=/s/disk/root.qcow2,format=qcow2"));
+        assert!(
+            drives[1].starts_with("file=/s/run/config,,1.tar,format=raw"),
+            "{}",
+            drives[1]
+        );
+        assert!(drives[1].contains("readonly=on"));
+        let nets = after(&a, "-netdev");
+        assert!(
+            nets[0].starts_with("user,id=ctl,restrict=on"),
+            "{}",
+            nets[0]
+        );
+        assert_eq!(nets[1], "socket,id=nat,fd=7");
+    }
+
+    #[test]
+    fn restricted_net_forwards_ssh_on_loopback_only() {
+        let a = spec(Accel::Tcg, None, None).args();
+        let n = after(&a, "-netdev");
+        assert_eq!(n.len(), 1, "no way out without passt");
+        let n = n[0];
+        assert!(n.contains("restrict=on"));
+        assert!(
+            n.contains("hostfwd=tcp:127.0.0.1:40123-10.0.2.15:22"),
+            "{n}"
+        );
+    }
+
+    #[test]
+    fn cmdline_boots_our_init_quietly() {
+        let c = kernel_cmdline();
+        assert!(c.contains("init=/usr/local/sbin/keystone-init"));
+        assert!(c.contains("root=/dev/nvme0n1"));
+        assert!(c.contains("quiet"));
+        assert!(c.contains("panic=-1"));
+    }
+}
