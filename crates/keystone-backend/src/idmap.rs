@@ -119,6 +119,31 @@ fn parse_subid(text: &str, user: &str, uid: u32) -> Option<(u32, u32)> {
     })
 }
 
+/// Unpack the image tarball `tar` into `dest` with numeric owners, under
+/// `map` (so an unprivileged user's tree is owned by the image's ids).
+/// Device nodes are skipped: they cannot be made in a user namespace, and
+/// every backend gives the guest a fresh /dev.
+pub fn unpack_image(
+    map: &IdMap,
+    tar: &std::path::Path,
+    dest: &std::path::Path,
+) -> Result<std::process::ExitStatus, BackendError> {
+    let tar = tar.display().to_string();
+    let dest = dest.display().to_string();
+    run_mapped(
+        map,
+        &[
+            "tar",
+            "--numeric-owner",
+            "--exclude=./dev/*",
+            "-xpf",
+            &tar,
+            "-C",
+            &dest,
+        ],
+    )
+}
+
 /// Run `argv` as root of a fresh user namespace with `map` (for an
 /// unprivileged user: to unpack or delete files owned by subordinate ids);
 /// root runs it directly.

@@ -136,21 +136,7 @@ impl Backend for ContainerBackend {
         }
         fs::create_dir_all(&tmp).map_err(BackendError::io(tmp.display().to_string()))?;
         let tar = inst.image_tar.display().to_string();
-        let dest = tmp.display().to_string();
-        let status = idmap::run_mapped(
-            &map,
-            // Device nodes cannot be made in a user namespace, and /dev is
-            // a fresh tmpfs in every sandbox anyway.
-            &[
-                "tar",
-                "--numeric-owner",
-                "--exclude=./dev/*",
-                "-xpf",
-                &tar,
-                "-C",
-                &dest,
-            ],
-        )?;
+        let status = idmap::unpack_image(&map, &inst.image_tar, &tmp)?;
         let marker = tmp.join(".keystone-complete");
         if !status.success() {
             let _ = remove_tree(&map, &tmp);

@@ -163,22 +163,11 @@ impl MicrovmBackend {
             );
         };
         let tar = inst.image_tar.display().to_string();
+        // Unpacked (and the ext4 made) in a user namespace with the
+        // sandbox id map, so owners are the image's; the guest's init
+        // mounts a devtmpfs.
+        let status = idmap::unpack_image(&map, &inst.image_tar, &root)?;
         let root_s = root.display().to_string();
-        // Device nodes cannot be made without privilege, and the guest's
-        // init mounts a devtmpfs anyway. Unpacked (and the ext4 made) in a
-        // user namespace with the sandbox id map, so owners are the image's.
-        let status = idmap::run_mapped(
-            &map,
-            &[
-                "tar",
-                "--numeric-owner",
-                "--exclude=./dev/*",
-                "-xpf",
-                &tar,
-                "-C",
-                &root_s,
-            ],
-        )?;
         if !status.success() {
             cleanup(&map);
             return Err(BackendError::Failed(format!(

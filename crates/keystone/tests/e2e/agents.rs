@@ -173,7 +173,11 @@ pub fn agents_work_without_prompts() {
     // The env files themselves are project configuration that SPEC.md
     // has copied into /workspace and loaded by direnv, so a variable in
     // them is there even off the forward list (env_files decides).
-    assert!(r.stdout.contains("NOT_LISTED_IN_FILE=file-canary"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("NOT_LISTED_IN_FILE=file-canary"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(
         h.sh("stat -c '%a %U' /home/agent/.config/keystone/env")
             .trim(),
