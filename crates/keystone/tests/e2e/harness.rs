@@ -363,3 +363,54 @@ pub fn pid_alive(pid: i64) -> bool {
             .next()
             .is_some_and(|r| r.trim_start().starts_with('Z'))
 }
+
+impl Host {
+    /// A second project of the same host (same state, config and cache),
+    /// with one commit.
+    pub fn second_project(&self, name: &str) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        self.mkdir(&dir);
+        for args in [
+            &["init", "-q", "-b", "main"][..],
+            &[
+                "-c",
+                "user.name=H",
+                "-c",
+                "user.email=h@example.com",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                "second",
+            ],
+        ] {
+            let mut cmd = self.command(Path::new("git"));
+            cmd.current_dir(&dir).args(args);
+            run_bounded(cmd, Duration::from_secs(60)).ok();
+        }
+        dir
+    }
+
+    /// `keystone agent ARGS` run in another directory.
+    pub fn ks_at(&self, dir: &Path, args: &[&str]) -> Run {
+        let mut cmd = self.command(&self.exe);
+        cmd.current_dir(dir).arg("agent").args(args);
+        run_bounded(cmd, Duration::from_secs(900))
+    }
+}
+
+/// Like [`processes_matching`], but only those whose parent does not match
+/// too (a supervisor's forked children share its command line).
+pub fn top_processes_matching(needle: &str) -> Vec<String> {
+    let matches = processes_matching(needle);
+    let pids: Vec<String> = matches.iter().filter_map(|m| m.split(':').next().map(str::to_string)).collect();
+    matches
+        .into_iter()
+        .filter(|m| {
+            let pid = m.split(':').next().unwrap_or("");
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).unwrap_or("");
+            !pids.iter().any(|p| p == ppid)
+        })
+        .collect()
+}

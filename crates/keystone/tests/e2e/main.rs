@@ -58,6 +58,10 @@ macro_rules! backend_suite {
                 scenarios::auto_idle(Host::new($backend, concat!("autoi-", $backend)));
             }
             #[test]
+            fn two_at_once_and_fresh() {
+                scenarios::two_at_once_and_fresh(Host::new($backend, concat!("two-", $backend)));
+            }
+            #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }

@@ -966,3 +966,49 @@ pub fn auto_idle(h: Host) {
     });
     assert!(arrived, "the commit did not arrive after the quiet period");
 }
+
+/// Two sandboxes run at once, apart; `--fresh` on a running sandbox
+/// replaces it, leaving exactly one of it.
+pub fn two_at_once_and_fresh(h: Host) {
+    let a = h.name();
+    let other = h.second_project("second-project");
+    h.start(&[]).ok();
+    h.ks_at(&other, &["start", "--no-attach"]).ok();
+    assert_eq!(h.ks(&["exec", "--", "hostname"]).ok().stdout.trim(), a);
+    assert_eq!(
+        h.ks_at(&other, &["exec", "--", "hostname"])
+            .ok()
+            .stdout
+            .trim(),
+        "second-project"
+    );
+    let count = |name: &str| {
+        let vm = processes_matching(&format!("-name keystone-{name} ")).len();
+        let sup = top_processes_matching(&format!("__supervise {name}")).len();
+        (vm, sup)
+    };
+    let vm_backend = h.backend == "microvm";
+    let one = if vm_backend { (1, 1) } else { (0, 1) };
+    assert_eq!(count(&a), one, "{a}");
+    assert_eq!(count("second-project"), one);
+    h.sh("echo old > old.txt");
+    h.start(&["--fresh"]).ok();
+    assert_eq!(
+        count(&a),
+        one,
+        "--fresh must leave exactly one instance of {a}"
+    );
+    assert_eq!(h.sh("ls old.txt 2>/dev/null | wc -l").trim(), "0");
+    // The other sandbox was not disturbed.
+    assert_eq!(
+        h.ks_at(&other, &["exec", "--", "echo", "still-here"])
+            .ok()
+            .stdout
+            .trim(),
+        "still-here"
+    );
+    h.ks_at(&other, &["stop"]).ok();
+    h.ks(&["stop"]).ok();
+    assert_eq!(count(&a), (0, 0));
+    assert_eq!(count("second-project"), (0, 0));
+}
