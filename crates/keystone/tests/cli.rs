@@ -350,3 +350,38 @@ fn tokens_name_sources_never_values() {
     assert_eq!(v[0]["available"], true);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("secret"));
 }
+
+/// doctor tells the truth about acceleration on whatever machine runs the
+/// suite: on a PVM host (like this project's CI) KVM is present but
+/// unusable and TCG is used; without /dev/kvm, TCG.
+#[test]
+fn doctor_reports_acceleration_truthfully() {
+    let env = Env::new();
+    let out = env.ks_in(env.tmp.path(), &["agent", "doctor"], &[]);
+    let t = text(&out);
+    let line = t
+        .lines()
+        .find(|l| l.contains("acceleration"))
+        .unwrap_or_default()
+        .to_string();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists()
+        && std::path::Path::new("/dev/kvm").exists()
+    {
+        assert!(line.contains("TCG") && line.contains("PVM"), "{t}");
+        assert!(line.starts_with("warn"), "{t}");
+    } else if !std::path::Path::new("/dev/kvm").exists() {
+        assert!(line.contains("TCG"), "{t}");
+    }
+    for check in [
+        "user namespaces",
+        "cgroups",
+        "nested virtualization",
+        "rootless",
+        "tool qemu-system-x86_64",
+    ] {
+        assert!(t.contains(check), "doctor must report {check}:\n{t}");
+    }
+    let json = env.ks_in(env.tmp.path(), &["agent", "doctor", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("doctor --json");
+    assert!(v.as_array().is_some_and(|a| a.len() > 5), "{v}");
+}

@@ -403,13 +403,20 @@ impl Host {
 /// too (a supervisor's forked children share its command line).
 pub fn top_processes_matching(needle: &str) -> Vec<String> {
     let matches = processes_matching(needle);
-    let pids: Vec<String> = matches.iter().filter_map(|m| m.split(':').next().map(str::to_string)).collect();
+    let pids: Vec<String> = matches
+        .iter()
+        .filter_map(|m| m.split(':').next().map(str::to_string))
+        .collect();
     matches
         .into_iter()
         .filter(|m| {
             let pid = m.split(':').next().unwrap_or("");
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).unwrap_or("");
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .unwrap_or("");
             !pids.iter().any(|p| p == ppid)
         })
         .collect()
