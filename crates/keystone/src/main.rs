@@ -44,7 +44,7 @@ fn dispatch(cmd: Agent) -> error::Result<i32> {
         Agent::Stop(a) => stop::run(a),
         Agent::Attach(a) => attach::run(a),
         Agent::Sync(a) => sync::run(a),
-        Agent::Worktree(w) => later::worktree(w),
+        Agent::Worktree(w) => worktree::run(w),
         Agent::Status(a) => status::status(a),
         Agent::List(a) => status::list(a),
         Agent::Destroy(a) => destroy::run(a),

@@ -265,9 +265,7 @@ fn config_shows_each_value_and_its_origin() {
 fn later_commands_answer_exit_3_naming_what_is_missing() {
     let env = Env::new();
     for args in [
-        &["agent", "worktree", "add", "feature"][..],
-        &["agent", "worktree", "list"],
-        &["agent", "proxy", "status"],
+        &["agent", "proxy", "status"][..],
         &["agent", "attach", "--web"],
     ] {
         let out = env.ks_in(env.tmp.path(), args, &[]);

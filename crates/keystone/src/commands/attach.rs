@@ -17,27 +17,19 @@ pub fn run(args: AttachArgs) -> Result<i32> {
     attach_session(&ctx, &sb, &args.worktree)
 }
 
-/// The multiplexer session of a worktree: `<sandbox>-<branch>`.
-pub fn session_name(sb: &Sandbox, worktree: &str) -> String {
-    format!("{}-{worktree}", sb.name)
-}
-
 pub fn attach_session(ctx: &Ctx, sb: &Sandbox, worktree: &str) -> Result<i32> {
-    if worktree != "main" {
-        return Err(CliError::missing(format!(
-            "worktree sessions (--worktree {worktree})"
-        )));
-    }
+    let channel = ctx.channel(sb)?;
+    crate::commands::worktree::require(&channel, sb, worktree)?;
     if !std::io::stdin().is_terminal() {
         return Err(CliError::state(
             "attach needs a terminal; use `keystone agent exec` from scripts",
         ));
     }
-    let channel = ctx.channel(sb)?;
-    let session = session_name(sb, worktree);
+    let session = crate::commands::worktree::session(sb, worktree);
     let script = format!(
-        "exec tmux new-session -A -s {s} -c /workspace",
-        s = shell_words::quote(&session)
+        "exec tmux new-session -A -s {s} -c {d}",
+        s = shell_words::quote(&session),
+        d = shell_words::quote(&crate::commands::worktree::dir(worktree))
     );
     let status = channel
         .command(

@@ -3,7 +3,7 @@
 
 use crate::cli::ExecArgs;
 use crate::context::Ctx;
-use crate::error::{CliError, Result};
+use crate::error::Result;
 use keystone_channel::ExecOptions;
 use std::io::IsTerminal;
 
@@ -11,17 +11,12 @@ pub fn run(args: ExecArgs) -> Result<i32> {
     let ctx = Ctx::new()?;
     let sb = ctx.resolve(args.sandbox.as_deref())?;
     ctx.require_running(&sb)?;
-    if args.worktree != "main" {
-        return Err(CliError::missing(format!(
-            "worktrees (--worktree {})",
-            args.worktree
-        )));
-    }
     let channel = ctx.channel(&sb)?;
+    crate::commands::worktree::require(&channel, &sb, &args.worktree)?;
     let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let opts = ExecOptions {
         user: Some(args.user.clone()),
-        cwd: None,
+        cwd: Some(crate::commands::worktree::dir(&args.worktree)),
         tty,
     };
     let status = channel.exec(&args.command, &opts)?;

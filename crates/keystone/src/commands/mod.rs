@@ -15,3 +15,4 @@ pub mod stop;
 pub mod supervise;
 pub mod sync;
 pub mod tokens;
+pub mod worktree;

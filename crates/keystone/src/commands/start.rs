@@ -287,7 +287,7 @@ pub fn run(args: StartArgs) -> Result<i32> {
     if let Some(agent) = agent {
         println!(
             "  agent:     {agent} in session {}",
-            commands::attach::session_name(&sandbox, "main")
+            commands::worktree::session(&sandbox, "main")
         );
     }
     for n in notes.iter().filter_map(|n| n.as_str()) {
@@ -317,7 +317,7 @@ fn start_agent(
     sandbox: &Sandbox,
     agent: keystone_image::Agent,
 ) -> Result<()> {
-    let session = commands::attach::session_name(sandbox, "main");
+    let session = commands::worktree::session(sandbox, "main");
     let command = format!("{}; exec bash", agent.command());
     let script = format!(
         "s={s}; c={c}; if tmux has-session -t \"=$s\" 2>/dev/null; then tmux new-window -t \"=$s:\" -c /workspace \"$c\"; \

@@ -62,6 +62,10 @@ macro_rules! backend_suite {
                 scenarios::two_at_once_and_fresh(Host::new($backend, concat!("two-", $backend)));
             }
             #[test]
+            fn worktrees() {
+                scenarios::worktrees(Host::new($backend, concat!("wt-", $backend)));
+            }
+            #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }

@@ -1012,3 +1012,104 @@ pub fn two_at_once_and_fresh(h: Host) {
     assert_eq!(count(&a), (0, 0));
     assert_eq!(count("second-project"), (0, 0));
 }
+
+/// Worktrees: one per branch at /workspace/.worktrees/<branch>, each with
+/// its own session; exec/attach pick one; bad input is refused clearly.
+pub fn worktrees(h: Host) {
+    let name = h.name();
+    h.start(&[]).ok();
+    let r = h.ks(&["worktree", "add", "feature-a", "--create"]);
+    assert!(
+        r.ok().stdout.contains(&format!("session {name}-feature-a")),
+        "{}",
+        r.text()
+    );
+    h.sh("git branch feature-b");
+    h.ks(&["worktree", "add", "feature-b"]).ok();
+    // A different command in each worktree.
+    let r = h.ks(&[
+        "exec",
+        "--worktree",
+        "feature-a",
+        "--",
+        "sh",
+        "-c",
+        "pwd; git branch --show-current; echo a > a.txt; git add a.txt; git commit -qm a",
+    ]);
+    assert!(
+        r.ok()
+            .stdout
+            .starts_with("/workspace/.worktrees/feature-a\nfeature-a\n"),
+        "{}",
+        r.text()
+    );
+    let r = h.ks(&[
+        "exec",
+        "--worktree",
+        "feature-b",
+        "--",
+        "git",
+        "branch",
+        "--show-current",
+    ]);
+    assert_eq!(r.ok().stdout.trim(), "feature-b");
+    // Sessions are created on demand, one per worktree.
+    h.sh(&format!(
+        "tmux new-session -d -s {name}-feature-a -c /workspace/.worktrees/feature-a"
+    ));
+    let r = h.ks(&["worktree", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&r.ok().stdout).expect("json");
+    let rows = rows.as_array().expect("rows").clone();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let row = |b: &str| {
+        rows.iter()
+            .find(|r| r["branch"] == b)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(row("main")["is_main"], true);
+    assert_eq!(row("feature-a")["path"], "/workspace/.worktrees/feature-a");
+    assert_eq!(row("feature-a")["session"], format!("{name}-feature-a"));
+    assert_eq!(row("feature-a")["session_running"], true);
+    assert_eq!(row("feature-b")["session_running"], false);
+    assert_eq!(
+        h.sh("git status --porcelain"),
+        "",
+        ".worktrees must not show as a change"
+    );
+    // Bad input.
+    h.ks(&["worktree", "add", "bad..name", "--create"]).code(2);
+    h.ks(&["worktree", "add", "feature-a"]).code(2);
+    h.ks(&["worktree", "add", "no-such-branch"]).code(1);
+    h.ks(&["worktree", "remove", "main"]).code(2);
+    h.ks(&["attach", "--worktree", "nope"]).code(1);
+    h.ks(&["exec", "--worktree", "nope", "--", "true"]).code(1);
+    // remove refuses unsynced work, then takes it once synced; the other
+    // worktree's session is untouched.
+    let r = h.ks(&["worktree", "remove", "feature-a"]);
+    r.code(2);
+    assert!(
+        r.text().contains("commit(s) the host does not have"),
+        "{}",
+        r.text()
+    );
+    h.ks(&["sync", "--branch", "feature-a"]).ok();
+    h.git(&["checkout", "-q", "main"]);
+    h.sh(&format!(
+        "tmux new-session -d -s {name}-feature-b -c /workspace/.worktrees/feature-b"
+    ));
+    h.sh("echo dirty > .worktrees/feature-b/dirty.txt");
+    h.ks(&["worktree", "remove", "feature-b"]).code(2);
+    h.ks(&["worktree", "remove", "feature-a"]).ok();
+    assert_eq!(
+        h.sh(&format!(
+            "tmux has-session -t {name}-feature-b && echo alive"
+        ))
+        .trim(),
+        "alive"
+    );
+    h.ks(&["worktree", "remove", "feature-b", "--force"]).ok();
+    let r = h.ks(&["worktree", "list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&r.ok().stdout).expect("json");
+    assert_eq!(rows.as_array().map(|a| a.len()), Some(1), "{rows}");
+}
