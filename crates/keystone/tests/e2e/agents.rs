@@ -75,15 +75,17 @@ fn attach_screen(h: &Host, limit: Duration) -> String {
     out
 }
 
-fn full_host(project: &str) -> Host {
-    let h = Host::new("container", project);
+fn full_host(backend: &str, project: &str) -> Host {
+    let h = Host::new(backend, project);
     h.write(
         &h.tmp.path().join("config/keystone/agent.toml"),
-        "[defaults]\nmemory = 4096\nvcpus = 2\n\n[backend]\ntype = \"container\"\n\n\
+        &format!(
+            "[defaults]\nmemory = 4096\nvcpus = 2\n\n[backend]\ntype = \"{backend}\"\n\n\
 [guest]\nprofile = \"full\"\n\n\
 [guest.agents.claude]\nenable = true\nauto_accept = true\n\
 [guest.agents.gemini]\nenable = true\nauto_accept = true\n\
-[guest.agents.codex]\nenable = true\nauto_accept = true\n",
+[guest.agents.codex]\nenable = true\nauto_accept = true\n"
+        ),
     );
     h
 }
@@ -97,8 +99,8 @@ fn env() -> Vec<(&'static str, &'static str)> {
     vec![("ANTHROPIC_API_KEY", ANTHROPIC_KEY), UNLISTED]
 }
 
-pub fn agents_work_without_prompts() {
-    let h = full_host("agents-full");
+pub fn agents_work_without_prompts(backend: &str) {
+    let h = full_host(backend, &format!("agents-{backend}"));
     let name = h.name();
     // An env file supplies a listed variable (OPENAI_API_KEY) and an
     // unlisted one; the first commit carries it so the tree is clean.

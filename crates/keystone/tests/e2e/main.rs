@@ -129,6 +129,11 @@ mod rootless {
 mod full {
     #[test]
     fn agents_work_without_prompts() {
-        crate::agents::agents_work_without_prompts();
+        crate::agents::agents_work_without_prompts("container");
+    }
+
+    #[test]
+    fn agents_work_without_prompts_microvm() {
+        crate::agents::agents_work_without_prompts("microvm");
     }
 }
