@@ -291,35 +291,19 @@ impl Git {
     /// Move `branch` from `from` to `to` (a fast-forward) and update the
     /// working tree; all or nothing.
     pub fn fast_forward(&self, branch: &str, from: Option<&str>, to: &str) -> Result<(), GitError> {
+        // The host is on this branch (checked by the caller): a two-tree
+        // read-tree -u -m refuses to clobber local changes, and only then
+        // do we move the ref (guarded by its old value when there is one).
         match from {
-            // The host is on this branch (checked by the caller): a
-            // two-tree read-tree -u -m refuses to clobber local changes
-            // and only then do we move the ref.
-            Some(f) => {
-                self.ok(&["read-tree", "-u", "-m", f, to])?;
-                self.ok(&[
-                    "update-ref",
-                    "-m",
-                    "keystone sync",
-                    &format!("refs/heads/{branch}"),
-                    to,
-                    f,
-                ])
-                .map(|_| ())
-            }
-            None => {
-                self.ok(&["read-tree", "-u", "-m", "HEAD", to])
-                    .or_else(|_| self.ok(&["read-tree", "-u", to]))?;
-                self.ok(&[
-                    "update-ref",
-                    "-m",
-                    "keystone sync",
-                    &format!("refs/heads/{branch}"),
-                    to,
-                ])
-                .map(|_| ())
-            }
-        }
+            Some(f) => self.ok(&["read-tree", "-u", "-m", f, to])?,
+            None => self
+                .ok(&["read-tree", "-u", "-m", "HEAD", to])
+                .or_else(|_| self.ok(&["read-tree", "-u", to]))?,
+        };
+        let target = format!("refs/heads/{branch}");
+        let mut args = vec!["update-ref", "-m", "keystone sync", &target, to];
+        args.extend(from);
+        self.ok(&args).map(|_| ())
     }
 }
 
