@@ -88,10 +88,7 @@ impl VmSpec {
         };
         let accel = match self.accel {
             Accel::Kvm => "kvm".to_string(),
-            // TCG's translation cache defaults to a large share of guest
-            // RAM (up to 1 GiB) and shows up as host RSS; 128 MiB keeps a
-            // warm start as fast here while cutting idle memory.
-            Accel::Tcg => "tcg,thread=multi,tb-size=128".to_string(),
+            Accel::Tcg => "tcg,thread=multi".to_string(),
         };
         push(&["-machine", "q35", "-accel", &accel, "-cpu", &cpu]);
         if let Some(bios) = &self.bios {
@@ -195,7 +192,7 @@ mod tests {
     fn tcg_uses_cpu_max_and_never_host() {
         let a = spec(Accel::Tcg, Some("vmx"), None).args();
         assert_eq!(after(&a, "-cpu"), ["max"]);
-        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi,tb-size=128"]);
+        assert_eq!(after(&a, "-accel"), ["tcg,thread=multi"]);
     }
 
     #[test]
