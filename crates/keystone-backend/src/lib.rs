@@ -37,6 +37,8 @@ pub struct Instance {
     /// The sandbox's directory (disk, logs).
     pub dir: PathBuf,
     pub settings: Settings,
+    /// The project directory on the host (shared live with `--share`).
+    pub project: PathBuf,
     /// The guest image's root filesystem tarball and id.
     pub image_tar: PathBuf,
     pub image_id: String,
