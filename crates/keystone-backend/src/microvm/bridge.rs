@@ -43,7 +43,11 @@ in the configuration (create one with `ip link add br0 type bridge && ip link se
             "{bridge:?} is not a network interface name (at most 15 characters, no '/', ':' or spaces); fix `[backend.microvm] bridge`"
         )));
     }
-    if !Path::new("/sys/class/net").join(bridge).join("bridge").is_dir() {
+    if !Path::new("/sys/class/net")
+        .join(bridge)
+        .join("bridge")
+        .is_dir()
+    {
         return Err(BackendError::Requirement(format!(
             "there is no bridge {bridge} on this host: create it (`ip link add {bridge} type bridge && ip link set {bridge} up`, \
 plus an uplink and DHCP for the sandbox) or name an existing one in `[backend.microvm] bridge`"
@@ -119,7 +123,11 @@ pub fn leftover(attach: &Attach) -> Option<String> {
 
 /// A tap name unique to the sandbox, within IFNAMSIZ (15 characters).
 pub fn tap_name(id: &str) -> String {
-    let tail: String = id.chars().filter(|c| c.is_ascii_alphanumeric()).take(11).collect();
+    let tail: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(11)
+        .collect();
     format!("kst-{tail}")
 }
 
@@ -128,7 +136,9 @@ fn valid_ifname(name: &str) -> bool {
         && name.len() <= 15
         && name != "."
         && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 /// `qemu-bridge-helper`'s ACL: `allow NAME` or `allow all`, last match wins
@@ -179,7 +189,10 @@ mod tests {
             tap: "kst-1".into(),
             bridge: "br0".into(),
         };
-        assert_eq!(netdev(&tap), "tap,id=nat,ifname=kst-1,script=no,downscript=no");
+        assert_eq!(
+            netdev(&tap),
+            "tap,id=nat,ifname=kst-1,script=no,downscript=no"
+        );
         let h = Attach::Helper {
             bridge: "br0".into(),
             helper: PathBuf::from(HELPER),

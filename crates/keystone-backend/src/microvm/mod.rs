@@ -114,6 +114,11 @@ fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError
     Ok(())
 }
 
+/// The virtiofsd the live share would use, if any.
+pub fn virtiofsd() -> Option<PathBuf> {
+    share::find_daemon()
+}
+
 /// The accelerator and nested-virtualization lines for this host.
 pub fn host_acceleration() -> (accel::AccelChoice, NestedHost) {
     (KvmFacts::probe().choose(), NestedHost::probe())

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 pub const TAG: &str = "workspace";
 /// The agent's uid and gid in the guest image.
 const AGENT_ID: u32 = 1000;
-/// Where virtiofsd is looked for after `PATH`: Debian trixie's package,
-/// and QEMU's own older C daemon's place.
-const KNOWN_PATHS: [&str; 2] = ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
+/// Where virtiofsd is looked for after `PATH`: Debian trixie's package.
+/// Not `/usr/lib/qemu/virtiofsd`: that is QEMU 7's retired C daemon, with
+/// other options and no id translation.
+const KNOWN_PATHS: [&str; 1] = ["/usr/libexec/virtiofsd"];
 
 /// Whether a sandbox uses the live share; checks the protocol and finds
 /// the daemon. `Ok(None)`: the sandbox works on its clone.
@@ -70,12 +71,8 @@ set `[backend.microvm] share_proto = \"virtiofs\"`"
 }
 
 pub fn find_daemon() -> Option<PathBuf> {
-    keystone_channel::which("virtiofsd").or_else(|| {
-        KNOWN_PATHS
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-    })
+    keystone_channel::which("virtiofsd")
+        .or_else(|| KNOWN_PATHS.iter().map(PathBuf::from).find(|p| p.is_file()))
 }
 
 /// The daemon's arguments (no I/O, so it can be tested).
@@ -85,10 +82,7 @@ pub fn daemon_args(project: &Path, socket: &Path, owner: (u32, u32), as_root: bo
         format!("--socket-path={}", socket.display()),
         // The host edits the same files: let the guest see them change.
         "--cache=auto".to_string(),
-        format!(
-            "--sandbox={}",
-            if as_root { "namespace" } else { "none" }
-        ),
+        format!("--sandbox={}", if as_root { "namespace" } else { "none" }),
     ];
     let all = u32::MAX;
     a.push(format!("--translate-uid=squash-host:0:{AGENT_ID}:{all}"));

@@ -4,6 +4,7 @@
 
 mod agents;
 mod harness;
+mod microvm_only;
 mod scenarios;
 
 /// The same scenarios for every local backend.
