@@ -30,32 +30,10 @@ pub enum Attach {
 /// What `--network bridge` needs on this host, checked before anything
 /// starts.
 pub fn plan(inst: &Instance) -> Result<Attach, BackendError> {
-    let bridge = inst.settings.bridge.trim();
-    if bridge.is_empty() {
-        return Err(BackendError::Requirement(
-            "--network bridge needs a host bridge: name it with `[backend.microvm] bridge = \"br0\"` \
-in the configuration (create one with `ip link add br0 type bridge && ip link set br0 up`)"
-                .into(),
-        ));
-    }
-    if !valid_ifname(bridge) {
-        return Err(BackendError::Requirement(format!(
-            "{bridge:?} is not a network interface name (at most 15 characters, no '/', ':' or spaces); fix `[backend.microvm] bridge`"
-        )));
-    }
-    if !Path::new("/sys/class/net")
-        .join(bridge)
-        .join("bridge")
-        .is_dir()
-    {
-        return Err(BackendError::Requirement(format!(
-            "there is no bridge {bridge} on this host: create it (`ip link add {bridge} type bridge && ip link set {bridge} up`, \
-plus an uplink and DHCP for the sandbox) or name an existing one in `[backend.microvm] bridge`"
-        )));
-    }
+    let bridge = crate::hostbridge::named_bridge(inst)?;
     if nix::unistd::geteuid().is_root() {
         return Ok(Attach::Tap {
-            tap: tap_name(&inst.id),
+            tap: crate::hostbridge::link_name(&inst.id),
             bridge: bridge.to_string(),
         });
     }
@@ -69,7 +47,7 @@ plus an uplink and DHCP for the sandbox) or name an existing one in `[backend.mi
 (`chmod u+s {HELPER}` and `allow {bridge}` in {HELPER_ACL})"
         )));
     }
-    if !acl_allows(&fs::read_to_string(HELPER_ACL).unwrap_or_default(), bridge) {
+    if !acl_allows(&fs::read_to_string(HELPER_ACL).unwrap_or_default(), &bridge) {
         return Err(BackendError::Requirement(format!(
             "{HELPER_ACL} does not allow bridge {bridge}: add the line `allow {bridge}`"
         )));
@@ -113,32 +91,9 @@ pub fn enslave(attach: &Attach) -> Result<(), BackendError> {
 /// The tap QEMU opened, if it still exists (it must not after teardown).
 pub fn leftover(attach: &Attach) -> Option<String> {
     match attach {
-        Attach::Tap { tap, .. } => Path::new("/sys/class/net")
-            .join(tap)
-            .exists()
-            .then(|| tap.clone()),
+        Attach::Tap { tap, .. } => crate::hostbridge::link_exists(tap).then(|| tap.clone()),
         Attach::Helper { .. } => None,
     }
-}
-
-/// A tap name unique to the sandbox, within IFNAMSIZ (15 characters).
-pub fn tap_name(id: &str) -> String {
-    let tail: String = id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .take(11)
-        .collect();
-    format!("kst-{tail}")
-}
-
-fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
 /// `qemu-bridge-helper`'s ACL: `allow NAME` or `allow all`, last match wins
@@ -159,21 +114,6 @@ fn acl_allows(acl: &str, bridge: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tap_names_fit_ifnamsiz() {
-        let t = tap_name("0123456789abcdef0123");
-        assert_eq!(t, "kst-0123456789a");
-        assert!(t.len() <= 15);
-    }
-
-    #[test]
-    fn interface_names_are_checked() {
-        assert!(valid_ifname("br0"));
-        assert!(!valid_ifname("a/b"));
-        assert!(!valid_ifname("waytoolonginterface"));
-        assert!(!valid_ifname("br 0"));
-    }
 
     #[test]
     fn helper_acl() {

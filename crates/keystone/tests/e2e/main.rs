@@ -3,8 +3,8 @@
 //! time (`--test-threads=1`): backends compete for the machine's cores.
 
 mod agents;
+mod bridge_share;
 mod harness;
-mod microvm_only;
 mod scenarios;
 
 /// The same scenarios for every local backend.

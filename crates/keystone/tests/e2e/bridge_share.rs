@@ -1,5 +1,5 @@
-//! What only the microvm backend offers: the live share of the project
-//! (virtiofs) and a tap on a host bridge.
+//! A sandbox on a host bridge (every local backend), and the live share of
+//! the project (virtiofs: microvm only).
 
 use crate::harness::{eventually, processes_matching, Host};
 use std::io::{Read, Write};
@@ -23,7 +23,7 @@ fn require_virtiofsd() {
 }
 
 #[test]
-fn live_share() {
+fn live_share_microvm() {
     require_virtiofsd();
     let h = Host::new("microvm", "share-microvm");
     let name = h.name();
@@ -233,8 +233,17 @@ impl Drop for TestBridge {
 }
 
 #[test]
-fn bridge_network() {
-    let h = Host::new("microvm", "bridge-microvm");
+fn bridge_network_container() {
+    bridge_network("container");
+}
+
+#[test]
+fn bridge_network_microvm() {
+    bridge_network("microvm");
+}
+
+fn bridge_network(backend: &str) {
+    let h = Host::new(backend, &format!("bridge-{backend}"));
     let name = h.name();
     let config = h.tmp.path().join("config/keystone/agent.toml");
     let base = std::fs::read_to_string(&config).expect("config");
@@ -281,14 +290,18 @@ fn bridge_network() {
         "no tap on the bridge: {}",
         br.ports()
     );
+    // The microVM's eth0 is its host-only SSH link; a container has none.
+    let dev = if backend == "microvm" { "eth1" } else { "eth0" };
     let mut addr = String::new();
     let leased = eventually(Duration::from_secs(60), || {
-        addr = h.sh("ip -4 -o addr show dev eth1 | awk '{print $4}'");
+        addr = h.sh(&format!(
+            "ip -4 -o addr show dev {dev} | awk '{{print $4}}'"
+        ));
         addr.starts_with(&format!("{}.", br.subnet))
     });
     assert!(
         leased,
-        "no DHCP lease on eth1 from the bridge's network: {addr:?}"
+        "no DHCP lease on {dev} from the bridge's network: {addr:?}"
     );
     let got = h.sh(&format!(
         "timeout 10 bash -c 'exec 3<>/dev/tcp/{}.1/{port}; echo hi >&3; head -1 <&3'",
@@ -296,18 +309,24 @@ fn bridge_network() {
     ));
     assert_eq!(got.trim(), "hello-from-the-bridge");
 
-    // Stopping removes the tap: QEMU's device goes with QEMU.
+    // Stopping removes the link: QEMU's tap goes with QEMU, a veth with
+    // the container's network namespace.
     h.ks(&["stop", &name]).ok();
     assert!(
-        br.ports().trim().is_empty(),
-        "a tap outlived the VM: {}",
+        eventually(Duration::from_secs(5), || br.ports().trim().is_empty()),
+        "a link outlived the sandbox: {}",
         br.ports()
     );
 
-    // As a user, without the setuid helper, the missing privilege is named.
+    // As a user (for the microVM: without the setuid helper), the missing
+    // privilege is named.
     let helper = std::fs::metadata("/usr/lib/qemu/qemu-bridge-helper").map(|m| m.mode());
-    if helper.map(|m| m & 0o4000 == 0).unwrap_or(true) {
-        let u = Host::with_user("microvm", "bridge-user", Some("keystone-test"));
+    if backend == "container" || helper.map(|m| m & 0o4000 == 0).unwrap_or(true) {
+        let u = Host::with_user(
+            backend,
+            &format!("bridge-user-{backend}"),
+            Some("keystone-test"),
+        );
         let cfg = u.tmp.path().join("config/keystone/agent.toml");
         let ubase = std::fs::read_to_string(&cfg).expect("config");
         u.write(
@@ -316,7 +335,12 @@ fn bridge_network() {
         );
         let r = u.start(&["--network", "bridge"]);
         r.code(4);
-        assert!(r.stderr.contains("needs privileges"), "{}", r.text());
+        let why = if backend == "container" {
+            "needs root"
+        } else {
+            "needs privileges"
+        };
+        assert!(r.stderr.contains(why), "{}", r.text());
     }
     h.ks(&["destroy", "--force", &name]).ok();
 }
