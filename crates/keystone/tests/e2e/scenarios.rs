@@ -895,7 +895,7 @@ pub fn auto_commit(h: Host) {
     let theirs = h.sh(
         "echo auto > auto.txt && git add auto.txt && git commit -qm auto && git rev-parse HEAD",
     );
-    let arrived = eventually(Duration::from_secs(20), || {
+    let arrived = eventually(Duration::from_secs(60), || {
         h.git(&["rev-parse", "HEAD"]) == theirs.trim()
     });
     assert!(arrived, "the sandbox's commit did not reach the host");
