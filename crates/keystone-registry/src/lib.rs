@@ -40,6 +40,14 @@ pub struct Settings {
     pub persist: bool,
     /// Id of the guest image the sandbox runs.
     pub image: String,
+    /// The terminal multiplexer holding its sessions (`tmux`, `zellij`);
+    /// records written before it existed were tmux.
+    #[serde(default = "default_multiplexer")]
+    pub multiplexer: String,
+}
+
+fn default_multiplexer() -> String {
+    "tmux".into()
 }
 
 /// The outcome of the last sync, for `status`.
@@ -384,6 +392,7 @@ mod tests {
             sync_mode: "manual".into(),
             persist: true,
             image: "minimal-x".into(),
+            multiplexer: "tmux".into(),
         }
     }
 

@@ -143,6 +143,7 @@ pub fn run(args: StartArgs) -> Result<i32> {
         sync_mode: cfg.defaults.sync_mode.to_string(),
         persist: cfg.defaults.persist,
         image: recipe.id(),
+        multiplexer: cfg.session.multiplexer.to_string(),
     };
 
     // Claim the sandbox: one `start` wins, any other sees `starting`.
@@ -319,12 +320,8 @@ fn start_agent(
 ) -> Result<()> {
     let session = commands::worktree::session(sandbox, "main");
     let command = format!("{}; exec bash", agent.command());
-    let script = format!(
-        "s={s}; c={c}; if tmux has-session -t \"=$s\" 2>/dev/null; then tmux new-window -t \"=$s:\" -c /workspace \"$c\"; \
-else tmux new-session -d -s \"$s\" -x 160 -y 48 -c /workspace \"$c\"; fi",
-        s = shell_words::quote(&session),
-        c = shell_words::quote(&command),
-    );
+    let script =
+        crate::session::Multiplexer::of(sandbox).run_in_script(&session, "/workspace", &command);
     channel
         .run_ok(
             &script,

@@ -5,6 +5,7 @@
 mod agents;
 mod harness;
 mod scenarios;
+mod web;
 
 /// The same scenarios for every local backend.
 macro_rules! backend_suite {
@@ -68,6 +69,10 @@ macro_rules! backend_suite {
             #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
+            }
+            #[test]
+            fn web_terminal() {
+                crate::web::web_terminal(Host::new($backend, concat!("web-", $backend)));
             }
             #[test]
             fn destroy_guards() {
