@@ -98,6 +98,14 @@ pub struct Recipe {
     /// profile only: they need Node.js). Order does not matter.
     #[serde(default)]
     pub agents: Vec<AgentSetup>,
+    /// Zellij at this exact crates.io version, when the sessions use it
+    /// (built on the host into the store's `tools/`, see [`crate::tools`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zellij: Option<String>,
+    /// Where the store found or built that Zellij; set just before a build,
+    /// never part of the hash (the image does not depend on the host path).
+    #[serde(skip)]
+    pub zellij_binary: Option<std::path::PathBuf>,
 }
 
 impl Recipe {
@@ -109,7 +117,23 @@ impl Recipe {
             mirror: DEFAULT_MIRROR.to_owned(),
             extra_packages: Vec::new(),
             agents: Vec::new(),
+            zellij: None,
+            zellij_binary: None,
         }
+    }
+
+    /// The hooks mmdebstrap runs, Zellij's last; with `real_paths`, the
+    /// host path of the Zellij binary, else the placeholder the hash uses.
+    pub(crate) fn hooks(&self, real_paths: bool) -> Vec<String> {
+        let mut hooks = guest::customize_hooks(&self.sorted_agents());
+        if let Some(version) = &self.zellij {
+            let path = match (&self.zellij_binary, real_paths) {
+                (Some(p), true) => p.display().to_string(),
+                _ => guest::ZELLIJ_PLACEHOLDER.to_string(),
+            };
+            hooks.push(guest::zellij_hook(version, &path));
+        }
+        hooks
     }
 
     /// The agents in a fixed order (one per kind), so the hash and the
@@ -142,10 +166,7 @@ impl Recipe {
     /// profile, suite, mirror, variant, package list, dpkg options and the
     /// exact text of every hook (which embeds every file the builder writes).
     pub fn hash(&self) -> String {
-        self.hash_with(
-            FORMAT_VERSION,
-            &guest::customize_hooks(&self.sorted_agents()),
-        )
+        self.hash_with(FORMAT_VERSION, &self.hooks(false))
     }
 
     /// `<profile>-<first 12 hex digits of the hash>`.
@@ -179,6 +200,9 @@ impl Recipe {
             field("agent", setup.agent.name().as_bytes());
             field("agent_package", setup.spec().as_bytes());
             field("agent_auto_accept", &[u8::from(setup.auto_accept)]);
+        }
+        if let Some(version) = &self.zellij {
+            field("zellij", version.as_bytes());
         }
         for hook in hooks {
             field("customize_hook", hook.as_bytes());
@@ -236,6 +260,14 @@ impl Recipe {
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
+        }
+        if let Some(version) = &self.zellij {
+            if !agents::is_exact_version(version) {
+                return invalid(format!(
+                    "zellij version {version:?} is not an exact version like \"{}\"",
+                    crate::tools::ZELLIJ_VERSION
+                ));
+            }
         }
         for setup in &self.agents {
             if !agents::is_exact_version(&setup.version) {

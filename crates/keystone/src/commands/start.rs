@@ -371,6 +371,11 @@ pub fn recipe_for(
         mirror: cfg.guest.mirror.clone(),
         extra_packages: cfg.guest.packages.clone(),
         agents,
+        // Debian has no Zellij: it is built from crates.io, and only
+        // for the sandboxes that use it.
+        zellij: (cfg.session.multiplexer == keystone_config::Multiplexer::Zellij)
+            .then(|| keystone_image::tools::ZELLIJ_VERSION.to_string()),
+        zellij_binary: None,
     }
 }
 

@@ -510,6 +510,38 @@ pub fn attach_session(h: Host) {
         screen()
     );
     assert!(screen().contains("/workspace"), "{}", screen());
+    // Switching to another worktree's session from inside the session
+    // (keystone-switch, the guest's command): it starts on demand in its
+    // worktree, and the same client moves there.
+    h.ks(&["worktree", "add", "other", "--create"]).ok();
+    tmux(&["send-keys", "-t", "host", "keystone-switch other", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            screen().contains(&format!("agent@{name}:/workspace/.worktrees/other"))
+        }),
+        "keystone-switch did not move the client:\n{}",
+        screen()
+    );
+    let attached = h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'");
+    assert!(
+        attached.contains(&format!("{name}-other 1")) && attached.contains(&format!("{name}-main 0")),
+        "{attached}"
+    );
+    tmux(&["send-keys", "-t", "host", "keystone-switch nope; echo SWITCH-EXIT=$?", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(10), || screen().contains("SWITCH-EXIT=1")),
+        "{}",
+        screen()
+    );
+    assert!(screen().contains("there is no worktree nope"), "{}", screen());
+    tmux(&["send-keys", "-t", "host", "keystone-switch main", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'")
+                .contains(&format!("{name}-main 1"))
+        }),
+        "keystone-switch main did not move the client back"
+    );
     tmux(&["send-keys", "-t", "host", "C-b", "d"]);
     let detached = eventually(Duration::from_secs(10), || {
         screen().contains("ATTACH-EXIT=")
