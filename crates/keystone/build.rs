@@ -56,11 +56,7 @@ fn main() {
 
 fn fetch(pkg: &Package, out: &Path, dest: &Path) -> Result<(), String> {
     let have_all = pkg.files.iter().all(|(_, name)| dest.join(name).is_file());
-    let stamp = dest.join(format!(
-        ".{}-{}",
-        pkg.name.replace('/', "_"),
-        pkg.version
-    ));
+    let stamp = dest.join(format!(".{}-{}", pkg.name.replace('/', "_"), pkg.version));
     if have_all && stamp.is_file() {
         return Ok(());
     }

@@ -305,7 +305,8 @@ impl ImageStore {
         let started = Instant::now();
         let mut recipe = recipe.clone();
         if let Some(version) = &recipe.zellij {
-            recipe.zellij_binary = Some(crate::tools::ensure_zellij(&self.root, version, progress)?);
+            recipe.zellij_binary =
+                Some(crate::tools::ensure_zellij(&self.root, version, progress)?);
         }
         let recipe = &recipe;
         builder.build(recipe, &id, &tar, &log, progress)?;

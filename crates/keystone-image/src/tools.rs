@@ -91,7 +91,14 @@ pub(crate) fn ensure_zellij(
     let status = Command::new("nice")
         .args(["-n", "10"])
         .arg(&cargo)
-        .args(["install", "--locked", "zellij", "--version", version, "--root"])
+        .args([
+            "install",
+            "--locked",
+            "zellij",
+            "--version",
+            version,
+            "--root",
+        ])
         .arg(&root)
         .env("CARGO_TARGET_DIR", &target)
         .stdin(Stdio::null())
@@ -106,7 +113,9 @@ pub(crate) fn ensure_zellij(
     if !status.success() || !built.is_file() {
         return Err(ImageError::ToolBuild {
             what: format!("Zellij {version}"),
-            detail: format!("`cargo install --locked zellij --version {version}` failed ({status})"),
+            detail: format!(
+                "`cargo install --locked zellij --version {version}` failed ({status})"
+            ),
             log: Some(log),
         });
     }
@@ -115,7 +124,11 @@ pub(crate) fn ensure_zellij(
     fs::rename(&root, &final_dir).map_err(|e| ImageError::io("publish", &final_dir, e))?;
     // The compiled dependencies are only worth keeping for a retry.
     let _ = fs::remove_dir_all(&target);
-    tracing::info!(version, seconds = started.elapsed().as_secs(), "built zellij");
+    tracing::info!(
+        version,
+        seconds = started.elapsed().as_secs(),
+        "built zellij"
+    );
     progress.phase(&format!(
         "built Zellij {version} in {:.0} s",
         started.elapsed().as_secs_f64()

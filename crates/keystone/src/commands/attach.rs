@@ -28,8 +28,8 @@ pub fn run(args: AttachArgs) -> Result<i32> {
 /// command, so they all share one session.
 pub fn session_command(channel: &Channel, sb: &Sandbox, worktree: &str) -> Result<Command> {
     let session = crate::commands::worktree::session(sb, worktree);
-    let script = Multiplexer::of(sb)
-        .attach_script(&session, &crate::commands::worktree::dir(worktree));
+    let script =
+        Multiplexer::of(sb).attach_script(&session, &crate::commands::worktree::dir(worktree));
     Ok(channel.command(
         &script,
         &ExecOptions {

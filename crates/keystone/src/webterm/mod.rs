@@ -71,7 +71,11 @@ pub fn token(sandbox_dir: &Path) -> Result<String> {
 
 /// Constant-time, so the token cannot be guessed a byte at a time.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 struct Server {
@@ -106,11 +110,7 @@ async fn index(State(s): State<Shared>, Query(q): Params) -> Response {
     let page = INDEX
         .replace("{{TOKEN}}", &s.token)
         .replace("{{TITLE}}", &html_escape(&s.title));
-    (
-        [(header::CACHE_CONTROL, "no-store")],
-        Html(page),
-    )
-        .into_response()
+    ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response()
 }
 
 async fn asset(
@@ -157,7 +157,8 @@ async fn bridge(mut socket: WebSocket, s: Shared, cols: u16, rows: u16) {
                 .env("LANG", "C.UTF-8")
                 .env_remove("LC_ALL")
                 .env_remove("LC_CTYPE");
-            pty::Pty::spawn(cmd, cols, rows).map_err(|e| format!("cannot start the session client: {e}"))
+            pty::Pty::spawn(cmd, cols, rows)
+                .map_err(|e| format!("cannot start the session client: {e}"))
         });
     let (pty, mut output) = match spawned {
         Ok(p) => p,
@@ -219,7 +220,10 @@ fn open_browser(url: &str) -> bool {
             .spawn()
             .is_ok()
     };
-    if let Some(browser) = std::env::var("BROWSER").ok().filter(|b| !b.trim().is_empty()) {
+    if let Some(browser) = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.trim().is_empty())
+    {
         // $BROWSER may list several, separated by ':'; the first is used.
         let first = browser.split(':').next().unwrap_or_default();
         let words = shell_words::split(first).unwrap_or_default();

@@ -83,6 +83,16 @@ macro_rules! backend_suite {
 }
 
 backend_suite!(container, "container");
+
+/// Zellij instead of tmux (its build from crates.io is cached with the images).
+mod zellij {
+    use crate::harness::Host;
+
+    #[test]
+    fn sessions_container() {
+        crate::web::zellij_sessions(Host::new("container", "zellij-container"));
+    }
+}
 backend_suite!(microvm, "microvm");
 
 /// The container scenario as an unprivileged user (rootless): user

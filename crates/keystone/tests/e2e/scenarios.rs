@@ -524,16 +524,28 @@ pub fn attach_session(h: Host) {
     );
     let attached = h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'");
     assert!(
-        attached.contains(&format!("{name}-other 1")) && attached.contains(&format!("{name}-main 0")),
+        attached.contains(&format!("{name}-other 1"))
+            && attached.contains(&format!("{name}-main 0")),
         "{attached}"
     );
-    tmux(&["send-keys", "-t", "host", "keystone-switch nope; echo SWITCH-EXIT=$?", "Enter"]);
+    tmux(&[
+        "send-keys",
+        "-t",
+        "host",
+        "keystone-switch nope; echo SWITCH-EXIT=$?",
+        "Enter",
+    ]);
     assert!(
-        eventually(Duration::from_secs(10), || screen().contains("SWITCH-EXIT=1")),
+        eventually(Duration::from_secs(10), || screen()
+            .contains("SWITCH-EXIT=1")),
         "{}",
         screen()
     );
-    assert!(screen().contains("there is no worktree nope"), "{}", screen());
+    assert!(
+        screen().contains("there is no worktree nope"),
+        "{}",
+        screen()
+    );
     tmux(&["send-keys", "-t", "host", "keystone-switch main", "Enter"]);
     assert!(
         eventually(Duration::from_secs(15), || {

@@ -55,7 +55,15 @@ impl HostTerminal {
         );
         let t = HostTerminal { socket };
         t.tmux(&[
-            "new-session", "-d", "-x", "120", "-y", "30", "-s", "host", &cmd,
+            "new-session",
+            "-d",
+            "-x",
+            "120",
+            "-y",
+            "30",
+            "-s",
+            "host",
+            &cmd,
         ]);
         t
     }
@@ -111,7 +119,11 @@ impl WebServer {
                 seen.push_str(&line);
                 seen.push('\n');
                 if let Some(at) = line.find("http://127.0.0.1:") {
-                    let url = line[at..].split_whitespace().next().unwrap_or("").to_string();
+                    let url = line[at..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
                     return WebServer { child, url };
                 }
             }
@@ -137,7 +149,11 @@ impl WebServer {
     }
 
     fn token(&self) -> String {
-        self.url.split("token=").nth(1).expect("token in URL").to_string()
+        self.url
+            .split("token=")
+            .nth(1)
+            .expect("token in URL")
+            .to_string()
     }
 
     /// Ctrl-C, as a user would; the exit status.
@@ -283,14 +299,25 @@ pub fn web_terminal(h: Host) {
     let meta = std::fs::metadata(&token_file).expect("token file");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::fs::read_to_string(&token_file).expect("token").trim(), token);
+    assert_eq!(
+        std::fs::read_to_string(&token_file).expect("token").trim(),
+        token
+    );
     assert!(http_status(port, &format!("/?token={token}")).contains(" 200"));
-    for path in ["/", "/?token=wrong", "/assets/xterm.js", "/assets/xterm.js?token=nope"] {
+    for path in [
+        "/",
+        "/?token=wrong",
+        "/assets/xterm.js",
+        "/assets/xterm.js?token=nope",
+    ] {
         let status = http_status(port, path);
         assert!(status.contains(" 403"), "{path}: {status}");
     }
     let status = ws_status(port, "/ws?token=wrong");
-    assert!(status.contains(" 403"), "websocket with a wrong token: {status}");
+    assert!(
+        status.contains(" 403"),
+        "websocket with a wrong token: {status}"
+    );
 
     let driver = Driver::start();
     let rt = tokio::runtime::Runtime::new().expect("tokio");
@@ -378,13 +405,19 @@ pub fn web_terminal(h: Host) {
     // The terminal client is still attached to the session the browser left.
     terminal.keys(&["echo still-$((1+1))", "Enter"]);
     assert!(
-        eventually(Duration::from_secs(10), || terminal.screen().contains("still-2")),
+        eventually(Duration::from_secs(10), || terminal
+            .screen()
+            .contains("still-2")),
         "{}",
         terminal.screen()
     );
     drop(terminal);
     drop(driver);
-    assert_eq!(web.interrupt(), Some(0), "Ctrl-C must stop the server with 0");
+    assert_eq!(
+        web.interrupt(),
+        Some(0),
+        "Ctrl-C must stop the server with 0"
+    );
     let sessions = h.sh("tmux list-sessions -F '#{session_name}'");
     assert!(sessions.contains(&format!("{name}-main")), "{sessions}");
 
@@ -393,4 +426,126 @@ pub fn web_terminal(h: Host) {
     let r = h.ks(&["attach", "--web"]);
     r.code(2);
     assert!(r.text().contains("is not running"), "{}", r.text());
+}
+
+/// `session.multiplexer = "zellij"`: the same worktree sessions, terminal
+/// attach and detach, web terminal, switching and removal, with Zellij
+/// (built from crates.io into the image cache) instead of tmux.
+pub fn zellij_sessions(h: Host) {
+    require_browser();
+    let name = h.name();
+    let config = h.tmp.path().join("config/keystone/agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("\n[session]\nmultiplexer = \"zellij\"\n");
+    h.write(&config, &text);
+    h.start(&[]).ok();
+    assert!(
+        h.sh("zellij --version")
+            .contains(keystone_image::tools::ZELLIJ_VERSION),
+        "zellij is not in the image"
+    );
+    h.ks(&["worktree", "add", "feature-z", "--create"]).ok();
+
+    // Terminal attach to the worktree's session.
+    let term = HostTerminal::new(&h, "zj", "attach --worktree feature-z");
+    let prompt = format!("agent@{name}:/workspace/.worktrees/feature-z");
+    assert!(
+        eventually(Duration::from_secs(60), || term.screen().contains(&prompt)),
+        "no shell in the zellij session:\n{}",
+        term.screen()
+    );
+    term.keys(&["echo zz-$((5*5))", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(15), || term.screen().contains("zz-25")),
+        "{}",
+        term.screen()
+    );
+    let rows = |h: &Host| -> serde_json::Value {
+        let r = h.ks(&["worktree", "list", "--json"]);
+        serde_json::from_str(&r.ok().stdout).expect("json")
+    };
+    let list = rows(&h);
+    let row = list
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["branch"] == "feature-z")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(row["session"], format!("{name}-feature-z"), "{list}");
+    assert_eq!(row["session_running"], true, "{list}");
+    assert_eq!(row["current"], true, "{list}");
+
+    // The browser joins the same Zellij session.
+    let web = WebServer::start(&h, &["--worktree", "feature-z"]);
+    let driver = Driver::start();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let shot = artifacts_dir().join("web-terminal-zellij.png");
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&web.url).await.expect("goto");
+        assert!(
+            wait_text(&c, "zz-25", Duration::from_secs(60)).await,
+            "the browser does not show the session:\n{}",
+            page_text(&c).await
+        );
+        type_keys(&c, "echo from-browser-$((8*8)) ✓\n").await;
+        assert!(
+            wait_text(&c, "from-browser-64 ✓", Duration::from_secs(20)).await,
+            "{}",
+            page_text(&c).await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let png = c.screenshot().await.expect("screenshot");
+        std::fs::write(&shot, png).expect("write screenshot");
+        let _ = c.close().await;
+    });
+    eprintln!("screenshot: {}", shot.display());
+    assert!(
+        eventually(Duration::from_secs(15), || term
+            .screen()
+            .contains("from-browser-64")),
+        "the terminal does not see the browser's command:\n{}",
+        term.screen()
+    );
+    drop(driver);
+    assert_eq!(web.interrupt(), Some(0));
+
+    // Switch to the main checkout's session from inside, then detach.
+    term.keys(&["keystone-switch main", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(60), || term
+            .screen()
+            .contains(&format!("agent@{name}:/workspace$"))),
+        "keystone-switch did not move the zellij client:\n{}",
+        term.screen()
+    );
+    term.keys(&["C-o"]);
+    std::thread::sleep(Duration::from_millis(300));
+    term.keys(&["d"]);
+    assert!(
+        eventually(Duration::from_secs(15), || term
+            .screen()
+            .contains("ATTACH-EXIT=")),
+        "detach did not return to the host shell:\n{}",
+        term.screen()
+    );
+    assert!(term.screen().contains("ATTACH-EXIT=0"), "{}", term.screen());
+    drop(term);
+    let sessions = h.sh("zellij list-sessions --no-formatting --short");
+    assert!(
+        sessions.contains(&format!("{name}-feature-z")),
+        "{sessions}"
+    );
+    assert!(sessions.contains(&format!("{name}-main")), "{sessions}");
+
+    // Removing the worktree ends its session; the other one is untouched.
+    h.ks(&["worktree", "remove", "feature-z", "--force"]).ok();
+    let sessions = h.sh("zellij list-sessions --no-formatting --short; true");
+    assert!(
+        !sessions.contains(&format!("{name}-feature-z")),
+        "{sessions}"
+    );
+    assert!(sessions.contains(&format!("{name}-main")), "{sessions}");
+    h.ks(&["attach", "--worktree", "feature-z"]).code(1);
 }
