@@ -100,7 +100,19 @@ struct WebServer {
     url: String,
 }
 
+impl Drop for WebServer {
+    /// A failed test must not leave the server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl WebServer {
+    // The child is waited for by `interrupt` or `Drop`.
+    #[allow(clippy::zombie_processes)]
     fn start(h: &Host, extra: &[&str]) -> WebServer {
         let mut args = vec!["attach", "--web"];
         args.extend_from_slice(extra);
