@@ -326,6 +326,36 @@ mod tests {
     }
 
     #[test]
+    fn zellij_and_its_version_change_hash_but_its_host_path_does_not() {
+        let mut with = minimal();
+        with.zellij = Some("0.45.1".into());
+        assert_ne!(minimal().hash(), with.hash());
+        let mut other = with.clone();
+        other.zellij = Some("0.45.0".into());
+        assert_ne!(with.hash(), other.hash());
+        let mut moved = with.clone();
+        moved.zellij_binary = Some("/somewhere/else/bin/zellij".into());
+        assert_eq!(with.hash(), moved.hash());
+        // The build copies the real binary; the hash sees the placeholder.
+        assert!(moved
+            .hooks(true)
+            .join("\n")
+            .contains("'/somewhere/else/bin/zellij'"));
+        assert!(!moved.hooks(false).join("\n").contains("/somewhere"));
+        for hook in moved.hooks(true) {
+            let ok = std::process::Command::new("sh")
+                .args(["-n", "-c", &hook])
+                .status()
+                .expect("sh")
+                .success();
+            assert!(ok, "{hook}");
+        }
+        let mut bad = minimal();
+        bad.zellij = Some("latest".into());
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
     fn mirror_changes_hash() {
         let mut r = minimal();
         r.mirror = "http://ftp.de.debian.org/debian".into();
