@@ -1122,12 +1122,45 @@ pub fn worktrees(h: Host) {
         ".worktrees must not show as a change"
     );
     // Bad input.
-    h.ks(&["worktree", "add", "bad..name", "--create"]).code(2);
-    h.ks(&["worktree", "add", "feature-a"]).code(2);
-    h.ks(&["worktree", "add", "no-such-branch"]).code(1);
-    h.ks(&["worktree", "remove", "main"]).code(2);
-    h.ks(&["attach", "--worktree", "nope"]).code(1);
-    h.ks(&["exec", "--worktree", "nope", "--", "true"]).code(1);
+    let says = |args: &[&str], code: i32, words: &str| {
+        let r = h.ks(args);
+        r.code(code);
+        assert!(r.text().contains(words), "{args:?}: {}", r.text());
+    };
+    says(
+        &["worktree", "add", "bad..name", "--create"],
+        2,
+        "is not a valid branch name",
+    );
+    says(
+        &["worktree", "add", "feature-a"],
+        2,
+        "worktree feature-a already exists",
+    );
+    says(&["worktree", "add", "no-such-branch"], 1, "pass --create");
+    says(&["worktree", "remove", "main"], 2, "cannot be removed");
+    says(
+        &["worktree", "remove", "nope"],
+        1,
+        "has no worktree \"nope\"",
+    );
+    says(
+        &["attach", "--worktree", "nope"],
+        1,
+        "has no worktree \"nope\"",
+    );
+    says(
+        &["attach", "--web", "--worktree", "nope"],
+        1,
+        "worktree add nope",
+    );
+    says(
+        &["exec", "--worktree", "nope", "--", "true"],
+        1,
+        "has no worktree",
+    );
+    // Nothing half-made: the refused adds left no worktree or branch.
+    assert_eq!(h.sh("git branch --list 'bad*' 'no-such*'").trim(), "");
     // remove refuses unsynced work, then takes it once synced; the other
     // worktree's session is untouched.
     let r = h.ks(&["worktree", "remove", "feature-a"]);
