@@ -35,7 +35,7 @@ cfg=$XDG_STATE_HOME/keystone/sandboxes/bench/ssh/config
 ssh -F "$cfg" keystone-bench -- true     # the master connection both reuse
 
 python3 - "$N" "$K" "$cfg" <<'EOF'
-import os, pty, select, signal, statistics, sys, time
+import os, pty, select, signal, statistics, sys, termios, time
 
 n, keystone, cfg = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 clients = {
@@ -65,6 +65,10 @@ def one(argv):
         os.execvp(argv[0], argv)
     read_until(fd, b"BENCH-READY")
     attach = time.monotonic() - t0
+    # The echo must come from the session, not from the local line
+    # discipline: the client has put its terminal into raw mode.
+    if termios.tcgetattr(fd)[3] & termios.ECHO:
+        raise SystemExit(f"{argv[0]}: the local terminal still echoes; the echo figure would be meaningless")
     time.sleep(0.2)
     while select.select([fd], [], [], 0.05)[0]:
         os.read(fd, 65536)
