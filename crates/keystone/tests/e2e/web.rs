@@ -111,12 +111,16 @@ impl Drop for WebServer {
 }
 
 impl WebServer {
+    fn start(h: &Host, extra: &[&str]) -> WebServer {
+        Self::start_env(h, extra, &[])
+    }
+
     // The child is waited for by `interrupt` or `Drop`.
     #[allow(clippy::zombie_processes)]
-    fn start(h: &Host, extra: &[&str]) -> WebServer {
+    fn start_env(h: &Host, extra: &[&str], env: &[(&str, &str)]) -> WebServer {
         let mut args = vec!["attach", "--web"];
         args.extend_from_slice(extra);
-        let mut child = h.ks_spawn(&args);
+        let mut child = h.ks_spawn_env(&args, env);
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
