@@ -458,7 +458,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-53a27a5537f0");
+        assert_eq!(minimal().id(), "minimal-d1010e75e33b");
     }
 
     #[test]
