@@ -9,10 +9,13 @@
 #   tar, rsync, e2fsprogs    image unpacking, artifacts, microVM disks
 #   qemu-system-x86, qemu-utils   the microvm backend
 #   tmux                     driving terminals in tests
+#   npm                      build time: fetches xterm.js (the web terminal) from the npm registry
+#   chromium, chromium-driver   the web terminal's end-to-end test (headless, WebDriver)
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
-          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc)
+          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc
+          npm chromium chromium-driver)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo

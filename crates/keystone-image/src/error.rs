@@ -35,6 +35,13 @@ pub enum ImageError {
     )]
     NoSubordinateIds { user: String, path: PathBuf },
 
+    #[error("could not build {what} for the guest image: {detail}{}", log.as_ref().map(|l| format!("; see the log {}", l.display())).unwrap_or_default())]
+    ToolBuild {
+        what: String,
+        detail: String,
+        log: Option<PathBuf>,
+    },
+
     #[error("could not start {command}: {source}")]
     Spawn {
         command: String,

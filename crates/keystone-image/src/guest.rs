@@ -179,6 +179,78 @@ cgroup2 /sys/fs/cgroup cgroup2 nosuid,nodev,noexec 0 0
 tmpfs /etc/keystone tmpfs mode=0755,size=1m 0 0
 ";
 
+/// `/usr/local/bin/keystone-switch BRANCH`: moves the terminal's client
+/// (from inside a session) to the session of another worktree,
+/// `<sandbox>-<branch>`, starting it in the worktree when it is not
+/// running. Every worktree session of a sandbox lives on one tmux server
+/// (or one Zellij installation), so this is the multiplexer's own switch;
+/// the names match the host's (`keystone agent worktree list`).
+pub const SWITCH: &str = r#"#!/bin/sh
+# Written by keystone: switch this terminal to another worktree's session.
+set -eu
+if [ $# -ne 1 ] || [ -z "$1" ]; then
+    echo "usage: keystone-switch BRANCH   (main is the main checkout; git worktree list shows the others)" >&2
+    exit 2
+fi
+branch=$1
+if [ "$branch" = main ]; then dir=/workspace; else dir=/workspace/.worktrees/$branch; fi
+if [ ! -d "$dir" ]; then
+    echo "keystone-switch: there is no worktree $branch; on the host: keystone agent worktree add $branch" >&2
+    exit 1
+fi
+session="$(cat /proc/sys/kernel/hostname)-$(printf '%s' "$branch" | tr './:' '---')"
+if [ -n "${ZELLIJ:-}" ]; then
+    exec zellij action switch-session --cwd "$dir" "$session"
+fi
+if [ -n "${TMUX:-}" ]; then
+    tmux has-session -t "=$session" 2>/dev/null || tmux new-session -d -s "$session" -c "$dir"
+    exec tmux switch-client -t "=$session"
+fi
+echo "keystone-switch: run it inside a session (keystone agent attach)" >&2
+exit 2
+"#;
+
+/// `~agent/.config/zellij/config.kdl`, in images that carry Zellij: no
+/// first-run tips or release notes in the way of the session, and a
+/// session whose last client goes away (detach, dropped connection) keeps
+/// running rather than being serialized for later resurrection.
+pub const ZELLIJ_CONFIG: &str = "\
+// Written by keystone.
+show_startup_tips false
+show_release_notes false
+on_force_close \"detach\"
+session_serialization false
+default_shell \"bash\"
+";
+
+/// Path of the Zellij binary in the hook text that the recipe hash sees:
+/// the real path depends on where the host's cache is, the image does not.
+pub(crate) const ZELLIJ_PLACEHOLDER: &str = "/keystone-tools/zellij";
+
+/// Copies the host-built Zellij `version` from `binary` into the image,
+/// proves it runs there, and writes the agent's Zellij configuration.
+pub(crate) fn zellij_hook(version: &str, binary: &str) -> String {
+    format!(
+        "set -eu\n# zellij {version}, built with cargo install --locked\n\
+install -m 0755 -o 0 -g 0 {bin} \"$1/usr/local/bin/zellij\"\n\
+chroot \"$1\" /usr/local/bin/zellij --version | grep -qF {version}\n\
+install -d -m 0755 -o 1000 -g 1000 \"$1/home/agent/.config/zellij\"\n{config}",
+        bin = shell_quote(binary),
+        config = write_hook(
+            "/home/agent/.config/zellij/config.kdl",
+            "0644",
+            AGENT_UID,
+            ZELLIJ_CONFIG,
+            false
+        )
+        .trim_start_matches("set -eu\n"),
+    )
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// Terminates every here-document; no file body may contain it as a line.
 pub(crate) const HEREDOC_END: &str = "KEYSTONE_EOF";
 
@@ -309,6 +381,13 @@ const FILES: &[GuestFile] = &[
         mode: "0755",
         owner: 0,
         body: MICROVM_INIT,
+        append: false,
+    },
+    GuestFile {
+        path: "/usr/local/bin/keystone-switch",
+        mode: "0755",
+        owner: 0,
+        body: SWITCH,
         append: false,
     },
     GuestFile {

@@ -30,6 +30,7 @@ mod mmdebstrap;
 mod progress;
 mod recipe;
 mod store;
+pub mod tools;
 
 pub use agents::{Agent, AgentSetup};
 pub use error::ImageError;

@@ -141,7 +141,7 @@ pub(crate) fn command_args(recipe: &Recipe, mode: Mode, rootfs_tar: &Path) -> Ve
     for option in guest::DPKG_OPTIONS {
         args.push(format!("--dpkgopt={option}").into());
     }
-    for hook in guest::customize_hooks(&recipe.sorted_agents()) {
+    for hook in recipe.hooks(true) {
         args.push(format!("--customize-hook={hook}").into());
     }
     args.push("--".into());

@@ -100,6 +100,14 @@ pub struct Recipe {
     /// profile only: they need Node.js). Order does not matter.
     #[serde(default)]
     pub agents: Vec<AgentSetup>,
+    /// Zellij at this exact crates.io version, when the sessions use it
+    /// (built on the host into the store's `tools/`, see [`crate::tools`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zellij: Option<String>,
+    /// Where the store found or built that Zellij; set just before a build,
+    /// never part of the hash (the image does not depend on the host path).
+    #[serde(skip)]
+    pub zellij_binary: Option<std::path::PathBuf>,
 }
 
 impl Recipe {
@@ -111,7 +119,23 @@ impl Recipe {
             mirror: DEFAULT_MIRROR.to_owned(),
             extra_packages: Vec::new(),
             agents: Vec::new(),
+            zellij: None,
+            zellij_binary: None,
         }
+    }
+
+    /// The hooks mmdebstrap runs, Zellij's last; with `real_paths`, the
+    /// host path of the Zellij binary, else the placeholder the hash uses.
+    pub(crate) fn hooks(&self, real_paths: bool) -> Vec<String> {
+        let mut hooks = guest::customize_hooks(&self.sorted_agents());
+        if let Some(version) = &self.zellij {
+            let path = match (&self.zellij_binary, real_paths) {
+                (Some(p), true) => p.display().to_string(),
+                _ => guest::ZELLIJ_PLACEHOLDER.to_string(),
+            };
+            hooks.push(guest::zellij_hook(version, &path));
+        }
+        hooks
     }
 
     /// The agents in a fixed order (one per kind), so the hash and the
@@ -144,10 +168,7 @@ impl Recipe {
     /// profile, suite, mirror, variant, package list, dpkg options and the
     /// exact text of every hook (which embeds every file the builder writes).
     pub fn hash(&self) -> String {
-        self.hash_with(
-            FORMAT_VERSION,
-            &guest::customize_hooks(&self.sorted_agents()),
-        )
+        self.hash_with(FORMAT_VERSION, &self.hooks(false))
     }
 
     /// `<profile>-<first 12 hex digits of the hash>`.
@@ -181,6 +202,9 @@ impl Recipe {
             field("agent", setup.agent.name().as_bytes());
             field("agent_package", setup.spec().as_bytes());
             field("agent_auto_accept", &[u8::from(setup.auto_accept)]);
+        }
+        if let Some(version) = &self.zellij {
+            field("zellij", version.as_bytes());
         }
         for hook in hooks {
             field("customize_hook", hook.as_bytes());
@@ -239,6 +263,14 @@ impl Recipe {
                     .join(", ")
             ));
         }
+        if let Some(version) = &self.zellij {
+            if !agents::is_exact_version(version) {
+                return invalid(format!(
+                    "zellij version {version:?} is not an exact version like \"{}\"",
+                    crate::tools::ZELLIJ_VERSION
+                ));
+            }
+        }
         for setup in &self.agents {
             if !agents::is_exact_version(&setup.version) {
                 return invalid(format!(
@@ -293,6 +325,36 @@ mod tests {
         let mut r = minimal();
         r.suite = "bookworm".into();
         assert_ne!(minimal().hash(), r.hash());
+    }
+
+    #[test]
+    fn zellij_and_its_version_change_hash_but_its_host_path_does_not() {
+        let mut with = minimal();
+        with.zellij = Some("0.45.1".into());
+        assert_ne!(minimal().hash(), with.hash());
+        let mut other = with.clone();
+        other.zellij = Some("0.45.0".into());
+        assert_ne!(with.hash(), other.hash());
+        let mut moved = with.clone();
+        moved.zellij_binary = Some("/somewhere/else/bin/zellij".into());
+        assert_eq!(with.hash(), moved.hash());
+        // The build copies the real binary; the hash sees the placeholder.
+        assert!(moved
+            .hooks(true)
+            .join("\n")
+            .contains("'/somewhere/else/bin/zellij'"));
+        assert!(!moved.hooks(false).join("\n").contains("/somewhere"));
+        for hook in moved.hooks(true) {
+            let ok = std::process::Command::new("sh")
+                .args(["-n", "-c", &hook])
+                .status()
+                .expect("sh")
+                .success();
+            assert!(ok, "{hook}");
+        }
+        let mut bad = minimal();
+        bad.zellij = Some("latest".into());
+        assert!(bad.validate().is_err());
     }
 
     #[test]
@@ -398,7 +460,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-5d1d7aca39e7");
+        assert_eq!(minimal().id(), "minimal-933a70071575");
     }
 
     #[test]

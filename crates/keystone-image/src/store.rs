@@ -303,6 +303,12 @@ impl ImageStore {
         let tar = tmp.path().join(ROOTFS);
         let log = self.build_log(&id);
         let started = Instant::now();
+        let mut recipe = recipe.clone();
+        if let Some(version) = &recipe.zellij {
+            recipe.zellij_binary =
+                Some(crate::tools::ensure_zellij(&self.root, version, progress)?);
+        }
+        let recipe = &recipe;
         builder.build(recipe, &id, &tar, &log, progress)?;
         let build_seconds = started.elapsed().as_secs_f64();
 

@@ -50,6 +50,14 @@ pub struct Settings {
     /// The host bridge, with `network = "bridge"`.
     #[serde(default)]
     pub bridge: String,
+    /// The terminal multiplexer holding its sessions (`tmux`, `zellij`);
+    /// records written before it existed were tmux.
+    #[serde(default = "default_multiplexer")]
+    pub multiplexer: String,
+}
+
+fn default_multiplexer() -> String {
+    "tmux".into()
 }
 
 fn default_workspace() -> String {
@@ -408,6 +416,7 @@ mod tests {
             workspace: "clone".into(),
             share_proto: String::new(),
             bridge: String::new(),
+            multiplexer: "tmux".into(),
         }
     }
 

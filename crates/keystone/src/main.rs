@@ -6,7 +6,9 @@ mod commands;
 mod context;
 mod credentials;
 mod error;
+mod session;
 mod ui;
+mod webterm;
 
 use clap::Parser;
 use cli::{Agent, Cli, Top};

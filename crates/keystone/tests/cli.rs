@@ -264,18 +264,24 @@ fn config_shows_each_value_and_its_origin() {
 #[test]
 fn later_commands_answer_exit_3_naming_what_is_missing() {
     let env = Env::new();
-    for args in [
-        &["agent", "proxy", "status"][..],
-        &["agent", "attach", "--web"],
-    ] {
-        let out = env.ks_in(env.tmp.path(), args, &[]);
-        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
-        let t = text(&out);
-        assert!(
-            t.contains("not available yet") && t.lines().count() == 1,
-            "{args:?}: {t}"
-        );
-    }
+    let args = ["agent", "proxy", "status"];
+    let out = env.ks_in(env.tmp.path(), &args, &[]);
+    assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("not available yet") && t.lines().count() == 1,
+        "{args:?}: {t}"
+    );
+}
+
+#[test]
+fn web_attach_without_a_sandbox_is_not_found() {
+    let env = Env::new();
+    let out = env.ks_in(env.tmp.path(), &["agent", "attach", "--web"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("no current sandbox"), "{}", text(&out));
+    let out = env.ks_in(env.tmp.path(), &["agent", "attach", "nosuch", "--web"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
 #[test]

@@ -1,20 +1,42 @@
-//! `keystone agent attach`: the session's terminal, through the channel.
+//! `keystone agent attach`: the session's terminal, through the channel,
+//! or (`--web`) the same session served to a browser.
 
 use crate::cli::AttachArgs;
 use crate::context::Ctx;
 use crate::error::{CliError, Result};
-use keystone_channel::ExecOptions;
+use crate::session::Multiplexer;
+use keystone_channel::{Channel, ExecOptions};
 use keystone_registry::Sandbox;
 use std::io::IsTerminal;
+use std::process::Command;
 
 pub fn run(args: AttachArgs) -> Result<i32> {
     let ctx = Ctx::new()?;
-    if args.web {
-        return Err(CliError::missing("the web terminal (attach --web)"));
-    }
     let sb = ctx.resolve(args.sandbox.as_deref())?;
     ctx.require_running(&sb)?;
+    if args.web {
+        let channel = ctx.channel(&sb)?;
+        crate::commands::worktree::require(&channel, &sb, &args.worktree)?;
+        return crate::webterm::serve(&ctx, &sb, &args.worktree, channel);
+    }
     attach_session(&ctx, &sb, &args.worktree)
+}
+
+/// The ssh command that attaches a client to the worktree's session (and
+/// creates the session first if need be), on a terminal allocated in the
+/// guest. The terminal attach and every web terminal client run this same
+/// command, so they all share one session.
+pub fn session_command(channel: &Channel, sb: &Sandbox, worktree: &str) -> Result<Command> {
+    let session = crate::commands::worktree::session(sb, worktree);
+    let script =
+        Multiplexer::of(sb).attach_script(&session, &crate::commands::worktree::dir(worktree));
+    Ok(channel.command(
+        &script,
+        &ExecOptions {
+            tty: true,
+            ..Default::default()
+        },
+    )?)
 }
 
 pub fn attach_session(ctx: &Ctx, sb: &Sandbox, worktree: &str) -> Result<i32> {
@@ -22,24 +44,11 @@ pub fn attach_session(ctx: &Ctx, sb: &Sandbox, worktree: &str) -> Result<i32> {
     crate::commands::worktree::require(&channel, sb, worktree)?;
     if !std::io::stdin().is_terminal() {
         return Err(CliError::state(
-            "attach needs a terminal; use `keystone agent exec` from scripts",
+            "attach needs a terminal; use `keystone agent exec` from scripts, or `attach --web`",
         ));
     }
-    let session = crate::commands::worktree::session(sb, worktree);
-    let script = format!(
-        "exec tmux new-session -A -s {s} -c {d}",
-        s = shell_words::quote(&session),
-        d = shell_words::quote(&crate::commands::worktree::dir(worktree))
-    );
-    let status = channel
-        .command(
-            &script,
-            &ExecOptions {
-                tty: true,
-                ..Default::default()
-            },
-        )?
-        .status()?;
-    // Detaching ends tmux's client with 0; anything else is passed on.
+    let status = session_command(&channel, sb, worktree)?.status()?;
+    // Detaching ends the multiplexer's client with 0; anything else is
+    // passed on.
     Ok(status.code().unwrap_or(255))
 }

@@ -149,6 +149,7 @@ use one or the other",
         workspace: cfg.backend.microvm.workspace.to_string(),
         share_proto: cfg.backend.microvm.share_proto.to_string(),
         bridge: cfg.backend.microvm.bridge.clone(),
+        multiplexer: cfg.session.multiplexer.to_string(),
     };
 
     // Claim the sandbox: one `start` wins, any other sees `starting`.
@@ -336,12 +337,8 @@ fn start_agent(
 ) -> Result<()> {
     let session = commands::worktree::session(sandbox, "main");
     let command = format!("{}; exec bash", agent.command());
-    let script = format!(
-        "s={s}; c={c}; if tmux has-session -t \"=$s\" 2>/dev/null; then tmux new-window -t \"=$s:\" -c /workspace \"$c\"; \
-else tmux new-session -d -s \"$s\" -x 160 -y 48 -c /workspace \"$c\"; fi",
-        s = shell_words::quote(&session),
-        c = shell_words::quote(&command),
-    );
+    let script =
+        crate::session::Multiplexer::of(sandbox).run_in_script(&session, "/workspace", &command);
     channel
         .run_ok(
             &script,
@@ -391,6 +388,11 @@ pub fn recipe_for(
         mirror: cfg.guest.mirror.clone(),
         extra_packages: cfg.guest.packages.clone(),
         agents,
+        // Debian has no Zellij: it is built from crates.io, and only
+        // for the sandboxes that use it.
+        zellij: (cfg.session.multiplexer == keystone_config::Multiplexer::Zellij)
+            .then(|| keystone_image::tools::ZELLIJ_VERSION.to_string()),
+        zellij_binary: None,
     }
 }
 

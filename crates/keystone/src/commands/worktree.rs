@@ -1,11 +1,12 @@
 //! `keystone agent worktree add|list|remove`, and where `--worktree`
 //! leads `exec` and `attach`: one git worktree per branch at
-//! `/workspace/.worktrees/<branch>`, each with its own tmux session
+//! `/workspace/.worktrees/<branch>`, each with its own multiplexer session
 //! `<sandbox>-<branch>` (the main checkout's is `<sandbox>-main`).
 
 use crate::cli::Worktree;
 use crate::context::Ctx;
 use crate::error::{CliError, Result};
+use crate::session::Multiplexer;
 use keystone_channel::{Channel, ExecOptions};
 use keystone_registry::Sandbox;
 use serde::Serialize;
@@ -21,9 +22,9 @@ pub fn dir(worktree: &str) -> String {
     }
 }
 
-/// tmux session names may not contain '.' or ':'.
+/// The session of a worktree (see [`crate::session::name`]).
 pub fn session(sb: &Sandbox, worktree: &str) -> String {
-    format!("{}-{}", sb.name, worktree.replace(['.', ':'], "-"))
+    crate::session::name(sb, worktree)
 }
 
 fn q(s: &str) -> String {
@@ -150,8 +151,12 @@ use `git worktree` on the host, or start the sandbox without --share",
             let sb = ctx.resolve(sandbox.as_deref())?;
             ctx.require_running(&sb)?;
             let channel = ctx.channel(&sb)?;
+            let mux = Multiplexer::of(&sb);
             let out = channel.run_ok(
-                "git worktree list --porcelain; echo '#sessions'; tmux list-sessions -F '#{session_name} #{session_attached}' 2>/dev/null || true",
+                &format!(
+                    "git worktree list --porcelain; echo '#sessions'; {}",
+                    mux.list_script()
+                ),
                 &ExecOptions::default(),
             )?;
             let (trees, sessions) = out.split_once("#sessions").unwrap_or((&out, ""));
@@ -251,8 +256,8 @@ use `git worktree` on the host, or start the sandbox without --share",
                 }
             }
             let script = format!(
-                "tmux kill-session -t {} 2>/dev/null || true; git worktree remove {} {}",
-                q(&session(&sb, &branch)),
+                "{}; git worktree remove {} {}",
+                Multiplexer::of(&sb).kill_script(&session(&sb, &branch)),
                 if force { "--force" } else { "" },
                 q(&path)
             );

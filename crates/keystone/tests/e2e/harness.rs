@@ -338,7 +338,13 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 impl Host {
     /// Start `keystone agent ARGS` without waiting.
     pub fn ks_spawn(&self, args: &[&str]) -> std::process::Child {
+        self.ks_spawn_env(args, &[])
+    }
+
+    /// Start `keystone agent ARGS` with extra environment, without waiting.
+    pub fn ks_spawn_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
         let mut cmd = self.command(&self.exe);
+        cmd.envs(env.iter().copied());
         cmd.arg("agent")
             .args(args)
             .stdout(Stdio::piped())

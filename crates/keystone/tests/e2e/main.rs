@@ -6,6 +6,7 @@ mod agents;
 mod bridge_share;
 mod harness;
 mod scenarios;
+mod web;
 
 /// The same scenarios for every local backend.
 macro_rules! backend_suite {
@@ -71,6 +72,10 @@ macro_rules! backend_suite {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
             }
             #[test]
+            fn web_terminal() {
+                crate::web::web_terminal(Host::new($backend, concat!("web-", $backend)));
+            }
+            #[test]
             fn destroy_guards() {
                 scenarios::destroy_guards(Host::new($backend, concat!("guard-", $backend)));
             }
@@ -79,6 +84,16 @@ macro_rules! backend_suite {
 }
 
 backend_suite!(container, "container");
+
+/// Zellij instead of tmux (its build from crates.io is cached with the images).
+mod zellij {
+    use crate::harness::Host;
+
+    #[test]
+    fn sessions_container() {
+        crate::web::zellij_sessions(Host::new("container", "zellij-container"));
+    }
+}
 backend_suite!(microvm, "microvm");
 
 /// The container scenario as an unprivileged user (rootless): user

@@ -510,6 +510,50 @@ pub fn attach_session(h: Host) {
         screen()
     );
     assert!(screen().contains("/workspace"), "{}", screen());
+    // Switching to another worktree's session from inside the session
+    // (keystone-switch, the guest's command): it starts on demand in its
+    // worktree, and the same client moves there.
+    h.ks(&["worktree", "add", "other", "--create"]).ok();
+    tmux(&["send-keys", "-t", "host", "keystone-switch other", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            screen().contains(&format!("agent@{name}:/workspace/.worktrees/other"))
+        }),
+        "keystone-switch did not move the client:\n{}",
+        screen()
+    );
+    let attached = h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'");
+    assert!(
+        attached.contains(&format!("{name}-other 1"))
+            && attached.contains(&format!("{name}-main 0")),
+        "{attached}"
+    );
+    tmux(&[
+        "send-keys",
+        "-t",
+        "host",
+        "keystone-switch nope; echo SWITCH-EXIT=$?",
+        "Enter",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(10), || screen()
+            .contains("SWITCH-EXIT=1")),
+        "{}",
+        screen()
+    );
+    assert!(
+        screen().contains("there is no worktree nope"),
+        "{}",
+        screen()
+    );
+    tmux(&["send-keys", "-t", "host", "keystone-switch main", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'")
+                .contains(&format!("{name}-main 1"))
+        }),
+        "keystone-switch main did not move the client back"
+    );
     tmux(&["send-keys", "-t", "host", "C-b", "d"]);
     let detached = eventually(Duration::from_secs(10), || {
         screen().contains("ATTACH-EXIT=")
@@ -1078,12 +1122,45 @@ pub fn worktrees(h: Host) {
         ".worktrees must not show as a change"
     );
     // Bad input.
-    h.ks(&["worktree", "add", "bad..name", "--create"]).code(2);
-    h.ks(&["worktree", "add", "feature-a"]).code(2);
-    h.ks(&["worktree", "add", "no-such-branch"]).code(1);
-    h.ks(&["worktree", "remove", "main"]).code(2);
-    h.ks(&["attach", "--worktree", "nope"]).code(1);
-    h.ks(&["exec", "--worktree", "nope", "--", "true"]).code(1);
+    let says = |args: &[&str], code: i32, words: &str| {
+        let r = h.ks(args);
+        r.code(code);
+        assert!(r.text().contains(words), "{args:?}: {}", r.text());
+    };
+    says(
+        &["worktree", "add", "bad..name", "--create"],
+        2,
+        "is not a valid branch name",
+    );
+    says(
+        &["worktree", "add", "feature-a"],
+        2,
+        "worktree feature-a already exists",
+    );
+    says(&["worktree", "add", "no-such-branch"], 1, "pass --create");
+    says(&["worktree", "remove", "main"], 2, "cannot be removed");
+    says(
+        &["worktree", "remove", "nope"],
+        1,
+        "has no worktree \"nope\"",
+    );
+    says(
+        &["attach", "--worktree", "nope"],
+        1,
+        "has no worktree \"nope\"",
+    );
+    says(
+        &["attach", "--web", "--worktree", "nope"],
+        1,
+        "worktree add nope",
+    );
+    says(
+        &["exec", "--worktree", "nope", "--", "true"],
+        1,
+        "has no worktree",
+    );
+    // Nothing half-made: the refused adds left no worktree or branch.
+    assert_eq!(h.sh("git branch --list 'bad*' 'no-such*'").trim(), "");
     // remove refuses unsynced work, then takes it once synced; the other
     // worktree's session is untouched.
     let r = h.ks(&["worktree", "remove", "feature-a"]);

@@ -1,0 +1,567 @@
+//! `attach --web` in Debian's Chromium (headless, driven through
+//! chromedriver), sharing its session with a terminal client.
+
+use crate::harness::{eventually, Host};
+use fantoccini::{Client, ClientBuilder, Locator};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Fails (never skips) without the browser, naming Debian's packages.
+fn require_browser() {
+    for (tool, pkg) in [
+        ("/usr/bin/chromium", "chromium"),
+        ("/usr/bin/chromedriver", "chromium-driver"),
+        ("/usr/bin/tmux", "tmux"),
+    ] {
+        assert!(
+            Path::new(tool).is_file(),
+            "{tool} is required for the web terminal test: apt-get install {pkg}"
+        );
+    }
+}
+
+/// Where tests leave files for people to look at (screenshots).
+pub fn artifacts_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("target dir")
+        .join("test-artifacts");
+    std::fs::create_dir_all(&dir).expect("artifacts dir");
+    dir
+}
+
+/// A terminal on the host (a tmux pane of a private tmux server) running a
+/// command, for the "terminal client" side.
+pub struct HostTerminal {
+    socket: String,
+}
+
+impl HostTerminal {
+    pub fn new(h: &Host, label: &str, keystone_args: &str) -> HostTerminal {
+        let socket = format!("ks-e2e-{label}-{}", std::process::id());
+        let env = format!(
+            "env -i PATH={path} HOME={tmp}/home XDG_STATE_HOME={tmp}/state XDG_CONFIG_HOME={tmp}/config XDG_CACHE_HOME={cache} TERM=xterm-256color LANG=C.UTF-8",
+            path = std::env::var("PATH").unwrap_or_default(),
+            tmp = h.tmp.path().display(),
+            cache = h.cache.display(),
+        );
+        let cmd = format!(
+            "cd {} && {env} {} agent {keystone_args}; echo ATTACH-EXIT=$?; sleep 60",
+            h.project.display(),
+            h.exe.display()
+        );
+        let t = HostTerminal { socket };
+        t.tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            "120",
+            "-y",
+            "30",
+            "-s",
+            "host",
+            &cmd,
+        ]);
+        t
+    }
+
+    pub fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", "host"])
+    }
+
+    pub fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "host"];
+        args.extend_from_slice(keys);
+        self.tmux(&args);
+    }
+}
+
+impl Drop for HostTerminal {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
+}
+
+/// `keystone agent attach --web` in the background; its URL from stdout.
+struct WebServer {
+    child: Child,
+    url: String,
+}
+
+impl Drop for WebServer {
+    /// A failed test must not leave the server running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl WebServer {
+    fn start(h: &Host, extra: &[&str]) -> WebServer {
+        Self::start_env(h, extra, &[])
+    }
+
+    // The child is waited for by `interrupt` or `Drop`.
+    #[allow(clippy::zombie_processes)]
+    fn start_env(h: &Host, extra: &[&str], env: &[(&str, &str)]) -> WebServer {
+        let mut args = vec!["attach", "--web"];
+        args.extend_from_slice(extra);
+        let mut child = h.ks_spawn_env(&args, env);
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = String::new();
+        while Instant::now() < deadline {
+            if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+                seen.push_str(&line);
+                seen.push('\n');
+                if let Some(at) = line.find("http://127.0.0.1:") {
+                    let url = line[at..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    return WebServer { child, url };
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("attach --web exited with {status} before serving:\n{seen}{err}");
+            }
+        }
+        let _ = child.kill();
+        panic!("attach --web printed no URL within 60 s:\n{seen}");
+    }
+
+    fn port(&self) -> u16 {
+        self.url
+            .trim_start_matches("http://127.0.0.1:")
+            .split('/')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in URL")
+    }
+
+    fn token(&self) -> String {
+        self.url
+            .split("token=")
+            .nth(1)
+            .expect("token in URL")
+            .to_string()
+    }
+
+    /// Ctrl-C, as a user would; the exit status.
+    fn interrupt(mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        panic!("attach --web did not stop on Ctrl-C within 15 s");
+    }
+}
+
+/// The status line of a plain HTTP/1.1 GET to the server.
+fn http_status(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.lines().next().unwrap_or("").to_string()
+}
+
+/// A WebSocket upgrade request's status line.
+fn ws_status(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .expect("send");
+    let mut line = String::new();
+    let _ = BufReader::new(s).read_line(&mut line);
+    line.trim().to_string()
+}
+
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let child = Command::new("/usr/bin/chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver");
+        let up = eventually(Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "chromedriver did not listen on {port} within 20 s");
+        Driver { child, port }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1000,640"],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a chromium session through chromedriver")
+}
+
+/// The terminal's text as the page shows it.
+async fn page_text(c: &Client) -> String {
+    c.execute(
+        "const r = document.querySelector('.xterm-rows'); return r ? r.innerText : '';",
+        vec![],
+    )
+    .await
+    .ok()
+    .and_then(|v| v.as_str().map(str::to_string))
+    .unwrap_or_default()
+}
+
+async fn wait_text(c: &Client, needle: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if page_text(c).await.contains(needle) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn type_keys(c: &Client, text: &str) {
+    let input = c
+        .find(Locator::Css(".xterm-helper-textarea"))
+        .await
+        .expect("xterm's input element");
+    input.send_keys(text).await.expect("type");
+}
+
+/// The whole web flow: a browser and a terminal on one session, typing
+/// both ways, colours and Unicode, resize, a refused wrong token, a
+/// screenshot; Ctrl-C ends the server with 0; a stopped sandbox is exit 2.
+pub fn web_terminal(h: Host) {
+    require_browser();
+    let name = h.name();
+    h.start(&[]).ok();
+    let web = WebServer::start(&h, &[]);
+    let port = web.port();
+    let token = web.token();
+    assert!(web.url.starts_with("http://127.0.0.1:"), "{}", web.url);
+
+    // The token: 0600 in the sandbox's state directory, required everywhere.
+    let token_file = h.state_dir().join(format!("sandboxes/{name}/web-token"));
+    let meta = std::fs::metadata(&token_file).expect("token file");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&token_file).expect("token").trim(),
+        token
+    );
+    assert!(http_status(port, &format!("/?token={token}")).contains(" 200"));
+    for path in [
+        "/",
+        "/?token=wrong",
+        "/assets/xterm.js",
+        "/assets/xterm.js?token=nope",
+    ] {
+        let status = http_status(port, path);
+        assert!(status.contains(" 403"), "{path}: {status}");
+    }
+    let status = ws_status(port, "/ws?token=wrong");
+    assert!(
+        status.contains(" 403"),
+        "websocket with a wrong token: {status}"
+    );
+
+    let driver = Driver::start();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let shot = artifacts_dir().join(format!("web-terminal-{}.png", h.backend));
+    let terminal = rt.block_on(async {
+        let c = browser(&driver).await;
+        // A wrong token gets the refusal page, not a terminal.
+        c.goto(&format!("http://127.0.0.1:{port}/?token=wrong"))
+            .await
+            .expect("goto");
+        let body = c.source().await.unwrap_or_default();
+        assert!(body.contains("403 Forbidden"), "{body}");
+
+        c.goto(&web.url).await.expect("goto");
+        let prompt = format!("agent@{name}:/workspace");
+        assert!(
+            wait_text(&c, &prompt, Duration::from_secs(30)).await,
+            "no shell prompt in the page:\n{}",
+            page_text(&c).await
+        );
+        // Typed in the browser, run in the session: output, Unicode, colour.
+        type_keys(&c, "echo web-$((6*7)) ünïcødé ✓; printf '\\033[31mRED\\033[0m-done\\n'\n").await;
+        assert!(
+            wait_text(&c, "web-42 ünïcødé ✓", Duration::from_secs(15)).await,
+            "the command's output never showed:\n{}",
+            page_text(&c).await
+        );
+        assert!(wait_text(&c, "RED-done", Duration::from_secs(10)).await);
+        let red = c
+            .execute(
+                "return [...document.querySelectorAll('.xterm-rows span')].some(s => s.textContent.includes('RED') && (s.className.includes('xterm-fg-1') || getComputedStyle(s).color === 'rgb(205, 49, 49)'));",
+                vec![],
+            )
+            .await
+            .expect("js");
+        assert_eq!(red, serde_json::Value::Bool(true), "RED is not drawn in red");
+
+        // A terminal client on the same session sees it, and what it types
+        // shows in the browser.
+        let terminal = HostTerminal::new(&h, "web", "attach");
+        assert!(
+            eventually(Duration::from_secs(30), || terminal.screen().contains("web-42")),
+            "the terminal client does not see the browser's command:\n{}",
+            terminal.screen()
+        );
+        terminal.keys(&["echo from-terminal-$((7*6))", "Enter"]);
+        assert!(
+            wait_text(&c, "from-terminal-42", Duration::from_secs(15)).await,
+            "the browser does not see the terminal's command:\n{}",
+            page_text(&c).await
+        );
+
+        // Resizing the browser window resizes the session's terminal.
+        type_keys(&c, "clear; echo COLS=$(tput cols)=\n").await;
+        assert!(wait_text(&c, "COLS=", Duration::from_secs(10)).await);
+        let cols = |t: String| {
+            t.split("COLS=")
+                .filter_map(|s| s.split('=').next()?.trim().parse::<u32>().ok())
+                .last()
+        };
+        let before = cols(page_text(&c).await);
+        c.set_window_size(1400, 800).await.expect("resize");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        type_keys(&c, "clear; echo COLS=$(tput cols)=\n").await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut after = before;
+        while Instant::now() < deadline && after == before {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            after = cols(page_text(&c).await);
+        }
+        assert!(
+            matches!((before, after), (Some(b), Some(a)) if a > b),
+            "resize did not reach the session: {before:?} -> {after:?}"
+        );
+        type_keys(&c, "clear; printf '\\033[1;32mkeystone\\033[0m web terminal: ünïcødé ✓\\n'; ls -la --color=always /workspace\n").await;
+        assert!(wait_text(&c, "web terminal: ünïcødé", Duration::from_secs(10)).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let png = c.screenshot().await.expect("screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        std::fs::write(&shot, png).expect("write screenshot");
+        let _ = c.close().await;
+        terminal
+    });
+    eprintln!("screenshot: {}", shot.display());
+    // The terminal client is still attached to the session the browser left.
+    terminal.keys(&["echo still-$((1+1))", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(10), || terminal
+            .screen()
+            .contains("still-2")),
+        "{}",
+        terminal.screen()
+    );
+    drop(terminal);
+    drop(driver);
+    assert_eq!(
+        web.interrupt(),
+        Some(0),
+        "Ctrl-C must stop the server with 0"
+    );
+    let sessions = h.sh("tmux list-sessions -F '#{session_name}'");
+    assert!(sessions.contains(&format!("{name}-main")), "{sessions}");
+
+    // Stopped sandbox: exit 2 and a clear message, as for the terminal.
+    h.ks(&["stop", "--force"]).ok();
+    let r = h.ks(&["attach", "--web"]);
+    r.code(2);
+    assert!(r.text().contains("is not running"), "{}", r.text());
+}
+
+/// `session.multiplexer = "zellij"`: the same worktree sessions, terminal
+/// attach and detach, web terminal, switching and removal, with Zellij
+/// (built from crates.io into the image cache) instead of tmux.
+pub fn zellij_sessions(h: Host) {
+    require_browser();
+    let name = h.name();
+    let config = h.tmp.path().join("config/keystone/agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("\n[session]\nmultiplexer = \"zellij\"\n");
+    h.write(&config, &text);
+    h.start(&[]).ok();
+    assert!(
+        h.sh("zellij --version")
+            .contains(keystone_image::tools::ZELLIJ_VERSION),
+        "zellij is not in the image"
+    );
+    h.ks(&["worktree", "add", "feature-z", "--create"]).ok();
+
+    // Terminal attach to the worktree's session.
+    let term = HostTerminal::new(&h, "zj", "attach --worktree feature-z");
+    let prompt = format!("agent@{name}:/workspace/.worktrees/feature-z");
+    assert!(
+        eventually(Duration::from_secs(60), || term.screen().contains(&prompt)),
+        "no shell in the zellij session:\n{}",
+        term.screen()
+    );
+    term.keys(&["echo zz-$((5*5))", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(15), || term.screen().contains("zz-25")),
+        "{}",
+        term.screen()
+    );
+    let rows = |h: &Host| -> serde_json::Value {
+        let r = h.ks(&["worktree", "list", "--json"]);
+        serde_json::from_str(&r.ok().stdout).expect("json")
+    };
+    let list = rows(&h);
+    let row = list
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["branch"] == "feature-z")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(row["session"], format!("{name}-feature-z"), "{list}");
+    assert_eq!(row["session_running"], true, "{list}");
+    assert_eq!(row["current"], true, "{list}");
+
+    // The browser joins the same Zellij session.
+    let web = WebServer::start(&h, &["--worktree", "feature-z"]);
+    let driver = Driver::start();
+    let rt = tokio::runtime::Runtime::new().expect("tokio");
+    let shot = artifacts_dir().join("web-terminal-zellij.png");
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&web.url).await.expect("goto");
+        assert!(
+            wait_text(&c, "zz-25", Duration::from_secs(60)).await,
+            "the browser does not show the session:\n{}",
+            page_text(&c).await
+        );
+        type_keys(&c, "echo from-browser-$((8*8)) ✓\n").await;
+        assert!(
+            wait_text(&c, "from-browser-64 ✓", Duration::from_secs(20)).await,
+            "{}",
+            page_text(&c).await
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let png = c.screenshot().await.expect("screenshot");
+        std::fs::write(&shot, png).expect("write screenshot");
+        let _ = c.close().await;
+    });
+    eprintln!("screenshot: {}", shot.display());
+    assert!(
+        eventually(Duration::from_secs(15), || term
+            .screen()
+            .contains("from-browser-64")),
+        "the terminal does not see the browser's command:\n{}",
+        term.screen()
+    );
+    drop(driver);
+    assert_eq!(web.interrupt(), Some(0));
+
+    // Switch to the main checkout's session from inside, then detach.
+    term.keys(&["keystone-switch main", "Enter"]);
+    assert!(
+        eventually(Duration::from_secs(60), || term
+            .screen()
+            .contains(&format!("agent@{name}:/workspace$"))),
+        "keystone-switch did not move the zellij client:\n{}",
+        term.screen()
+    );
+    term.keys(&["C-o"]);
+    std::thread::sleep(Duration::from_millis(300));
+    term.keys(&["d"]);
+    assert!(
+        eventually(Duration::from_secs(15), || term
+            .screen()
+            .contains("ATTACH-EXIT=")),
+        "detach did not return to the host shell:\n{}",
+        term.screen()
+    );
+    assert!(term.screen().contains("ATTACH-EXIT=0"), "{}", term.screen());
+    drop(term);
+    let sessions = h.sh("zellij list-sessions --no-formatting --short");
+    assert!(
+        sessions.contains(&format!("{name}-feature-z")),
+        "{sessions}"
+    );
+    assert!(sessions.contains(&format!("{name}-main")), "{sessions}");
+
+    // Removing the worktree ends its session; the other one is untouched.
+    h.ks(&["worktree", "remove", "feature-z", "--force"]).ok();
+    let sessions = h.sh("zellij list-sessions --no-formatting --short; true");
+    assert!(
+        !sessions.contains(&format!("{name}-feature-z")),
+        "{sessions}"
+    );
+    assert!(sessions.contains(&format!("{name}-main")), "{sessions}");
+    h.ks(&["attach", "--worktree", "feature-z"]).code(1);
+}
