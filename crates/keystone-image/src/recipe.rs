@@ -37,6 +37,9 @@ const MINIMAL_PACKAGES: &[&str] = &[
     "linux-image-cloud-amd64",
     "openssh-server",
     "procps",
+    // A dev server with no setup (`python3 -m http.server`), and what the
+    // proxy's end-to-end tests serve from inside.
+    "python3",
     "ripgrep",
     "rsync",
     "sudo",
@@ -426,6 +429,7 @@ mod tests {
             "linux-image-cloud-amd64",
             "openssh-server",
             "procps",
+            "python3",
             "ripgrep",
             "rsync",
             "sudo",
