@@ -155,8 +155,7 @@ impl Daemon {
             for sb in &sandboxes {
                 // A record may say running while its supervisor is dead
                 // (until a CLI reconciles): trust the process, not the word.
-                let running =
-                    sb.state == State::Running && sb.owner.is_some_and(|o| o.is_alive());
+                let running = sb.state == State::Running && sb.owner.is_some_and(|o| o.is_alive());
                 let stale = map.get(&sb.name).is_some_and(|e| e.id != sb.id);
                 if stale || !map.contains_key(&sb.name) {
                     let ssh_dir = registry.sandbox_dir(&sb.name).join("ssh");
@@ -191,9 +190,15 @@ impl Daemon {
             }
             keep
         });
-        for e in table.sandboxes.read().map(|m| m.values().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+        for e in table
+            .sandboxes
+            .read()
+            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
             if e.is_running() && !self.polls.contains_key(&e.name) {
-                self.polls.insert(e.name.clone(), tokio::spawn(poll(e.clone())));
+                self.polls
+                    .insert(e.name.clone(), tokio::spawn(poll(e.clone())));
             } else if !e.is_running() && e.found().polled {
                 if let Ok(mut f) = e.discovery.write() {
                     *f = Found::default();
@@ -213,7 +218,12 @@ impl Daemon {
     fn sync_host_ports(&mut self) {
         let table = self.ctx.table.clone();
         let mut wanted = BTreeSet::new();
-        for e in table.sandboxes.read().map(|m| m.values().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+        for e in table
+            .sandboxes
+            .read()
+            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
             if e.is_running() {
                 for s in e.found().discovery.servers {
                     if s.port != self.opts.port {
@@ -256,7 +266,12 @@ impl Daemon {
         let table = &self.ctx.table;
         let (domain, main) = (&self.opts.domain, self.opts.port);
         let mut sandboxes = Vec::new();
-        for e in table.sandboxes.read().map(|m| m.values().cloned().collect::<Vec<_>>()).unwrap_or_default() {
+        for e in table
+            .sandboxes
+            .read()
+            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
             let f = e.found();
             let mut servers = Vec::new();
             for s in &f.discovery.servers {

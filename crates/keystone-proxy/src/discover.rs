@@ -172,7 +172,10 @@ L\tgarbage\n";
     #[test]
     fn servers_with_worktrees_and_addresses() {
         let d = parse(OUT);
-        assert_eq!(d.worktrees, vec!["feature/x".to_string(), "fix".to_string()]);
+        assert_eq!(
+            d.worktrees,
+            vec!["feature/x".to_string(), "fix".to_string()]
+        );
         let ports: Vec<(u16, &str, &str)> = d
             .servers
             .iter()

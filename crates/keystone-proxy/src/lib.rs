@@ -35,7 +35,8 @@ pub fn probe(port: u16, host: &str, limit: Duration) -> Result<Answer, String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s = TcpStream::connect_timeout(&addr, limit).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(limit))
+        .map_err(|e| e.to_string())?;
     write!(
         s,
         "HEAD / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keystone-status\r\nConnection: close\r\n\r\n"

@@ -105,12 +105,11 @@ impl Link {
 
     async fn connect(&self) -> Result<Handle<Pinned>, LinkError> {
         let pinned = self.pinned_key()?;
-        let key = russh::keys::load_secret_key(&self.client_key, None).map_err(|e| {
-            LinkError::Key {
+        let key =
+            russh::keys::load_secret_key(&self.client_key, None).map_err(|e| LinkError::Key {
                 path: self.client_key.clone(),
                 source: Box::new(e),
-            }
-        })?;
+            })?;
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| LinkError::Socket {

@@ -151,9 +151,23 @@ mod tests {
             split_host_port("App.Sandbox.Localhost.:3000"),
             Some(("app.sandbox.localhost".into(), Some(3000)))
         );
-        assert_eq!(split_host_port("x.localhost"), Some(("x.localhost".into(), None)));
-        assert_eq!(split_host_port("[::1]:80"), Some(("[::1]".into(), Some(80))));
-        for bad in ["", "a:b", "a:99999", "u@app.sandbox.localhost", "a b", "a/b", ":80"] {
+        assert_eq!(
+            split_host_port("x.localhost"),
+            Some(("x.localhost".into(), None))
+        );
+        assert_eq!(
+            split_host_port("[::1]:80"),
+            Some(("[::1]".into(), Some(80)))
+        );
+        for bad in [
+            "",
+            "a:b",
+            "a:99999",
+            "u@app.sandbox.localhost",
+            "a b",
+            "a/b",
+            ":80",
+        ] {
             assert_eq!(split_host_port(bad), None, "{bad:?}");
         }
     }
@@ -167,7 +181,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(url("app", None, D, 8080), "http://app.sandbox.localhost:8080/");
+        assert_eq!(
+            url("app", None, D, 8080),
+            "http://app.sandbox.localhost:8080/"
+        );
         assert_eq!(
             url("app", Some("feat/x"), D, 80),
             "http://feat-x.app.sandbox.localhost/"

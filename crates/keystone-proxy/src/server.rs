@@ -134,10 +134,7 @@ impl hyper::rt::Write for Tunnel {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -170,7 +167,9 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let id = uri.host().unwrap_or_default().to_string();
             let port = uri.port_u16().unwrap_or(80);
-            let entry = table.by_id(&id).ok_or_else(|| ConnectError::Gone(id.clone()))?;
+            let entry = table
+                .by_id(&id)
+                .ok_or_else(|| ConnectError::Gone(id.clone()))?;
             let host = entry
                 .found()
                 .discovery
@@ -314,7 +313,10 @@ pub async fn handle(
         return full(page(
             StatusCode::BAD_REQUEST,
             "Malformed host",
-            &format!("<p>Cannot read the host <code>{}</code>.</p>", escape(&raw_host)),
+            &format!(
+                "<p>Cannot read the host <code>{}</code>.</p>",
+                escape(&raw_host)
+            ),
         ));
     };
     let Some(HostRoute { sandbox, worktree }) = route::parse_host(&host, &table.domain) else {
@@ -392,8 +394,8 @@ pub async fn handle(
                 let (Ok(d), Ok(u)) = tokio::join!(downstream, upstream) else {
                     return;
                 };
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
-                    .await;
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
             });
         }
     } else {
@@ -483,7 +485,11 @@ fn sandbox_list(table: &Table) -> String {
         let url = route::url(&e.name, None, &table.domain, table.main_port);
         s.push_str(&format!(
             "<li><a href=\"{u}\">{u}</a> ({})</li>",
-            if e.is_running() { "running" } else { "not running" },
+            if e.is_running() {
+                "running"
+            } else {
+                "not running"
+            },
             u = escape(&url)
         ));
     }
@@ -564,7 +570,14 @@ fn no_server(e: &Entry, branch: &str, f: &Found) -> Response<http_body_util::Ful
             .discovery
             .servers
             .iter()
-            .map(|s| format!("{} ({}, {})", s.port, escape(&s.command), escape(&s.worktree)))
+            .map(|s| {
+                format!(
+                    "{} ({}, {})",
+                    s.port,
+                    escape(&s.command),
+                    escape(&s.worktree)
+                )
+            })
             .collect();
         format!("Listening elsewhere: {}.", ports.join(", "))
     };
@@ -589,7 +602,8 @@ fn upstream_error(
 ) -> Response<http_body_util::Full<Bytes>> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     while let Some(s) = source {
-        if let Some(ConnectError::Link(LinkError::Refused { .. })) = s.downcast_ref::<ConnectError>()
+        if let Some(ConnectError::Link(LinkError::Refused { .. })) =
+            s.downcast_ref::<ConnectError>()
         {
             return page(
                 StatusCode::BAD_GATEWAY,
@@ -631,7 +645,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
