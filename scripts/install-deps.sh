@@ -9,10 +9,14 @@
 #   tar, rsync, e2fsprogs    image unpacking, artifacts, microVM disks
 #   qemu-system-x86, qemu-utils   the microvm backend
 #   tmux                     driving terminals in tests
+#   curl, chromium           the dev-server proxy's end-to-end tests (HTTP
+#                            from the host; a page screenshot in a browser)
+#   caddy                    bench/proxy.sh: the reverse-proxy baseline
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
-          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc)
+          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc
+          curl chromium caddy)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo

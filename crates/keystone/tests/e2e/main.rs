@@ -4,6 +4,7 @@
 
 mod agents;
 mod harness;
+mod proxy;
 mod scenarios;
 
 /// The same scenarios for every local backend.
@@ -68,6 +69,10 @@ macro_rules! backend_suite {
             #[test]
             fn attach_session() {
                 scenarios::attach_session(Host::new($backend, concat!("attach-", $backend)));
+            }
+            #[test]
+            fn dev_proxy() {
+                crate::proxy::dev_proxy(Host::new($backend, concat!("proxy-", $backend)));
             }
             #[test]
             fn destroy_guards() {
