@@ -103,7 +103,7 @@ fn get(url: &str, extra: &[&str]) -> (u16, String) {
 fn serve(h: &Host, dir: &std::path::Path, cwd: &str, port: u16, name: &str) {
     let script = format!(
         "mkdir -p /tmp/ks && cat > /tmp/ks/srv.py <<'PYEOF'\n{SERVER}\nPYEOF\n\
-cd {cwd} && setsid nohup python3 /tmp/ks/srv.py {port} {name} >/tmp/ks/srv-{port}.log 2>&1 < /dev/null & echo started"
+cd {cwd} && (setsid nohup python3 /tmp/ks/srv.py {port} {name} >/tmp/ks/srv-{port}.log 2>&1 < /dev/null &) && echo started"
     );
     let r = h.ks_at(dir, &["exec", "--", "bash", "-c", &script]);
     assert!(r.ok().stdout.contains("started"), "{}", r.text());
