@@ -27,7 +27,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-/// Ask the proxy on `127.0.0.1:port` for `/` at `host`, as a browser would;
+/// Ask the proxy on `127.0.0.1:port` for `/` at `host`, as a browser would
+/// (GET, not HEAD: not every dev server implements HEAD; only the head of
+/// the answer is read);
 /// the status code, or why there was none. For `status`' "answers" column:
 /// a code from the dev server (any but the proxy's own error pages) means
 /// it answers.
@@ -39,7 +41,7 @@ pub fn probe(port: u16, host: &str, limit: Duration) -> Result<Answer, String> {
         .map_err(|e| e.to_string())?;
     write!(
         s,
-        "HEAD / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keystone-status\r\nConnection: close\r\n\r\n"
+        "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keystone-status\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();

@@ -614,6 +614,12 @@ fn upstream_error(
                 ),
             );
         }
+        // The relay socket is gone: the sandbox stopped in the second
+        // since the registry was last read.
+        if let Some(ConnectError::Link(LinkError::Socket { .. })) = s.downcast_ref::<ConnectError>()
+        {
+            return not_running(e);
+        }
         if let Some(c) = s.downcast_ref::<ConnectError>() {
             return page(
                 StatusCode::BAD_GATEWAY,

@@ -270,8 +270,14 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
         "{body}"
     );
 
-    // status and proxy status list the dev servers with URLs, answering.
-    let st = h.status_json(&a);
+    // status and proxy status list the dev servers with URLs, answering
+    // (the proxy's snapshot follows discovery within a second or two).
+    let mut st = serde_json::Value::Null;
+    let listed = eventually(Duration::from_secs(20), || {
+        st = h.status_json(&a);
+        st["dev_servers"].as_array().is_some_and(|s| s.len() >= 2)
+    });
+    assert!(listed, "{st}");
     let servers = st["dev_servers"].as_array().expect("dev_servers").clone();
     let main_srv = servers
         .iter()
