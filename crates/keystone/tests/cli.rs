@@ -264,15 +264,14 @@ fn config_shows_each_value_and_its_origin() {
 #[test]
 fn later_commands_answer_exit_3_naming_what_is_missing() {
     let env = Env::new();
-    for args in [&["agent", "attach", "--web"][..]] {
-        let out = env.ks_in(env.tmp.path(), args, &[]);
-        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
-        let t = text(&out);
-        assert!(
-            t.contains("not available yet") && t.lines().count() == 1,
-            "{args:?}: {t}"
-        );
-    }
+    let args = &["agent", "attach", "--web"][..];
+    let out = env.ks_in(env.tmp.path(), args, &[]);
+    assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("not available yet") && t.lines().count() == 1,
+        "{args:?}: {t}"
+    );
 }
 
 #[test]
