@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// headers, POST answering with the body's length and SHA-256, and a
 /// WebSocket echo at `/ws`.
 const SERVER: &str = r#"
-import base64, hashlib, http.server, json, os, sys
+import base64, hashlib, http.server, json, os, sys, time
 NAME = sys.argv[2]
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -50,6 +50,17 @@ class H(http.server.BaseHTTPRequestHandler):
                 out = b"echo:" + data
                 self.wfile.write(bytes([128 | op, len(out)]) + out)
                 self.wfile.flush()
+        elif self.path == "/stream":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(3):
+                chunk = ("tick %d\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+                time.sleep(1)
+            self.wfile.write(b"0\r\n\r\n")
         elif self.path == "/headers":
             self.send(200, json.dumps({k.lower(): v for k, v in self.headers.items()}), "application/json")
         else:
@@ -176,6 +187,39 @@ pub fn dev_proxy(h: Host) {
     assert_eq!(hdrs["x-forwarded-host"], format!("{a}.{domain}:{proxy}"));
     assert_eq!(hdrs["x-forwarded-proto"], "http");
     assert_eq!(hdrs["x-forwarded-for"], "127.0.0.1");
+
+    // A streamed response arrives as it is written, not when it ends.
+    let r = curl(&[
+        "-N",
+        "-w",
+        "\n%{time_starttransfer} %{time_total}",
+        &format!("http://{a}.{domain}:{proxy}/stream"),
+    ]);
+    let (body, times) = r.stdout.rsplit_once('\n').expect("times");
+    assert_eq!(body.trim_end(), "tick 0\ntick 1\ntick 2", "{}", r.text());
+    let t: Vec<f64> = times
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert!(
+        t[0] < 1.0 && t[1] >= 2.0,
+        "first byte {}s, end {}s",
+        t[0],
+        t[1]
+    );
+
+    // Keep-alive: a second request on the same connection opens none.
+    let r = curl(&[
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{num_connects} ",
+        &main_url,
+        &main_url,
+    ]);
+    assert_eq!(r.stdout.trim(), "1 0", "{}", r.text());
 
     // HTTP/2 (prior knowledge) and a 20 MB upload.
     let r = curl(&[
