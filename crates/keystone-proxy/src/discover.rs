@@ -24,6 +24,10 @@ ss -Hltnp 2>/dev/null | while read -r _ _ _ local _ proc; do
 done
 "#;
 
+/// Ports whose usual occupants do not speak HTTP: MySQL, PostgreSQL,
+/// Redis, MongoDB, memcached, AMQP, Kafka, ZooKeeper.
+const NOT_HTTP: &[u16] = &[3306, 5432, 6379, 27017, 11211, 5672, 9092, 2181];
+
 /// Where worktrees live in the guest (see `keystone agent worktree`).
 pub const WORKTREE_ROOT: &str = "/workspace/.worktrees/";
 
@@ -52,9 +56,15 @@ pub struct Discovery {
 
 impl Discovery {
     /// The server a worktree's hostname reaches on the proxy's own port:
-    /// the lowest port listening in that worktree.
+    /// the lowest port listening in that worktree, passing over the
+    /// well-known ports of databases and brokers (a project's Postgres
+    /// beside its dev server) unless nothing else listens.
     pub fn default_server(&self, worktree: &str) -> Option<&Server> {
-        self.servers.iter().find(|s| s.worktree == worktree)
+        let mut in_worktree = self.servers.iter().filter(|s| s.worktree == worktree);
+        in_worktree
+            .clone()
+            .find(|s| !NOT_HTTP.contains(&s.port))
+            .or_else(|| in_worktree.next())
     }
 
     pub fn server_on(&self, port: u16) -> Option<&Server> {
@@ -194,6 +204,14 @@ L\tgarbage\n";
         assert_eq!(d.default_server("feature/x").map(|s| s.port), Some(5173));
         assert_eq!(d.worktree_for_label("feature-x"), Some("feature/x"));
         assert_eq!(d.worktree_for_label("nope"), None);
+    }
+
+    #[test]
+    fn a_database_port_is_not_the_default_server() {
+        let d = parse("L\t*:5432\t1\tpostgres\t/\nL\t*:8000\t2\tpython3\t/workspace\n");
+        assert_eq!(d.default_server("main").map(|s| s.port), Some(8000));
+        let d = parse("L\t*:5432\t1\tpostgres\t/\n");
+        assert_eq!(d.default_server("main").map(|s| s.port), Some(5432));
     }
 
     #[test]
