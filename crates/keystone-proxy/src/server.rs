@@ -320,10 +320,10 @@ pub async fn handle(
         ));
     };
     let Some(HostRoute { sandbox, worktree }) = route::parse_host(&host, &table.domain) else {
-        return full(unknown(table, &host, local_port));
+        return full(unknown(table, &host));
     };
     let Some(entry) = table.get(&sandbox) else {
-        return full(unknown(table, &host, local_port));
+        return full(unknown(table, &host));
     };
     if !entry.is_running() {
         return full(not_running(&entry));
@@ -371,7 +371,7 @@ pub async fn handle(
     *up.uri_mut() = uri;
     *up.version_mut() = Version::HTTP_11;
 
-    let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, ctx.client.request(up)).await {
+    let mut resp = match tokio::time::timeout(RESPONSE_TIMEOUT, ctx.client.request(up)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return full(upstream_error(&entry, port, &e)),
         Err(_) => {
@@ -386,7 +386,6 @@ pub async fn handle(
             ))
         }
     };
-    let mut resp = resp;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(downstream) = downstream_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
@@ -497,7 +496,7 @@ fn sandbox_list(table: &Table) -> String {
     s
 }
 
-fn unknown(table: &Table, host: &str, _local_port: u16) -> Response<http_body_util::Full<Bytes>> {
+fn unknown(table: &Table, host: &str) -> Response<http_body_util::Full<Bytes>> {
     page(
         StatusCode::NOT_FOUND,
         "No such sandbox",

@@ -107,3 +107,20 @@ pub(crate) fn write(state_root: &Path, snap: &Snapshot) -> std::io::Result<()> {
 pub(crate) fn clear(state_root: &Path) {
     let _ = fs::remove_file(snapshot_path(state_root));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_proxy_per_state_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(!is_running(dir.path()));
+        let held = try_lock(dir.path()).expect("lock").expect("free");
+        assert!(is_running(dir.path()));
+        assert!(try_lock(dir.path()).expect("lock").is_none());
+        drop(held);
+        assert!(!is_running(dir.path()));
+        assert!(read(dir.path()).is_none());
+    }
+}

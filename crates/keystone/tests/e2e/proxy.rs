@@ -357,6 +357,9 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
             .as_str()
             .expect("name")
             .to_string();
+    // Still one proxy for the user.
+    let proxies = crate::harness::processes_matching(&format!("__proxy --port {proxy} "));
+    assert_eq!(proxies.len(), 1, "{proxies:?}");
     serve(&h, &second, "/workspace", inner, &format!("{b}-main"));
     wait_body(
         &format!("http://{b}.{domain}:{inner}/"),
