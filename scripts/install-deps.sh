@@ -11,12 +11,13 @@
 #   tmux                     driving terminals in tests
 #   curl, chromium           the dev-server proxy's end-to-end tests (HTTP
 #                            from the host; a page screenshot in a browser)
-#   caddy                    bench/proxy.sh: the reverse-proxy baseline
+#   caddy, wrk               bench/proxy.sh: the reverse-proxy baseline and
+#                            the load generator (latency percentiles)
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
           qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc
-          curl chromium caddy)
+          curl chromium caddy wrk)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo
