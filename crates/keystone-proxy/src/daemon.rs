@@ -22,6 +22,11 @@ use tokio::task::JoinHandle;
 
 /// How often the registry and each sandbox's listening ports are read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// At most this many of one sandbox's ports are mirrored on the host (the
+/// lowest): a sandbox listening on thousands of ports must not make the
+/// proxy squat the host's port space. The rest stay reachable through the
+/// proxy's own port only if they are a worktree's default.
+pub const MAX_MIRRORED_PORTS: usize = 32;
 /// Bound on one discovery poll.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -225,11 +230,12 @@ impl Daemon {
             .unwrap_or_default()
         {
             if e.is_running() {
-                for s in e.found().discovery.servers {
-                    if s.port != self.opts.port {
-                        wanted.insert(s.port);
-                    }
-                }
+                let servers = e.found().discovery.servers;
+                let ports = servers
+                    .iter()
+                    .map(|s| s.port)
+                    .filter(|p| *p != self.opts.port);
+                wanted.extend(ports.take(MAX_MIRRORED_PORTS));
             }
         }
         self.host_ports.retain(|port, task| {
