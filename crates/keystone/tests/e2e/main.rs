@@ -124,6 +124,11 @@ mod rootless {
     }
 
     #[test]
+    fn dev_proxy_rootless() {
+        crate::proxy::dev_proxy(Host::with_user("container", "proxy-rootless", Some(user())));
+    }
+
+    #[test]
     fn isolation_rootless() {
         scenarios::isolation(Host::with_user("container", "iso-rootless", Some(user())));
     }

@@ -428,7 +428,7 @@ Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n
     assert_eq!(code, 200);
 
     // A page in Debian's Chromium at its friendly URL, with a screenshot.
-    let shot = artifacts_dir().join(format!("proxy-{}.png", h.backend));
+    let shot = artifacts_dir().join(format!("{a}.png"));
     let _ = std::fs::remove_file(&shot);
     let profile = h.tmp.path().join("chromium-profile");
     let mut cmd = Command::new("chromium");
