@@ -11,11 +11,15 @@
 #   tmux                     driving terminals in tests
 #   npm                      build time: fetches xterm.js (the web terminal) from the npm registry
 #   chromium, chromium-driver   the web terminal's end-to-end test (headless, WebDriver)
+#   curl, chromium           the dev-server proxy's end-to-end tests (HTTP
+#                            from the host; a page screenshot in a browser)
+#   caddy, wrk               bench/proxy.sh: the reverse-proxy baseline and
+#                            the load generator (latency percentiles)
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
           qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc
-          npm chromium chromium-driver)
+          npm chromium chromium-driver curl caddy wrk)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo

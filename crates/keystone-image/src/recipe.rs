@@ -37,6 +37,9 @@ const MINIMAL_PACKAGES: &[&str] = &[
     "linux-image-cloud-amd64",
     "openssh-server",
     "procps",
+    // A dev server with no setup (`python3 -m http.server`), and what the
+    // proxy's end-to-end tests serve from inside.
+    "python3",
     "ripgrep",
     "rsync",
     "sudo",
@@ -460,7 +463,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-933a70071575");
+        assert_eq!(minimal().id(), "minimal-34e6c476ed29");
     }
 
     #[test]
@@ -490,6 +493,7 @@ mod tests {
             "linux-image-cloud-amd64",
             "openssh-server",
             "procps",
+            "python3",
             "ripgrep",
             "rsync",
             "sudo",

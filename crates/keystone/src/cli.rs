@@ -31,6 +31,14 @@ pub enum Top {
     /// Internal: automatic sync for one running sandbox (child of its supervisor).
     #[command(name = "__autosync", hide = true)]
     Autosync { name: String },
+    /// Internal: the user's dev-server proxy (started by `start`).
+    #[command(name = "__proxy", hide = true)]
+    ProxyDaemon {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        domain: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -305,8 +313,14 @@ pub struct DoctorArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Proxy {
-    /// Show the proxy and its routes.
-    Status,
+    /// Show the proxy, its routes and whether each dev server answers.
+    Status(ProxyStatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyStatusArgs {
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -27,6 +27,7 @@ fn main() {
         },
         Top::Supervise { name } => commands::supervise::run(&name),
         Top::Autosync { name } => commands::autosync::run(&name),
+        Top::ProxyDaemon { port, domain } => commands::proxy::daemon(port, domain),
         Top::Agent(cmd) => dispatch(cmd),
     };
     let code = match result {
@@ -55,7 +56,7 @@ fn dispatch(cmd: Agent) -> error::Result<i32> {
         Agent::Config(a) => config::run(a),
         Agent::Image(i) => image::run(i),
         Agent::Doctor(a) => doctor::run(a),
-        Agent::Proxy(p) => later::proxy(p),
+        Agent::Proxy(cli::Proxy::Status(a)) => proxy::status(a),
         Agent::Tokens(a) => commands::tokens::run(a),
     }
 }

@@ -262,19 +262,6 @@ fn config_shows_each_value_and_its_origin() {
 }
 
 #[test]
-fn later_commands_answer_exit_3_naming_what_is_missing() {
-    let env = Env::new();
-    let args = ["agent", "proxy", "status"];
-    let out = env.ks_in(env.tmp.path(), &args, &[]);
-    assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
-    let t = text(&out);
-    assert!(
-        t.contains("not available yet") && t.lines().count() == 1,
-        "{args:?}: {t}"
-    );
-}
-
-#[test]
 fn web_attach_without_a_sandbox_is_not_found() {
     let env = Env::new();
     let out = env.ks_in(env.tmp.path(), &["agent", "attach", "--web"], &[]);
@@ -388,4 +375,15 @@ fn doctor_reports_acceleration_truthfully() {
     let json = env.ks_in(env.tmp.path(), &["agent", "doctor", "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("doctor --json");
     assert!(v.as_array().is_some_and(|a| a.len() > 5), "{v}");
+}
+
+#[test]
+fn proxy_status_without_a_proxy_says_how_it_starts() {
+    let env = Env::new();
+    let out = env.ks_in(env.tmp.path(), &["agent", "proxy", "status"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not running"), "{}", text(&out));
+    let out = env.ks_in(env.tmp.path(), &["agent", "proxy", "status", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["running"], false);
 }

@@ -7,7 +7,7 @@ pub mod destroy;
 pub mod doctor;
 pub mod exec;
 pub mod image;
-pub mod later;
+pub mod proxy;
 pub mod ssh;
 pub mod start;
 pub mod status;

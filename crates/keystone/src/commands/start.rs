@@ -311,6 +311,16 @@ use one or the other",
     for n in notes.iter().filter_map(|n| n.as_str()) {
         println!("  {n}");
     }
+    if cfg.proxy.enable {
+        // The proxy is a convenience: a sandbox without it still works.
+        match commands::proxy::ensure(&ctx, &cfg.proxy) {
+            Ok(()) => println!(
+                "  dev servers: {} (any port a process listens on inside is picked up)",
+                keystone_proxy::route::url(&sandbox.name, None, &cfg.proxy.domain, cfg.proxy.port)
+            ),
+            Err(e) => ui::warn(format!("the dev-server proxy is not running: {e}")),
+        }
+    }
     if args.no_attach || !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
         if !args.no_attach {
             ui::note("not attaching: standard input/output is not a terminal");

@@ -36,7 +36,9 @@ pub struct StatusView {
     pub error: Option<String>,
     pub last_sync: Option<keystone_registry::SyncRecord>,
     pub pending_commits: Option<u64>,
-    pub dev_servers: Vec<String>,
+    /// Dev servers listening inside, with their URLs through the proxy
+    /// and whether each answered just now.
+    pub dev_servers: Vec<crate::commands::proxy::DevServer>,
     pub worktrees: Vec<String>,
 }
 
@@ -85,7 +87,12 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         error: sb.error.clone(),
         last_sync: sb.last_sync.clone(),
         pending_commits: pending,
-        dev_servers: Vec::new(),
+        dev_servers: match keystone_proxy::state::read(ctx.registry.root()) {
+            Some(snap) if sb.state == State::Running => {
+                crate::commands::proxy::dev_servers(&snap, &sb.name)
+            }
+            _ => Vec::new(),
+        },
         worktrees: if sb.workspace_ready {
             vec!["main /workspace".into()]
         } else {
@@ -128,6 +135,9 @@ fn print_view(v: &StatusView) {
     }
     for w in &v.worktrees {
         println!("worktree:  {w}");
+    }
+    for d in &v.dev_servers {
+        crate::commands::proxy::print_dev_server(d);
     }
     match &v.last_sync {
         Some(s) => println!(

@@ -52,6 +52,10 @@ pub fn shared_cache(user: Option<&str>) -> PathBuf {
     })
 }
 
+/// Tests leave the dev-server proxy off (its default port may be taken on
+/// a shared machine) unless they call [`Host::enable_proxy`].
+const PROXY_OFF: &str = "[proxy]\nenable = false\n";
+
 pub struct Host {
     pub tmp: tempfile::TempDir,
     pub project: PathBuf,
@@ -147,7 +151,7 @@ impl Host {
         host.write(
             &host.tmp.path().join("config/keystone/agent.toml"),
             &format!(
-                "[defaults]\nmemory = 2048\nvcpus = 2\n\n[backend]\ntype = \"{backend}\"\n\n[guest]\nprofile = \"minimal\"\n"
+                "[defaults]\nmemory = 2048\nvcpus = 2\n\n[backend]\ntype = \"{backend}\"\n\n[guest]\nprofile = \"minimal\"\n\n{PROXY_OFF}"
             ),
         );
         host.mkdir(&host.project);
@@ -234,6 +238,24 @@ impl Host {
         let r = run_bounded(cmd, Duration::from_secs(60));
         r.ok();
         r.stdout.trim().to_string()
+    }
+
+    /// Turn the dev-server proxy on, on a port free right now; the port.
+    pub fn enable_proxy(&self) -> u16 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let path = self.tmp.path().join("config/keystone/agent.toml");
+        let text = std::fs::read_to_string(&path).expect("config");
+        self.write(
+            &path,
+            &text.replace(
+                PROXY_OFF,
+                &format!("[proxy]\nenable = true\nport = {port}\n"),
+            ),
+        );
+        port
     }
 
     pub fn state_dir(&self) -> PathBuf {

@@ -5,6 +5,7 @@
 mod agents;
 mod bridge_share;
 mod harness;
+mod proxy;
 mod scenarios;
 mod web;
 
@@ -76,6 +77,10 @@ macro_rules! backend_suite {
                 crate::web::web_terminal(Host::new($backend, concat!("web-", $backend)));
             }
             #[test]
+            fn dev_proxy() {
+                crate::proxy::dev_proxy(Host::new($backend, concat!("proxy-", $backend)));
+            }
+            #[test]
             fn destroy_guards() {
                 scenarios::destroy_guards(Host::new($backend, concat!("guard-", $backend)));
             }
@@ -132,6 +137,11 @@ mod rootless {
     #[test]
     fn lifecycle_rootless() {
         scenarios::lifecycle(Host::with_user("container", "life-rootless", Some(user())));
+    }
+
+    #[test]
+    fn dev_proxy_rootless() {
+        crate::proxy::dev_proxy(Host::with_user("container", "proxy-rootless", Some(user())));
     }
 
     #[test]
