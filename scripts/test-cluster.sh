@@ -126,7 +126,343 @@ cmd_build() {
     rm -rf "$work"
 }
 
+# --- up / down -------------------------------------------------------------
+
+STATE=${KEYSTONE_TEST_CLUSTER_DIR:-/var/tmp/keystone-test-cluster}
+NETNS=keystone-k8s
+HOST_IP=10.250.0.1
+NODE_IP=10.250.0.2
+SERVICE_CIDR=10.252.0.0/24
+SERVICE_IP=10.252.0.1
+POD_CIDR=10.251.0.0/24
+NODE_NAME=keystone-node
+PAUSE_IMAGE=localhost/keystone-pause:1
+SOCK=$STATE/containerd/containerd.sock
+KUBECONFIG_PATH=$STATE/admin.kubeconfig
+# The controller-manager's test-only hostPath provisioner creates volumes
+# here (a path fixed in its code); its deleter only removes under /tmp.
+HOSTPATH_PV_DIR=/tmp/hostpath_pv
+
+# Every process runs in our network namespace: the kubelet refuses a
+# loopback node address, and `ip netns exec` would remount /sys and hide the
+# cgroup mounts from the kubelet, so enter with nsenter.
+in_ns() { nsenter --net="/var/run/netns/$NETNS" -- "$@"; }
+
+# start NAME CMD...: detached, in the namespace, logged, pid recorded.
+start() {
+    local name=$1; shift
+    mkdir -p "$STATE/logs" "$STATE/pids"
+    setsid nsenter --net="/var/run/netns/$NETNS" -- "$@" \
+        >"$STATE/logs/$name.log" 2>&1 </dev/null &
+    echo $! >"$STATE/pids/$name.pid"
+}
+
+alive() {
+    local f=$STATE/pids/$1.pid
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+kctl() { kubectl --kubeconfig="$KUBECONFIG_PATH" "$@"; }
+
+# wait_for SECONDS WHAT CMD...: bounded; shows the component's log on failure.
+wait_for() {
+    local secs=$1 what=$2 i; shift 2
+    for ((i = 0; i < secs * 2; i++)); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.5
+    done
+    log "$what did not come up within ${secs}s"
+    local l
+    for l in "$STATE"/logs/*.log; do
+        echo "--- last lines of $l" >&2
+        tail -n 15 "$l" >&2
+    done
+    return 1
+}
+
+# make_oci_archive ROOTDIR NAME OUT ENTRYPOINT...: a one-layer OCI image
+# archive whose index names the image for `ctr images import`.
+make_oci_archive() {
+    local root=$1 name=$2 out=$3; shift 3
+    local d; d=$(mktemp -d)
+    mkdir -p "$d/blobs/sha256"
+    tar --numeric-owner --owner=0 --group=0 -C "$root" -cf "$d/layer" .
+    local ld ls cd cs md ms
+    ld=$(sha256sum "$d/layer" | cut -d' ' -f1); ls=$(stat -c %s "$d/layer")
+    mv "$d/layer" "$d/blobs/sha256/$ld"
+    local entry; entry=$(printf '%s\n' "$@" | jq -R . | jq -sc .)
+    jq -nc --arg l "sha256:$ld" --argjson e "$entry" \
+        '{architecture:"amd64",os:"linux",config:{Entrypoint:$e,Env:["PATH=/bin"]},rootfs:{type:"layers",diff_ids:[$l]}}' >"$d/cfg"
+    cd=$(sha256sum "$d/cfg" | cut -d' ' -f1); cs=$(stat -c %s "$d/cfg")
+    mv "$d/cfg" "$d/blobs/sha256/$cd"
+    jq -nc --arg c "sha256:$cd" --argjson cs "$cs" --arg l "sha256:$ld" --argjson ls "$ls" \
+        '{schemaVersion:2,mediaType:"application/vnd.oci.image.manifest.v1+json",config:{mediaType:"application/vnd.oci.image.config.v1+json",digest:$c,size:$cs},layers:[{mediaType:"application/vnd.oci.image.layer.v1.tar",digest:$l,size:$ls}]}' >"$d/m"
+    md=$(sha256sum "$d/m" | cut -d' ' -f1); ms=$(stat -c %s "$d/m")
+    mv "$d/m" "$d/blobs/sha256/$md"
+    jq -nc --arg m "sha256:$md" --argjson ms "$ms" --arg n "$name" --arg t "${name##*:}" \
+        '{schemaVersion:2,manifests:[{mediaType:"application/vnd.oci.image.manifest.v1+json",digest:$m,size:$ms,platform:{architecture:"amd64",os:"linux"},annotations:{"io.containerd.image.name":$n,"org.opencontainers.image.ref.name":$t}}]}' >"$d/index.json"
+    echo '{"imageLayoutVersion":"1.0.0"}' >"$d/oci-layout"
+    tar -C "$d" -cf "$out" oci-layout index.json blobs
+    rm -rf "$d"
+}
+
+cmd_import() {
+    need_root import
+    local tar=${1:?usage: $0 import OCI-ARCHIVE}
+    [ -S "$SOCK" ] || die "the cluster is not up (no $SOCK): run $0 up"
+    in_ns ctr --address "$SOCK" -n k8s.io images import "$tar" >&2
+}
+
+certs() {
+    local pki=$STATE/pki
+    mkdir -p "$pki"
+    (
+        cd "$pki"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=keystone-test-ca \
+            -keyout ca.key -out ca.crt 2>/dev/null
+        cat >apiserver.ext <<EOF
+subjectAltName=IP:$NODE_IP,IP:$SERVICE_IP,IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+extendedKeyUsage=serverAuth
+EOF
+        openssl req -newkey rsa:2048 -nodes -subj /CN=kube-apiserver -keyout apiserver.key -out apiserver.csr 2>/dev/null
+        openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+            -extfile apiserver.ext -out apiserver.crt 2>/dev/null
+        # One admin identity (system:masters) for us, the tests and the
+        # cluster's own components: this cluster lives for one test run.
+        echo "extendedKeyUsage=clientAuth" >client.ext
+        openssl req -newkey rsa:2048 -nodes -subj "/O=system:masters/CN=keystone-admin" \
+            -keyout admin.key -out admin.csr 2>/dev/null
+        openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
+            -extfile client.ext -out admin.crt 2>/dev/null
+        openssl genrsa -out sa.key 2048 2>/dev/null
+        openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    )
+    cat >"$KUBECONFIG_PATH" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: keystone-test
+  cluster:
+    server: https://$NODE_IP:6443
+    certificate-authority-data: $(base64 -w0 <"$pki/ca.crt")
+users:
+- name: keystone-admin
+  user:
+    client-certificate-data: $(base64 -w0 <"$pki/admin.crt")
+    client-key-data: $(base64 -w0 <"$pki/admin.key")
+contexts:
+- name: keystone-test
+  context: {cluster: keystone-test, user: keystone-admin}
+current-context: keystone-test
+EOF
+    chmod 0644 "$KUBECONFIG_PATH"
+}
+
+cmd_up() {
+    need_root up
+    if alive kubelet && kctl get --raw /readyz >/dev/null 2>&1; then
+        log "already up; $(cmd_env)"
+        return 0
+    fi
+    cmd_down
+    cmd_build
+    apt_install etcd-server containerd runc containernetworking-plugins busybox-static \
+        openssl jq iproute2 util-linux curl
+    # kubectl: bookworm's kubernetes-client (1.20), unless one is installed.
+    command -v kubectl >/dev/null || apt_install kubernetes-client
+    local t0=$SECONDS
+    mkdir -p "$STATE"/{logs,pids,containerd,cni,kubelet,etcd}
+
+    ip netns add "$NETNS"
+    ip link add kst-host type veth peer name kst-node
+    ip link set kst-node netns "$NETNS"
+    ip addr add "$HOST_IP/24" dev kst-host
+    ip link set kst-host up
+    in_ns ip link set lo up
+    in_ns ip addr add "$NODE_IP/24" dev kst-node
+    in_ns ip link set kst-node up
+    in_ns ip route add default via "$HOST_IP"
+
+    certs
+    local pki=$STATE/pki
+
+    start etcd etcd --name keystone-test --data-dir "$STATE/etcd" \
+        --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster keystone-test=http://127.0.0.1:2380
+    wait_for 30 etcd in_ns curl -fs http://127.0.0.1:2379/health
+
+    # The pod network: the bridge plugin on a bridge inside the namespace.
+    cat >"$STATE/cni/10-keystone.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "keystone-test", "plugins": [
+  {"type": "bridge", "bridge": "kst-cni0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]],
+            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "$STATE/cni/ipam"}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
+    # restrict_oom_score_adj: root here lacks CAP_SYS_RESOURCE, and runc
+    # fails ("can't get final child's PID from pipe") without it.
+    cat >"$STATE/containerd/config.toml" <<EOF
+version = 2
+root = "$STATE/containerd/root"
+state = "$STATE/containerd/state"
+[grpc]
+  address = "$SOCK"
+[ttrpc]
+  address = "$SOCK.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$STATE/cni"
+EOF
+    start containerd containerd --config "$STATE/containerd/config.toml"
+    wait_for 30 containerd in_ns ctr --address "$SOCK" version
+
+    # The sandbox ("pause") image: busybox-static sleeping; there is no
+    # registry to pull Kubernetes' own from.
+    local pause; pause=$(mktemp -d)
+    mkdir -p "$pause/root/bin"
+    cp /bin/busybox "$pause/root/bin/busybox"
+    make_oci_archive "$pause/root" "$PAUSE_IMAGE" "$pause/pause.tar" /bin/busybox sleep 2147483647
+    cmd_import "$pause/pause.tar" >/dev/null
+    rm -rf "$pause"
+
+    start kube-apiserver "$BIN_DIR/kube-apiserver" \
+        --etcd-servers=http://127.0.0.1:2379 \
+        --advertise-address="$NODE_IP" --secure-port=6443 --insecure-port=0 \
+        --service-cluster-ip-range="$SERVICE_CIDR" \
+        --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+        --client-ca-file="$pki/ca.crt" \
+        --kubelet-client-certificate="$pki/admin.crt" --kubelet-client-key="$pki/admin.key" \
+        --kubelet-preferred-address-types=InternalIP \
+        --service-account-key-file="$pki/sa.pub" \
+        --service-account-signing-key-file="$pki/sa.key" \
+        --service-account-issuer=https://kubernetes.default.svc \
+        --authorization-mode=RBAC
+    wait_for 90 kube-apiserver kctl get --raw /readyz
+
+    start kube-controller-manager "$BIN_DIR/kube-controller-manager" \
+        --kubeconfig="$KUBECONFIG_PATH" --leader-elect=false --port=0 \
+        --bind-address=127.0.0.1 \
+        --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
+        --enable-hostpath-provisioner=true
+    start kube-scheduler "$BIN_DIR/kube-scheduler" \
+        --kubeconfig="$KUBECONFIG_PATH" --leader-elect=false --port=0 --bind-address=127.0.0.1
+
+    cat >"$STATE/kubelet/config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $NODE_IP
+cgroupDriver: cgroupfs
+failSwapOn: false
+readOnlyPort: 0
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: $pki/ca.crt}
+authorization: {mode: AlwaysAllow}
+resolvConf: /etc/resolv.conf
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+imageGCHighThresholdPercent: 100
+maxPods: 30
+EOF
+    start kubelet "$BIN_DIR/kubelet" --config="$STATE/kubelet/config.yaml" \
+        --kubeconfig="$KUBECONFIG_PATH" --root-dir="$STATE/kubelet" \
+        --cert-dir="$STATE/kubelet/pki" \
+        --container-runtime=remote --container-runtime-endpoint="unix://$SOCK" \
+        --node-ip="$NODE_IP" --hostname-override="$NODE_NAME"
+    wait_for 120 "the node" kctl wait --for=condition=Ready "node/$NODE_NAME" --timeout=2s
+    wait_for 60 "the default service account" kctl -n default get serviceaccount default
+
+    # Claims are bound to hostPath volumes the controller-manager provisions
+    # under $HOSTPATH_PV_DIR and deletes with the claim.
+    kctl apply -f - >/dev/null <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: standard
+  annotations: {storageclass.kubernetes.io/is-default-class: "true"}
+provisioner: kubernetes.io/host-path
+reclaimPolicy: Delete
+volumeBindingMode: Immediate
+EOF
+    log "up in $((SECONDS - t0)) s; $(cmd_env)"
+}
+
+cmd_env() {
+    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+}
+
+# Stop a recorded process: TERM, a bounded wait, then KILL.
+stop_proc() {
+    local f=$STATE/pids/$1.pid pid i
+    [ -f "$f" ] || return 0
+    pid=$(cat "$f")
+    kill "$pid" 2>/dev/null || true
+    for ((i = 0; i < 40; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.25
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$f"
+}
+
+cmd_down() {
+    need_root down
+    # Pods first, while the kubelet can still stop them.
+    if alive kube-apiserver && alive kubelet; then
+        kctl delete pods --all --all-namespaces --grace-period=0 --force --wait=false >/dev/null 2>&1 || true
+    fi
+    stop_proc kubelet
+    stop_proc kube-scheduler
+    stop_proc kube-controller-manager
+    # Whatever the kubelet left: every task of our containerd, then its
+    # shims (found by our own socket path on their command line).
+    if [ -S "$SOCK" ] && alive containerd; then
+        local t
+        for t in $(in_ns ctr --address "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
+            in_ns ctr --address "$SOCK" -n k8s.io tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
+        done
+    fi
+    stop_proc kube-apiserver
+    stop_proc containerd
+    stop_proc etcd
+    local pid
+    for pid in $(pgrep -f -- "-address $SOCK" || true); do
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    # Mounts under our state (pod volumes, rootfs overlays, shm), deepest
+    # first.
+    if [ -d "$STATE" ]; then
+        local m
+        findmnt -rn -o TARGET | grep -F "$STATE/" | sort -r | while read -r m; do
+            umount -l "$m" 2>/dev/null || true
+        done
+    fi
+    # The kubelet's cgroups (cgroupfs driver): empty once the pods are gone.
+    local c
+    for c in /sys/fs/cgroup/*/kubepods; do
+        [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+    done
+    ip netns del "$NETNS" 2>/dev/null || true
+    ip link del kst-host 2>/dev/null || true
+    rm -rf "$STATE" "$HOSTPATH_PV_DIR"
+}
+
 case "${1:-}" in
     build) cmd_build ;;
+    up) cmd_up ;;
+    down) cmd_down ;;
+    env) cmd_env ;;
+    import) shift; cmd_import "$@" ;;
     *) echo "usage: $0 build|up|env|import TAR|down" >&2; exit 2 ;;
 esac
