@@ -19,6 +19,7 @@
 
 pub mod container;
 pub mod idmap;
+pub mod kubernetes;
 pub mod microvm;
 mod signals;
 

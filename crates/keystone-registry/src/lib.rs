@@ -40,6 +40,23 @@ pub struct Settings {
     pub persist: bool,
     /// Id of the guest image the sandbox runs.
     pub image: String,
+    /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeSettings>,
+}
+
+/// Where and how a Kubernetes sandbox runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KubeSettings {
+    /// kubeconfig context; empty: the current one.
+    pub context: String,
+    pub namespace: String,
+    /// Empty: the cluster's default storage class.
+    pub storage_class: String,
+    /// The pod's image reference.
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`.
+    pub pull_policy: String,
 }
 
 /// The outcome of the last sync, for `status`.
@@ -377,6 +394,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            kubernetes: None,
             memory_mb: 2048,
             vcpus: 1,
             nested_virt: false,

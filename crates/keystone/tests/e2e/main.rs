@@ -4,6 +4,7 @@
 
 mod agents;
 mod harness;
+mod kubernetes;
 mod scenarios;
 
 /// The same scenarios for every local backend.
