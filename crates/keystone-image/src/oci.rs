@@ -48,7 +48,9 @@ fn sha256_file(path: &Path) -> Result<(String, u64), ImageError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(|e| ImageError::io("read", path, e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ImageError::io("read", path, e))?;
         if n == 0 {
             break;
         }
@@ -98,12 +100,12 @@ pub fn export(image: &Image, reference: &str) -> Result<PathBuf, ImageError> {
     if out.is_file() && fs::read_to_string(&stamp).ok().as_deref() == Some(reference) {
         return Ok(out);
     }
-    let stage = image
-        .dir
-        .join(format!(".oci-stage-{}", std::process::id()));
+    let stage = image.dir.join(format!(".oci-stage-{}", std::process::id()));
     let _ = fs::remove_dir_all(&stage);
     let result = write_layout(image, reference, &stage).and_then(|()| {
-        let tmp = image.dir.join(format!(".oci.tar.tmp-{}", std::process::id()));
+        let tmp = image
+            .dir
+            .join(format!(".oci.tar.tmp-{}", std::process::id()));
         let output = Command::new("tar")
             .arg("--numeric-owner")
             .arg("--owner=0")
@@ -185,7 +187,10 @@ fn write_layout(image: &Image, reference: &str, dir: &Path) -> Result<(), ImageE
         fs::write(&p, body).map_err(|e| ImageError::io("write", &p, e))
     };
     write("index.json", index.to_string())?;
-    write("oci-layout", r#"{"imageLayoutVersion":"1.0.0"}"#.to_string())?;
+    write(
+        "oci-layout",
+        r#"{"imageLayoutVersion":"1.0.0"}"#.to_string(),
+    )?;
     Ok(())
 }
 

@@ -33,9 +33,7 @@
 
 use crate::signals::{Signals, StopRequest, Wake};
 use crate::{Backend, BackendError, Ended, Instance, Running, Usage};
-use k8s_openapi::api::core::v1::{
-    Namespace, PersistentVolumeClaim, Pod, PodStatus, Secret,
-};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, PodStatus, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keystone_registry::KubeSettings;
 use kube::api::{DeleteParams, PostParams};
@@ -165,9 +163,9 @@ async fn connect(k: &KubeSettings) -> Result<Client, BackendError> {
         ..Default::default()
     };
     let mut config = if k.context.is_empty() {
-        kube::Config::infer()
-            .await
-            .map_err(|e| BackendError::Requirement(format!("no usable Kubernetes configuration: {e}; {check}")))?
+        kube::Config::infer().await.map_err(|e| {
+            BackendError::Requirement(format!("no usable Kubernetes configuration: {e}; {check}"))
+        })?
     } else {
         kube::Config::from_kubeconfig(&options).await.map_err(|e| {
             BackendError::Requirement(format!("cannot use {context_name}: {e}; {check}"))
@@ -192,7 +190,10 @@ async fn connect(k: &KubeSettings) -> Result<Client, BackendError> {
 
 async fn ensure_namespace(client: &Client, ns: &str) -> Result<(), BackendError> {
     let api: Api<Namespace> = Api::all(client.clone());
-    if bounded("read the namespace", api.get_opt(ns)).await?.is_some() {
+    if bounded("read the namespace", api.get_opt(ns))
+        .await?
+        .is_some()
+    {
         return Ok(());
     }
     let obj: Namespace = serde_json::from_value(serde_json::json!({
@@ -222,7 +223,11 @@ where
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if is_conflict(&e) => {
             delete_and_wait(api, name, 0).await?;
-            bounded(&format!("create {name}"), api.create(&PostParams::default(), obj)).await?;
+            bounded(
+                &format!("create {name}"),
+                api.create(&PostParams::default(), obj),
+            )
+            .await?;
             Ok(())
         }
         Ok(Err(e)) => Err(BackendError::Failed(format!(
@@ -298,7 +303,11 @@ fn secret_object(inst: &Instance, names: &Names) -> Result<Secret, BackendError>
     }))
 }
 
-fn claim_object(inst: &Instance, names: &Names, k: &KubeSettings) -> Result<PersistentVolumeClaim, BackendError> {
+fn claim_object(
+    inst: &Instance,
+    names: &Names,
+    k: &KubeSettings,
+) -> Result<PersistentVolumeClaim, BackendError> {
     let mut spec = serde_json::json!({
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": WORKSPACE_SIZE}},
