@@ -48,6 +48,11 @@ use std::time::{Duration, Instant};
 /// How long the pod may take to run sshd (image pull included); below
 /// `start`'s own limit, so the user gets the cluster's reason.
 const READY_TIMEOUT: Duration = Duration::from_secs(100);
+/// How long a pod may stay unschedulable before the start fails with the
+/// scheduler's reason (e.g. a memory request larger than any node): long
+/// enough for a transient shortage, short of making the user wait for
+/// [`READY_TIMEOUT`].
+const UNSCHEDULABLE_GRACE: Duration = Duration::from_secs(20);
 /// Any single API call.
 const API_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a deleted pod or claim may take to go away.
@@ -377,6 +382,8 @@ fn policy_object(inst: &Instance, names: &Names) -> Result<NetworkPolicy, Backen
 enum PodVerdict {
     /// Still coming up; the reason, when the cluster gives one.
     Waiting(Option<String>),
+    /// No node can take it (yet): the scheduler's reason.
+    Unschedulable(String),
     Running,
     /// It cannot or will not run: the cluster's reason.
     Failed(String),
@@ -443,7 +450,11 @@ fn verdict_of(status: &PodStatus) -> PodVerdict {
     // "0/1 nodes are available: 1 Insufficient memory").
     for c in status.conditions.iter().flatten() {
         if c.type_ == "PodScheduled" && c.status == "False" {
-            return PodVerdict::Waiting(Some(explain(c.reason.as_ref(), c.message.as_ref())));
+            let why = explain(c.reason.as_ref(), c.message.as_ref());
+            if c.reason.as_deref() == Some("Unschedulable") {
+                return PodVerdict::Unschedulable(why);
+            }
+            return PodVerdict::Waiting(Some(why));
         }
     }
     PodVerdict::Waiting(None)
@@ -571,6 +582,7 @@ impl Backend for KubernetesBackend {
         // Until the container runs: the cluster's reasons, bounded.
         let started = Instant::now();
         let mut last_reason: Option<String> = None;
+        let mut unschedulable_since: Option<Instant> = None;
         let pod = loop {
             match rt.block_on(bounded("read the pod", pods.get_opt(&names.pod))) {
                 Ok(Some(pod)) => match verdict(&pod) {
@@ -582,7 +594,21 @@ impl Backend for KubernetesBackend {
                             names.pod
                         )));
                     }
-                    PodVerdict::Waiting(why) => last_reason = why.or(last_reason),
+                    PodVerdict::Unschedulable(why) => {
+                        let since = *unschedulable_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > UNSCHEDULABLE_GRACE {
+                            cleanup(&rt);
+                            return Err(BackendError::Failed(format!(
+                                "pod {ns}/{} cannot be scheduled: {why}",
+                                names.pod
+                            )));
+                        }
+                        last_reason = Some(why);
+                    }
+                    PodVerdict::Waiting(why) => {
+                        unschedulable_since = None;
+                        last_reason = why.or(last_reason);
+                    }
                 },
                 Ok(None) => {
                     return Err(BackendError::Failed(format!(
@@ -792,7 +818,7 @@ mod tests {
     }
 
     #[test]
-    fn unschedulable_is_waiting_with_the_schedulers_reason() {
+    fn unschedulable_carries_the_schedulers_reason() {
         let s = status(serde_json::json!({
             "phase": "Pending",
             "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
@@ -800,9 +826,9 @@ mod tests {
         }));
         assert_eq!(
             verdict_of(&s),
-            PodVerdict::Waiting(Some(
+            PodVerdict::Unschedulable(
                 "Unschedulable: 0/1 nodes are available: 1 Insufficient memory.".into()
-            ))
+            )
         );
         let s = status(serde_json::json!({
             "phase": "Running",

@@ -221,6 +221,20 @@ fn errors() {
         "a failed first start left a record"
     );
 
+    // More memory than the node has: the scheduler's reason, not a hang.
+    // (Scheduling comes before the image pull.)
+    let r = h.ks(&["start", "--no-attach", "--memory", "200000"]);
+    r.code(3);
+    assert!(
+        r.text().contains("cannot be scheduled") && r.text().contains("Insufficient memory"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        h.record(&name).is_none(),
+        "a failed first start left a record"
+    );
+
     let r = h.ks_env(
         &["start", "--no-attach"],
         &[("KEYSTONE_AGENT_KUBE_CONTEXT", "no-such-context")],
