@@ -9,10 +9,11 @@
 #   tar, rsync, e2fsprogs    image unpacking, artifacts, microVM disks
 #   qemu-system-x86, qemu-utils   the microvm backend
 #   tmux                     driving terminals in tests
+#   skopeo                   `image push`: the OCI image to a registry
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
-          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc)
+          qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc skopeo)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo

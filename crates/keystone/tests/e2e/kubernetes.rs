@@ -56,7 +56,42 @@ fn host(project: &str, extra_config: &str) -> Host {
         ),
     );
     h.write(&config, &text);
+    import_image(&h);
     h
+}
+
+/// The guest image the tests' configuration builds, exported as an OCI
+/// archive and imported into the node's containerd, once per test run.
+fn import_image(h: &Host) {
+    static IMPORTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = IMPORTED.get_or_init(|| {
+        let r = h.ks(&["image", "build", "--format", "oci"]);
+        if r.code != Some(0) {
+            return Err(format!("image build --format oci failed:\n{}", r.text()));
+        }
+        let archive = r
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("OCI image archive: "))
+            .and_then(|l| l.split(' ').next())
+            .ok_or_else(|| format!("no archive path in:\n{}", r.text()))?
+            .to_string();
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-cluster.sh");
+        let mut cmd = Command::new(script);
+        cmd.arg("import").arg(&archive);
+        let r = run_bounded(cmd, Duration::from_secs(300));
+        if r.code != Some(0) {
+            return Err(format!(
+                "importing {archive} into the test cluster failed:\n{}",
+                r.text()
+            ));
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
 }
 
 fn pod_of(h: &Host) -> String {
