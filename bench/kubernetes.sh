@@ -13,6 +13,7 @@
 #   sudo ./bench/kubernetes.sh [ITERATIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 N=${1:-5}
 command -v kubectl >/dev/null || { echo "kubectl is required: apt-get install kubernetes-client" >&2; exit 4; }
 if [ -z "${KUBECONFIG:-}" ]; then
@@ -34,9 +35,10 @@ printf '[defaults]\nmemory = 2048\nvcpus = 2\n[backend]\ntype = "kubernetes"\n[b
 cd "$work/bench"
 git init -q -b main && git -c user.name=b -c user.email=b@e commit -q --allow-empty -m init
 # The image into the node (built once; the import is quick when present).
-archive=$($K agent image build --format oci | sed -n 's/^OCI image archive: \([^ ]*\) .*/\1/p')
-image=$($K agent image build --format oci | sed -n 's/^OCI image archive: [^ ]* (\(.*\))$/\1/p')
-"$OLDPWD/scripts/test-cluster.sh" import "$archive" >/dev/null 2>&1 || true
+built=$($K agent image build --format oci)
+archive=$(sed -n 's/^OCI image archive: \([^ ]*\) .*/\1/p' <<<"$built")
+image=$(sed -n 's/^OCI image archive: [^ ]* (\(.*\))$/\1/p' <<<"$built")
+"$ROOT/scripts/test-cluster.sh" import "$archive" >/dev/null
 $K agent start --no-attach >/dev/null 2>&1     # cold: namespace, claim, first push
 $K agent stop >/dev/null
 
