@@ -57,6 +57,19 @@ fn host(project: &str, extra_config: &str) -> Host {
     );
     h.write(&config, &text);
     import_image(&h);
+    // The cluster outlives each test: what an earlier failed run left
+    // under this sandbox name (a kept claim) must not leak into this one.
+    let (ok, out) = kubectl(&[
+        "-n",
+        NAMESPACE,
+        "delete",
+        "pods,pvc,secrets,networkpolicies",
+        "-l",
+        &format!("keystone.dev/sandbox={}", h.name()),
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
+    assert!(ok, "cleaning up earlier runs: {out}");
     h
 }
 
@@ -315,5 +328,61 @@ fn pod_deleted_outside() {
             "{kind} left after destroy: {:?}",
             objects(kind)
         );
+    }
+}
+
+/// The backend-independent scenarios every local backend runs, on a pod:
+/// the channel (port-forward) must make them work unchanged.
+mod shared {
+    use super::host;
+    use crate::scenarios;
+
+    #[test]
+    fn supervisor_killed() {
+        scenarios::supervisor_killed(host("kill-kube", ""));
+    }
+    #[test]
+    fn concurrent_starts() {
+        scenarios::concurrent_starts(host("race-kube", ""));
+    }
+    #[test]
+    fn destroy_guards() {
+        scenarios::destroy_guards(host("guard-kube", ""));
+    }
+    #[test]
+    fn attach_session() {
+        scenarios::attach_session(host("attach-kube", ""));
+    }
+    #[test]
+    fn sync_rules() {
+        scenarios::sync_rules(host("sync-kube", ""));
+    }
+    #[test]
+    fn sync_hostile() {
+        scenarios::sync_hostile(host("hostile-kube", ""));
+    }
+    #[test]
+    fn env_files() {
+        scenarios::env_files(host("envf-kube", ""));
+    }
+    #[test]
+    fn artifacts() {
+        scenarios::artifacts(host("art-kube", ""));
+    }
+    #[test]
+    fn worktrees() {
+        scenarios::worktrees(host("wt-kube", ""));
+    }
+    #[test]
+    fn two_at_once_and_fresh() {
+        // Requests equal limits: two 2-vCPU sandboxes do not fit the test
+        // node's 2 cores (the second start fails "Insufficient cpu"), so
+        // these two ask for one each.
+        let h = host("two-kube", "");
+        let config = h.tmp.path().join("config/keystone/agent.toml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        assert!(text.contains("vcpus = 2"), "{text}");
+        h.write(&config, &text.replace("vcpus = 2", "vcpus = 1"));
+        scenarios::two_at_once_and_fresh(h);
     }
 }
