@@ -9,7 +9,9 @@
 #   scripts/test-cluster.sh up      start etcd, containerd, apiserver and
 #                                   kubelet in a network namespace of our own;
 #                                   write an admin kubeconfig
-#   scripts/test-cluster.sh env     print `export KUBECONFIG=...` for the tests
+#   scripts/test-cluster.sh env     print `export KUBECONFIG=... KEYSTONE_TEST_REGISTRY=...`
+#                                   for the tests (the registry: plain HTTP,
+#                                   on the host end of the node's veth)
 #   scripts/test-cluster.sh import TAR   import an OCI archive into the node
 #   scripts/test-cluster.sh down    stop everything, remove every trace
 #
@@ -137,6 +139,9 @@ SERVICE_IP=10.252.0.1
 POD_CIDR=10.251.0.0/24
 NODE_NAME=keystone-node
 PAUSE_IMAGE=localhost/keystone-pause:1
+# A plain-HTTP registry (Debian's docker-registry) on the host end of the
+# veth: `keystone agent image push` targets it, the node pulls from it.
+REGISTRY=$HOST_IP:5000
 SOCK=$STATE/containerd/containerd.sock
 KUBECONFIG_PATH=$STATE/admin.kubeconfig
 # The controller-manager's test-only hostPath provisioner creates volumes
@@ -154,6 +159,14 @@ start() {
     mkdir -p "$STATE/logs" "$STATE/pids"
     setsid nsenter --net="/var/run/netns/$NETNS" -- "$@" \
         >"$STATE/logs/$name.log" 2>&1 </dev/null &
+    echo $! >"$STATE/pids/$name.pid"
+}
+
+# start_host NAME CMD...: as start, in the host's own network namespace.
+start_host() {
+    local name=$1; shift
+    mkdir -p "$STATE/logs" "$STATE/pids"
+    setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
     echo $! >"$STATE/pids/$name.pid"
 }
 
@@ -267,7 +280,7 @@ cmd_up() {
     cmd_down
     cmd_build
     apt_install etcd-server containerd runc containernetworking-plugins busybox-static \
-        openssl jq iproute2 util-linux curl
+        openssl jq iproute2 util-linux curl docker-registry skopeo
     # kubectl: bookworm's kubernetes-client (1.20), unless one is installed.
     command -v kubectl >/dev/null || apt_install kubernetes-client
     local t0=$SECONDS
@@ -285,6 +298,18 @@ cmd_up() {
 
     certs
     local pki=$STATE/pki
+
+    mkdir -p "$STATE/registry"
+    cat >"$STATE/registry/config.yml" <<EOF
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $STATE/registry/data}
+  delete: {enabled: true}
+http: {addr: "$REGISTRY"}
+EOF
+    start_host registry docker-registry serve "$STATE/registry/config.yml"
+    wait_for 30 "the registry" curl -fs "http://$REGISTRY/v2/"
 
     start etcd etcd --name keystone-test --data-dir "$STATE/etcd" \
         --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
@@ -323,6 +348,8 @@ state = "$STATE/containerd/state"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."$REGISTRY"]
+    endpoint = ["http://$REGISTRY"]
 EOF
     start containerd containerd --config "$STATE/containerd/config.toml"
     wait_for 30 containerd in_ns ctr --address "$SOCK" version
@@ -399,7 +426,7 @@ EOF
 }
 
 cmd_env() {
-    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+    echo "export KUBECONFIG=$KUBECONFIG_PATH KEYSTONE_TEST_REGISTRY=$REGISTRY"
 }
 
 # Stop a recorded process: TERM, a bounded wait, then KILL.
@@ -436,6 +463,7 @@ cmd_down() {
     stop_proc kube-apiserver
     stop_proc containerd
     stop_proc etcd
+    stop_proc registry
     local pid
     for pid in $(pgrep -f -- "-address $SOCK" || true); do
         kill -9 "$pid" 2>/dev/null || true

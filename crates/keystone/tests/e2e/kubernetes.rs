@@ -52,7 +52,12 @@ fn host(project: &str, extra_config: &str) -> Host {
     text = text.replace(
         "[guest]",
         &format!(
-            "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nstorage_class = \"standard\"\npull_policy = \"never\"\n{extra_config}\n[guest]"
+            "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nstorage_class = \"standard\"\n{}{extra_config}\n[guest]",
+            if extra_config.contains("pull_policy") {
+                ""
+            } else {
+                "pull_policy = \"never\"\n"
+            }
         ),
     );
     h.write(&config, &text);
@@ -385,4 +390,41 @@ mod shared {
         h.write(&config, &text.replace("vcpus = 2", "vcpus = 1"));
         scenarios::two_at_once_and_fresh(h);
     }
+}
+
+/// `image push` to a registry (the test cluster's plain-HTTP one), and a
+/// sandbox whose pod pulls the image from there (`pull_policy = "always"`).
+#[test]
+fn push_and_pull() {
+    let registry = std::env::var("KEYSTONE_TEST_REGISTRY").unwrap_or_default();
+    assert!(
+        !registry.is_empty(),
+        "KEYSTONE_TEST_REGISTRY must name the test cluster's registry: `eval \"$(scripts/test-cluster.sh env)\"`"
+    );
+    let reference = format!("{registry}/keystone/guest:e2e");
+    let h = host(
+        "pull-kube",
+        &format!("image = \"{reference}\"\npull_policy = \"always\"\n"),
+    );
+    let r = h.ks(&["image", "push", &reference, "--insecure"]);
+    r.ok();
+    assert!(
+        r.stdout.contains(&format!("to {reference}")),
+        "{}",
+        r.text()
+    );
+    let r = h.start(&[]);
+    r.ok();
+    let (ok, out) = kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        &pod_of(&h),
+        "-o",
+        "jsonpath={.spec.containers[0].image} {.spec.containers[0].imagePullPolicy}",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), format!("{reference} Always"));
+    assert_eq!(h.sh("id -un").trim(), "agent");
+    h.ks(&["destroy", &h.name(), "--force"]).ok();
 }
