@@ -298,6 +298,33 @@ fn errors() {
         "{}",
         r.text()
     );
+
+    // An API server that does not answer: exit 4, naming it, in bounded time.
+    let dead = h.tmp.path().join("dead.kubeconfig");
+    h.write(
+        &dead,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: dead\n  cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {token: x}\ncontexts:\n- name: dead\n  context: {cluster: dead, user: u}\ncurrent-context: dead\n",
+    );
+    let t = std::time::Instant::now();
+    let r = h.ks_env(
+        &["start", "--no-attach"],
+        &[("KUBECONFIG", dead.to_str().expect("path"))],
+    );
+    r.code(4);
+    assert!(
+        r.text().contains("https://127.0.0.1:1") && r.text().contains("cannot be reached"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        h.record(&name).is_none(),
+        "a failed first start left a record"
+    );
 }
 
 /// A pod deleted by someone else: the sandbox is reported in error, with
