@@ -21,14 +21,28 @@ else
     SUDO=
 fi
 
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+missing_packages() {
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+    done
+}
+# Two passes: installing one package can remove another (bookworm's
+# qemu-system-x86 removes a backported qemu-utils, for one).
+updated=no
+for pass in 1 2; do
+    mapfile -t missing < <(missing_packages)
+    [ "${#missing[@]}" -eq 0 ] && break
     echo "installing: ${missing[*]}"
-    $SUDO apt-get update -q
+    if [ "$updated" = no ]; then
+        $SUDO apt-get update -q
+        updated=yes
+    fi
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+done
+mapfile -t missing < <(missing_packages)
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "could not install: ${missing[*]}" >&2
+    exit 4
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -28,6 +28,23 @@ grep -q '^keystone-test:' /etc/subgid || usermod --add-subgids 300000-365535 key
 export KEYSTONE_TEST_CACHE=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
 mkdir -p "$KEYSTONE_TEST_CACHE"
 
+# What only the tests need: a DHCP server for the bridge test (dnsmasq),
+# and virtiofsd for the live-share test. virtiofsd is not in bookworm: it
+# is built from crates.io (under a minute) into the cache, once per version.
+test_packages=(dnsmasq-base libseccomp-dev libcap-ng-dev)
+for p in "${test_packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${test_packages[@]}"
+        break
+    fi
+done
+VIRTIOFSD_VERSION=1.14.0
+virtiofsd_root="$KEYSTONE_TEST_CACHE/virtiofsd-$VIRTIOFSD_VERSION"
+if [ ! -x "$virtiofsd_root/bin/virtiofsd" ]; then
+    cargo install --quiet --locked --root "$virtiofsd_root" --version "$VIRTIOFSD_VERSION" virtiofsd
+fi
+export PATH="$virtiofsd_root/bin:$PATH"
+
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 # The Kubernetes backend's end-to-end tests run against a real one-node

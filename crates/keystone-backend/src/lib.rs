@@ -18,6 +18,7 @@
 //! Backends live in their own modules and never reach into each other.
 
 pub mod container;
+pub mod hostbridge;
 pub mod idmap;
 pub mod kubernetes;
 pub mod microvm;
@@ -38,6 +39,8 @@ pub struct Instance {
     /// The sandbox's directory (disk, logs).
     pub dir: PathBuf,
     pub settings: Settings,
+    /// The project directory on the host (shared live with `--share`).
+    pub project: PathBuf,
     /// The guest image's root filesystem tarball and id.
     pub image_tar: PathBuf,
     pub image_id: String,

@@ -94,7 +94,9 @@ pub const RESOLV_CONF: &str = "# Written by the keystone backend when a sandbox 
 /// host key, authorized_keys, hostname, addresses, resolver) into a tmpfs
 /// at `/etc/keystone`, brings up the network statically (eth0: the
 /// host-only link sshd is reached on; eth1, with `--network nat`: the way
-/// out, and the default route), and runs sshd under
+/// out, and the default route; with `--network bridge`, eth1 is configured
+/// by DHCP), mounts the live share over `/workspace` when there is one,
+/// and runs sshd under
 /// tini, which reaps orphans. Shutdown: the backend sends ctrl-alt-del,
 /// which the kernel turns into SIGINT for PID 1; tini passes it to this
 /// script's process group, which stops sshd, syncs, remounts read-only and
@@ -138,8 +140,13 @@ while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 tar -xf /dev/vda -C /etc/keystone --no-same-owner || say "cannot read the configuration disk /dev/vda"
 [ -f /etc/keystone/hostname ] && read -r name < /etc/keystone/hostname && echo "$name" > /proc/sys/kernel/hostname
 [ -f /etc/keystone/resolv.conf ] && cp /etc/keystone/resolv.conf /etc/resolv.conf
-ADDRESS= NAT_ADDRESS= NAT_GATEWAY=
+ADDRESS= NAT_ADDRESS= NAT_GATEWAY= BRIDGE= SHARE_TAG=
 [ -f /etc/keystone/network ] && . /etc/keystone/network
+[ -f /etc/keystone/workspace ] && . /etc/keystone/workspace
+if [ -n "$SHARE_TAG" ]; then
+    # The live share: the project itself over virtiofs, on top of the clone.
+    modprobe virtiofs && mount -t virtiofs "$SHARE_TAG" /workspace || say "cannot mount the live share $SHARE_TAG"
+fi
 {
     echo "link set lo up"
     if [ -n "$ADDRESS" ]; then
@@ -151,7 +158,11 @@ ADDRESS= NAT_ADDRESS= NAT_GATEWAY=
         echo "addr add $NAT_ADDRESS dev eth1"
         echo "route add default via $NAT_GATEWAY dev eth1"
     fi
+    [ -n "$BRIDGE" ] && echo "link set eth1 up"
 } | ip -batch -
+# On a host bridge the address comes from that network's DHCP server; the
+# lease may come after sshd, which is reached over eth0 anyway.
+[ -n "$BRIDGE" ] && udhcpc -f -i eth1 -s /etc/udhcpc/default.script >/dev/null 2>&1 &
 say "up"
 exec /usr/bin/tini -g -- /usr/local/sbin/keystone-init --run
 "#;

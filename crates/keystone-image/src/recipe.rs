@@ -42,6 +42,8 @@ const MINIMAL_PACKAGES: &[&str] = &[
     "sudo",
     "tini",
     "tmux",
+    // DHCP on a host bridge (`--network bridge`); busybox's, 1 MB.
+    "udhcpc",
 ];
 
 /// What the full profile adds: a toolchain and the Node.js the agents need.
@@ -396,7 +398,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-53a27a5537f0");
+        assert_eq!(minimal().id(), "minimal-5d1d7aca39e7");
     }
 
     #[test]
@@ -431,6 +433,7 @@ mod tests {
             "sudo",
             "tini",
             "tmux",
+            "udhcpc",
         ];
         assert_eq!(p, expected);
     }

@@ -40,6 +40,16 @@ pub struct Settings {
     pub persist: bool,
     /// Id of the guest image the sandbox runs.
     pub image: String,
+    /// What `/workspace` is: "clone" (the pushed copy, synced by the
+    /// host) or "share" (the project directory itself, shared live).
+    #[serde(default = "default_workspace")]
+    pub workspace: String,
+    /// The live share's protocol ("virtiofs" | "9p"), with "share".
+    #[serde(default)]
+    pub share_proto: String,
+    /// The host bridge, with `network = "bridge"`.
+    #[serde(default)]
+    pub bridge: String,
     /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubeSettings>,
@@ -57,6 +67,17 @@ pub struct KubeSettings {
     pub image: String,
     /// `Always`, `IfNotPresent` or `Never`.
     pub pull_policy: String,
+}
+
+fn default_workspace() -> String {
+    "clone".into()
+}
+
+impl Settings {
+    /// Whether `/workspace` is the project directory itself (no sync).
+    pub fn is_share(&self) -> bool {
+        self.workspace == "share"
+    }
 }
 
 /// The outcome of the last sync, for `status`.
@@ -402,6 +423,9 @@ mod tests {
             sync_mode: "manual".into(),
             persist: true,
             image: "minimal-x".into(),
+            workspace: "clone".into(),
+            share_proto: String::new(),
+            bridge: String::new(),
         }
     }
 

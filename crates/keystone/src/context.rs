@@ -114,6 +114,7 @@ impl Ctx {
             id: sb.id.clone(),
             dir: self.sandbox_dir(sb),
             settings: sb.settings.clone(),
+            project: sb.project_path.clone(),
             image_tar: image_dir.join("rootfs.tar"),
             image_id: sb.settings.image.clone(),
             guest_dir: channel.ssh_dir.join(keys::GUEST_DIR),

@@ -115,10 +115,20 @@ impl Backend for ContainerBackend {
             ));
         }
         if inst.settings.network == "bridge" {
-            return Err(BackendError::NotImplemented {
-                backend: "container",
-                what: "--network bridge is for the microvm backend; use nat or none".into(),
-            });
+            crate::hostbridge::named_bridge(inst)?;
+            if !map.is_root() {
+                return Err(BackendError::Requirement(
+                    "--network bridge with the container backend needs root: a veth on a host bridge needs CAP_NET_ADMIN on the host; run as root, or use the microvm backend (which can use QEMU's bridge helper)"
+                        .into(),
+                ));
+            }
+            for (tool, pkg) in [("ip", "iproute2"), ("nsenter", "util-linux")] {
+                if keystone_channel::which(tool).is_none() {
+                    return Err(BackendError::Requirement(format!(
+                        "--network bridge needs {tool}: apt-get install {pkg}"
+                    )));
+                }
+            }
         }
         let rootfs = Self::rootfs(inst);
         if rootfs.join(".keystone-complete").exists() {
@@ -308,6 +318,12 @@ impl Backend for ContainerBackend {
 
         if inst.settings.network == "nat" {
             match spawn_pasta(g, &log) {
+                Ok(p) => guard.helpers.push(p),
+                Err(e) => return Err(guard.fail(e, &err_r)),
+            }
+        }
+        if inst.settings.network == "bridge" {
+            match attach_bridge(inst, g, &log) {
                 Ok(p) => guard.helpers.push(p),
                 Err(e) => return Err(guard.fail(e, &err_r)),
             }
@@ -650,6 +666,69 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::mem::forget(child);
+    Ok(pid)
+}
+
+/// `--network bridge`: a veth pair, the host end on the bridge and the
+/// other as the sandbox's eth0, then the guest's DHCP client (busybox
+/// `udhcpc` from the image) inside the sandbox's namespaces, as a helper
+/// that dies with the supervisor. The pair goes away with the sandbox's
+/// network namespace: nothing can leak.
+fn attach_bridge(inst: &Instance, g: Pid, log: &fs::File) -> Result<Pid, String> {
+    let bridge = crate::hostbridge::named_bridge(inst).map_err(|e| e.to_string())?;
+    let host_end = crate::hostbridge::link_name(&inst.id);
+    let g_s = g.to_string();
+    let ip = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    ip(&[
+        "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &g_s,
+    ])?;
+    ip(&["link", "set", "dev", &host_end, "master", &bridge, "up"])?;
+    let mut cmd = Command::new("nsenter");
+    // Every namespace of the sandbox (its root too): the client and the
+    // script it runs, which writes the guest's /etc/resolv.conf, are the
+    // image's.
+    cmd.args(["--target", &g_s, "--all", "--"])
+        .args([
+            "udhcpc",
+            "-f",
+            "-i",
+            "eth0",
+            "-s",
+            "/etc/udhcpc/default.script",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log.try_clone().map_err(|e| e.to_string())?)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    // SAFETY: pre_exec runs in the forked child before exec; prctl and
+    // sigprocmask are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            crate::signals::unblock_all();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the DHCP client: {e}"))?;
+    let pid = Pid::from_raw(child.id() as i32);
     std::mem::forget(child);
     Ok(pid)
 }

@@ -521,6 +521,11 @@ impl Backend for KubernetesBackend {
 
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
         let k = settings(inst)?.clone();
+        if inst.settings.network == "bridge" {
+            return Err(BackendError::Failed(
+                "--network bridge attaches a local sandbox to a host bridge; a pod is on the cluster's network: use --network nat (the pod network) or none".into(),
+            ));
+        }
         let names = Names::of(inst);
         let rt = runtime(1)?;
         rt.block_on(async {

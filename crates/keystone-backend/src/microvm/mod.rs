@@ -33,12 +33,18 @@
 //!   teardown checks the process groups are empty and the port is free.
 //! - Graceful stop is ctrl-alt-del over QMP (the guest's init syncs and
 //!   powers off), then a bounded wait, then QMP `quit`, then SIGKILL.
+//! - `--network bridge` makes eth1 a tap on a host bridge (`bridge.rs`),
+//!   and the guest takes an address there by DHCP.
+//! - The opt-in live share (`--share`) is virtiofs, served by virtiofsd as
+//!   one more child (`share.rs`); the cloud kernel has no 9p.
 //! - qboot instead of SeaBIOS when QEMU ships it: a second less under TCG.
 
 pub mod accel;
+mod bridge;
 mod proc;
 pub mod qemu;
 mod qmp;
+mod share;
 
 use crate::idmap::{self, IdMap};
 use crate::signals::{Signals, StopRequest, Wake};
@@ -106,6 +112,11 @@ fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError
         )));
     }
     Ok(())
+}
+
+/// The virtiofsd the live share would use, if any.
+pub fn virtiofsd() -> Option<PathBuf> {
+    share::find_daemon()
 }
 
 /// The accelerator and nested-virtualization lines for this host.
@@ -296,7 +307,19 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
             qemu::NAT_GATEWAY
         ));
     }
+    if inst.settings.network == "bridge" {
+        // The address comes from the bridge's network, by DHCP.
+        network.push_str("BRIDGE=1\n");
+    }
     write("network", network)?;
+    write(
+        "workspace",
+        if inst.settings.is_share() {
+            format!("SHARE_TAG={}\n", share::TAG)
+        } else {
+            String::new()
+        },
+    )?;
     write("resolv.conf", resolv_conf(&inst.settings.network))?;
     let tar = run.join("config.tar");
     // Files only: a "./" entry would give the guest's /etc/keystone the
@@ -320,15 +343,17 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
     Ok(tar)
 }
 
-const CONFIG_FILES: [&str; 5] = [
+const CONFIG_FILES: [&str; 6] = [
     "ssh_host_ed25519_key",
     "authorized_keys",
     "hostname",
     "network",
     "resolv.conf",
+    "workspace",
 ];
 
 fn resolv_conf(network: &str) -> String {
+    // With a bridge, the DHCP lease brings the resolvers.
     if network != "nat" {
         return String::new();
     }
@@ -369,7 +394,10 @@ fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Opti
 struct Vm {
     qemu: Child,
     passt: Option<Child>,
+    virtiofsd: Option<Child>,
     relay: Option<Child>,
+    /// The bridge attachment, whose tap must be gone after teardown.
+    bridge: Option<bridge::Attach>,
     port: u16,
     qmp: PathBuf,
     socket: PathBuf,
@@ -379,6 +407,7 @@ impl Vm {
     fn children(&mut self) -> impl Iterator<Item = &mut Child> {
         std::iter::once(&mut self.qemu)
             .chain(self.passt.as_mut())
+            .chain(self.virtiofsd.as_mut())
             .chain(self.relay.as_mut())
     }
 
@@ -430,6 +459,9 @@ impl Vm {
             if proc::loopback_listener(self.port).is_some() {
                 left.push(format!("a listener on 127.0.0.1:{}", self.port));
             }
+            if let Some(tap) = self.bridge.as_ref().and_then(bridge::leftover) {
+                left.push(format!("the tap device {tap}"));
+            }
             if left.is_empty() {
                 return Ok(());
             }
@@ -469,13 +501,16 @@ impl Backend for MicrovmBackend {
                 "--network nat for microVMs; or use --network none",
             )?,
             "none" => {}
+            "bridge" => {
+                bridge::plan(inst)?;
+            }
             other => {
-                return Err(BackendError::NotImplemented {
-                    backend: "microvm",
-                    what: format!("--network {other} (a tap on a host bridge); use nat or none"),
-                })
+                return Err(BackendError::Requirement(format!(
+                    "unknown network mode {other:?}: use nat, none or bridge"
+                )))
             }
         }
+        share::daemon_for(inst)?;
         let art = Artifacts::of(inst);
         if !art.complete() {
             Self::build_artifacts(inst, &art, progress)?;
@@ -516,6 +551,12 @@ impl Backend for MicrovmBackend {
             )));
         }
         let config = write_config(inst, &run_dir)?;
+        let bridge_plan = match inst.settings.network.as_str() {
+            "bridge" => Some(bridge::plan(inst)?),
+            _ => None,
+        };
+        let share_daemon = share::daemon_for(inst)?;
+        let share_socket = run_dir.join("virtiofs.sock");
         let (choice, host_nested) = host_acceleration();
         let (nested_flag, nested_line) =
             accel::nested_decision(inst.settings.nested_virt, choice.accel, &host_nested);
@@ -559,6 +600,23 @@ impl Backend for MicrovmBackend {
             } else {
                 (None, None)
             };
+            let virtiofsd = match &share_daemon {
+                Some(daemon) => match share::spawn(inst, daemon, &share_socket) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        if let Some(mut p) = passt {
+                            p.kill();
+                        }
+                        return Err(e);
+                    }
+                },
+                None => None,
+            };
+            let uplink = match (&nat_fd, &bridge_plan) {
+                (Some(fd), _) => Some(format!("socket,id=nat,fd={}", fd.as_raw_fd())),
+                (None, Some(plan)) => Some(bridge::netdev(plan)),
+                (None, None) => None,
+            };
             let spec = VmSpec {
                 name: inst.name.clone(),
                 accel: choice.accel,
@@ -569,7 +627,8 @@ impl Backend for MicrovmBackend {
                 disk: disk.clone(),
                 config: config.clone(),
                 ssh_port: port,
-                passt_fd: nat_fd.as_ref().map(|fd| fd.as_raw_fd()),
+                uplink,
+                share_socket: virtiofsd.as_ref().map(|_| share_socket.clone()),
                 qmp: qmp_path.clone(),
                 console_log: boot_log.clone(),
                 bios: Path::new(QBOOT).exists().then(|| PathBuf::from(QBOOT)),
@@ -590,8 +649,8 @@ impl Backend for MicrovmBackend {
             let qemu = match proc::spawn("qemu", cmd, &keep) {
                 Ok(q) => q,
                 Err(e) => {
-                    if let Some(mut p) = passt {
-                        p.kill();
+                    for mut c in passt.into_iter().chain(virtiofsd) {
+                        c.kill();
                     }
                     return Err(e);
                 }
@@ -600,7 +659,9 @@ impl Backend for MicrovmBackend {
             let mut vm = Vm {
                 qemu,
                 passt,
+                virtiofsd,
                 relay: None,
+                bridge: bridge_plan.clone(),
                 port,
                 qmp: qmp_path.clone(),
                 socket: inst.socket.clone(),
@@ -615,9 +676,12 @@ impl Backend for MicrovmBackend {
                     }
                     break Err(format!("port {port} was taken by another process"));
                 }
-                if vm.qemu.try_reap() || vm.passt.as_mut().is_some_and(|p| p.try_reap()) {
+                if vm.qemu.try_reap()
+                    || vm.passt.as_mut().is_some_and(|p| p.try_reap())
+                    || vm.virtiofsd.as_mut().is_some_and(|p| p.try_reap())
+                {
                     break Err(format!(
-                        "QEMU or passt exited at start: {}",
+                        "QEMU or one of its helpers exited at start: {}",
                         tail(&qemu_log_path, 5)
                     ));
                 }
@@ -626,6 +690,14 @@ impl Backend for MicrovmBackend {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             };
+            // QEMU has opened the tap by now: it listens only after
+            // setting up every device.
+            let verdict = verdict.and_then(|()| {
+                bridge_plan
+                    .as_ref()
+                    .map_or(Ok(()), bridge::enslave)
+                    .map_err(|e| e.to_string())
+            });
             match verdict {
                 Ok(()) => break vm,
                 Err(e) => {
@@ -798,7 +870,7 @@ impl Backend for MicrovmBackend {
 /// Kill the processes recorded in a runtime map, if they are still the
 /// same processes.
 pub fn kill_recorded(runtime: &BTreeMap<String, serde_json::Value>) {
-    for key in ["qemu", "passt", "relay"] {
+    for key in ["qemu", "passt", "virtiofsd", "relay"] {
         let Some(id) = runtime_pid(runtime, key) else {
             continue;
         };

@@ -30,9 +30,12 @@ pub struct VmSpec {
     pub config: PathBuf,
     /// Host port on 127.0.0.1 forwarded to the guest's sshd.
     pub ssh_port: u16,
-    /// With `--network nat`: one end of a socketpair whose other end is
-    /// passt (the guest's way out, eth1).
-    pub passt_fd: Option<i32>,
+    /// The guest's way out (eth1), a `-netdev` value with `id=nat`:
+    /// passt over a socketpair with `--network nat`, a tap on a host
+    /// bridge with `--network bridge`, none with `--network none`.
+    pub uplink: Option<String>,
+    /// With the live share: virtiofsd's vhost-user socket.
+    pub share_socket: Option<PathBuf>,
     pub qmp: PathBuf,
     pub console_log: PathBuf,
 }
@@ -100,6 +103,19 @@ impl VmSpec {
             "-smp",
             &self.vcpus.to_string(),
         ]);
+        if self.share_socket.is_some() {
+            // vhost-user (virtiofsd) maps the guest's memory: it must be
+            // shared memory, not QEMU's private anonymous mapping.
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    self.memory_mb
+                ),
+                "-numa",
+                "node,memdev=mem",
+            ]);
+        }
         push(&["-kernel", &self.kernel.display().to_string()]);
         push(&["-append", &kernel_cmdline()]);
         // The root is the only NVMe drive (nvme0n1, mounted by the kernel);
@@ -131,12 +147,15 @@ impl VmSpec {
             self.ssh_port
         );
         push(&["-netdev", &ctl, "-device", "virtio-net-pci,netdev=ctl"]);
-        if let Some(fd) = self.passt_fd {
+        if let Some(uplink) = &self.uplink {
+            push(&["-netdev", uplink, "-device", "virtio-net-pci,netdev=nat"]);
+        }
+        if let Some(socket) = &self.share_socket {
             push(&[
-                "-netdev",
-                &format!("socket,id=nat,fd={fd}"),
+                "-chardev",
+                &format!("socket,id=share,path={}", qemu_path(socket)),
                 "-device",
-                "virtio-net-pci,netdev=nat",
+                &format!("vhost-user-fs-pci,chardev=share,tag={}", super::share::TAG),
             ]);
         }
         push(&["-device", "virtio-rng-pci"]);
@@ -164,6 +183,7 @@ mod tests {
     use super::*;
 
     fn spec(accel: Accel, nested_flag: Option<&'static str>, passt_fd: Option<i32>) -> VmSpec {
+        let uplink = passt_fd.map(|fd| format!("socket,id=nat,fd={fd}"));
         VmSpec {
             name: "demo".into(),
             accel,
@@ -175,7 +195,8 @@ mod tests {
             disk: "/s/disk/root.qcow2".into(),
             config: "/s/run/config,1.tar".into(),
             ssh_port: 40123,
-            passt_fd,
+            uplink,
+            share_socket: None,
             qmp: "/s/run/qmp.sock".into(),
             console_log: "/s/logs/boot.log".into(),
         }
@@ -236,6 +257,21 @@ mod tests {
             n.contains("hostfwd=tcp:127.0.0.1:40123-10.0.2.15:22"),
             "{n}"
         );
+    }
+
+    #[test]
+    fn share_needs_shared_memory_and_a_vhost_user_device() {
+        let mut s = spec(Accel::Tcg, None, None);
+        assert!(after(&s.args(), "-object").is_empty());
+        s.share_socket = Some("/s/run/virtiofs.sock".into());
+        let a = s.args();
+        assert_eq!(
+            after(&a, "-object"),
+            ["memory-backend-memfd,id=mem,size=2048M,share=on"]
+        );
+        assert_eq!(after(&a, "-numa"), ["node,memdev=mem"]);
+        assert!(after(&a, "-chardev").contains(&"socket,id=share,path=/s/run/virtiofs.sock"));
+        assert!(after(&a, "-device").contains(&"vhost-user-fs-pci,chardev=share,tag=workspace"));
     }
 
     #[test]

@@ -91,6 +91,19 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         tool("passt", "passt", "microvm backend, --network nat", false),
         tool("rsync", "rsync", "sync --artifacts", false),
     ];
+    let virtiofsd = keystone_backend::microvm::virtiofsd();
+    checks.push(Check {
+        name: "tool virtiofsd".into(),
+        ok: virtiofsd.is_some(),
+        detail: match &virtiofsd {
+            Some(p) => format!("{} (microvm live share, --share)", p.display()),
+            None => "missing (microvm live share, --share; not in bookworm)".into(),
+        },
+        required: false,
+        fix: virtiofsd.is_none().then(|| {
+            "apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd, then put ~/.cargo/bin on PATH".into()
+        }),
+    });
     if !root {
         checks.push(tool("newuidmap", "uidmap", "rootless containers", true));
         let user = nix::unistd::User::from_uid(nix::unistd::getuid())

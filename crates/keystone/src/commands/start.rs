@@ -86,15 +86,18 @@ pub fn run(args: StartArgs) -> Result<i32> {
     let backend = backend_for(&backend_kind)?;
     if cfg.backend.microvm.workspace.to_string() == "share" {
         if backend_kind != "microvm" {
-            return Err(CliError::state(
-                "--share (a live share of the project) needs the microvm backend",
-            ));
+            return Err(CliError::state(format!(
+                "--share (a live share of the project) needs the microvm backend, not {backend_kind}; \
+use --backend microvm, or drop --share to work on a synced clone"
+            )));
         }
-        // Debian's cloud kernel has no 9p, and virtiofsd is not in
-        // bookworm: the share needs virtiofsd from crates.io, not wired yet.
-        return Err(CliError::missing(
-            "the live share (--share / workspace = \"share\"); the sandbox works on its own clone, synced with `keystone agent sync`",
-        ));
+        if cfg.defaults.sync_mode.to_string() != "manual" {
+            return Err(CliError::state(format!(
+                "--sync-mode {} syncs a clone, but --share works on the project itself: there is nothing to sync; \
+use one or the other",
+                cfg.defaults.sync_mode
+            )));
+        }
     }
     if let Some(n) = &args.name {
         validate_name(n).map_err(|e| CliError::state(e.to_string()))?;
@@ -143,6 +146,9 @@ pub fn run(args: StartArgs) -> Result<i32> {
         sync_mode: cfg.defaults.sync_mode.to_string(),
         persist: cfg.defaults.persist,
         image: recipe.id(),
+        workspace: cfg.backend.microvm.workspace.to_string(),
+        share_proto: cfg.backend.microvm.share_proto.to_string(),
+        bridge: cfg.backend.microvm.bridge.clone(),
         kubernetes: (backend_kind == "kubernetes").then(|| kube_settings(cfg, &recipe.id())),
     };
 
@@ -236,8 +242,12 @@ pub fn run(args: StartArgs) -> Result<i32> {
             &|k| std::env::var(k).ok(),
         )?;
         credentials::write_to_guest(&channel, &creds)?;
-        let env_files =
-            keystone_sync::env_files::copy(&project, &cfg.defaults.env_files, &channel)?;
+        // On the live share the env files are already there.
+        let env_files = if sb.settings.is_share() {
+            Vec::new()
+        } else {
+            keystone_sync::env_files::copy(&project, &cfg.defaults.env_files, &channel)?
+        };
         let forwarded: Vec<String> = creds
             .iter()
             .filter(|c| c.is_available())
@@ -271,6 +281,13 @@ pub fn run(args: StartArgs) -> Result<i32> {
         sandbox.settings.network,
         sandbox.settings.sync_mode,
     );
+    if sandbox.settings.is_share() {
+        println!(
+            "  workspace: {} shared live at /workspace ({}); nothing to sync",
+            sandbox.project_path.display(),
+            sandbox.settings.share_proto
+        );
+    }
     println!(
         "  credentials: {}",
         if forwarded.is_empty() {
@@ -441,7 +458,8 @@ fn bring_up(
     }
     spawn_supervisor(ctx, sandbox)?;
     let sb = ctx.registry.get(&sandbox.name)?;
-    if !sb.workspace_ready {
+    // The live share is the project itself: nothing to push.
+    if !sb.workspace_ready && !sb.settings.is_share() {
         let t = Instant::now();
         keystone_sync::push_initial(git, &channel)?;
         tracing::info!(elapsed = ?t.elapsed(), "pushed the repository into /workspace");

@@ -22,6 +22,11 @@ pub struct StatusView {
     pub memory_mb: u32,
     pub vcpus: u32,
     pub network: String,
+    /// The host bridge, with `network = "bridge"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// "clone" (pushed and synced) or "share" (the project itself, live).
+    pub workspace: String,
     pub sync_mode: String,
     pub image: String,
     pub memory_used_bytes: Option<u64>,
@@ -62,6 +67,8 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         memory_mb: sb.settings.memory_mb,
         vcpus: sb.settings.vcpus,
         network: sb.settings.network.clone(),
+        bridge: (sb.settings.network == "bridge").then(|| sb.settings.bridge.clone()),
+        workspace: sb.settings.workspace.clone(),
         sync_mode: sb.settings.sync_mode.clone(),
         image: sb.settings.image.clone(),
         memory_used_bytes: usage
@@ -107,7 +114,13 @@ fn print_view(v: &StatusView) {
     if let Some(d) = v.disk_used_bytes {
         println!("disk:      {} used", ui::human_bytes(d));
     }
-    println!("network:   {}", v.network);
+    match &v.bridge {
+        Some(b) => println!("network:   bridge {b}"),
+        None => println!("network:   {}", v.network),
+    }
+    if v.workspace == "share" {
+        println!("workspace: {} shared live (nothing to sync)", v.project);
+    }
     println!("sync mode: {}", v.sync_mode);
     println!("image:     {}", v.image);
     if let Some(s) = &v.ssh {

@@ -10,6 +10,13 @@ pub fn run(args: SyncArgs) -> Result<i32> {
     let ctx = Ctx::new()?;
     let sb = ctx.resolve(args.sandbox.as_deref())?;
     ctx.require_running(&sb)?;
+    if sb.settings.is_share() {
+        return Err(CliError::state(format!(
+            "sandbox {} works on {} itself (live share): its commits and files are already on the host; there is nothing to sync",
+            sb.name,
+            sb.project_path.display()
+        )));
+    }
     // "No changes" to the code does not stop the artifacts from coming.
     let report = match sync_sandbox(&ctx, &sb, args.branch.as_deref(), args.dry_run) {
         Ok(r) => Some(r),

@@ -93,6 +93,15 @@ pub fn run(cmd: Worktree) -> Result<i32> {
             }
             let sb = ctx.resolve(sandbox.as_deref())?;
             ctx.require_running(&sb)?;
+            if sb.settings.is_share() {
+                // git would record guest paths in the host repository's
+                // .git/worktrees, which the host cannot use.
+                return Err(CliError::state(format!(
+                    "sandbox {} works on the project itself (live share); worktrees need the isolated clone: \
+use `git worktree` on the host, or start the sandbox without --share",
+                    sb.name
+                )));
+            }
             let channel = ctx.channel(&sb)?;
             let path = dir(&branch);
             if channel

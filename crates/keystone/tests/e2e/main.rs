@@ -3,6 +3,7 @@
 //! time (`--test-threads=1`): backends compete for the machine's cores.
 
 mod agents;
+mod bridge_share;
 mod harness;
 mod kubernetes;
 mod scenarios;
