@@ -193,6 +193,34 @@ async fn connect(k: &KubeSettings) -> Result<Client, BackendError> {
     }
 }
 
+/// For `doctor`: whether the cluster of `context` (empty: the current one)
+/// answers, and which Kubernetes it runs.
+pub fn probe_cluster(context: &str) -> Result<String, String> {
+    let k = KubeSettings {
+        context: context.to_string(),
+        namespace: String::new(),
+        storage_class: String::new(),
+        image: String::new(),
+        pull_policy: String::new(),
+    };
+    let rt = runtime(1).map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = connect(&k).await.map_err(|e| e.to_string())?;
+        let v = bounded("ask the server's version", client.apiserver_version())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "Kubernetes {} answers ({})",
+            v.git_version,
+            if context.is_empty() {
+                "current context".to_string()
+            } else {
+                format!("context {context}")
+            }
+        ))
+    })
+}
+
 async fn ensure_namespace(client: &Client, ns: &str) -> Result<(), BackendError> {
     let api: Api<Namespace> = Api::all(client.clone());
     if bounded("read the namespace", api.get_opt(ns))
