@@ -479,7 +479,13 @@ fn verdict_of(status: &PodStatus) -> PodVerdict {
     for c in status.conditions.iter().flatten() {
         if c.type_ == "PodScheduled" && c.status == "False" {
             let why = explain(c.reason.as_ref(), c.message.as_ref());
-            if c.reason.as_deref() == Some("Unschedulable") {
+            // An unbound claim is a provisioner at work (cloud disks take
+            // tens of seconds), not a node shortage: wait for it.
+            let claim_pending = c
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("PersistentVolumeClaim"));
+            if c.reason.as_deref() == Some("Unschedulable") && !claim_pending {
                 return PodVerdict::Unschedulable(why);
             }
             return PodVerdict::Waiting(Some(why));
@@ -863,6 +869,12 @@ mod tests {
                 "Unschedulable: 0/1 nodes are available: 1 Insufficient memory.".into()
             )
         );
+        let s = status(serde_json::json!({
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims."}]
+        }));
+        assert!(matches!(verdict_of(&s), PodVerdict::Waiting(Some(_))));
         let s = status(serde_json::json!({
             "phase": "Running",
             "containerStatuses": [{"name": "sandbox", "image": "x", "imageID": "", "ready": true,
