@@ -650,6 +650,7 @@ impl Backend for KubernetesBackend {
                     }
                 },
                 Ok(None) => {
+                    cleanup(&rt);
                     return Err(BackendError::Failed(format!(
                         "pod {ns}/{} was deleted while it started",
                         names.pod
