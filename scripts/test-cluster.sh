@@ -427,6 +427,9 @@ EOF
 
 cmd_env() {
     echo "export KUBECONFIG=$KUBECONFIG_PATH KEYSTONE_TEST_REGISTRY=$REGISTRY"
+    # The cluster is local: never through a proxy the environment names.
+    local np="$HOST_IP,$NODE_IP"
+    echo "export NO_PROXY=${NO_PROXY:+$NO_PROXY,}$np no_proxy=${no_proxy:+$no_proxy,}$np"
 }
 
 # Stop a recorded process: TERM, a bounded wait, then KILL.
