@@ -668,7 +668,9 @@ impl Backend for KubernetesBackend {
                     names.pod
                 )));
             }
-            if let Wake::Stop(_) = signals.wait(Duration::from_millis(300)) {
+            // Polled, not watched: a start is a few seconds, and a 100 ms
+            // poll costs the API server less than a watch per sandbox.
+            if let Wake::Stop(_) = signals.wait(Duration::from_millis(100)) {
                 cleanup(&rt);
                 return Ok(Ended::Stopped);
             }
@@ -706,7 +708,7 @@ impl Backend for KubernetesBackend {
                     names.pod
                 )));
             }
-            if let Wake::Stop(_) = signals.wait(Duration::from_millis(300)) {
+            if let Wake::Stop(_) = signals.wait(Duration::from_millis(100)) {
                 teardown(&rt, 0)?;
                 return Ok(Ended::Stopped);
             }
