@@ -654,7 +654,7 @@ impl Backend for KubernetesBackend {
                     return Err(BackendError::Failed(format!(
                         "pod {ns}/{} was deleted while it started",
                         names.pod
-                    )))
+                    )));
                 }
                 Err(e) => last_reason = Some(e.to_string()),
             }
