@@ -15,11 +15,12 @@
 #                            from the host; a page screenshot in a browser)
 #   caddy, wrk               bench/proxy.sh: the reverse-proxy baseline and
 #                            the load generator (latency percentiles)
+#   skopeo                   `image push`: the OCI image to a registry
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
           qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc
-          npm chromium chromium-driver curl caddy wrk)
+          npm chromium chromium-driver curl caddy wrk skopeo)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo

@@ -20,6 +20,7 @@
 pub mod container;
 pub mod hostbridge;
 pub mod idmap;
+pub mod kubernetes;
 pub mod microvm;
 mod signals;
 
@@ -94,8 +95,6 @@ pub enum BackendError {
     Requirement(String),
     #[error("{0}")]
     Failed(String),
-    #[error("the {backend} backend is not available yet: {what}")]
-    NotImplemented { backend: &'static str, what: String },
 }
 
 impl BackendError {

@@ -73,6 +73,9 @@ pub enum ImageError {
         source: io::Error,
     },
 
+    #[error("pushing the image to {destination} failed: {reason}\ncheck the reference, that you are logged in (`skopeo login`), and --insecure for a plain-HTTP registry")]
+    Push { destination: String, reason: String },
+
     #[error("could not write the image manifest {path}: {source}")]
     Manifest {
         path: PathBuf,

@@ -27,6 +27,7 @@ pub mod agents;
 mod error;
 pub mod guest;
 mod mmdebstrap;
+pub mod oci;
 mod progress;
 mod recipe;
 mod store;

@@ -54,10 +54,27 @@ pub struct Settings {
     /// records written before it existed were tmux.
     #[serde(default = "default_multiplexer")]
     pub multiplexer: String,
+    /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeSettings>,
 }
 
 fn default_multiplexer() -> String {
     "tmux".into()
+}
+
+/// Where and how a Kubernetes sandbox runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KubeSettings {
+    /// kubeconfig context; empty: the current one.
+    pub context: String,
+    pub namespace: String,
+    /// Empty: the cluster's default storage class.
+    pub storage_class: String,
+    /// The pod's image reference.
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`.
+    pub pull_policy: String,
 }
 
 fn default_workspace() -> String {
@@ -406,6 +423,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
+            kubernetes: None,
             memory_mb: 2048,
             vcpus: 1,
             nested_virt: false,

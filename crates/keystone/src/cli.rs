@@ -295,6 +295,26 @@ pub enum Image {
         /// npm versions (recorded, so later starts use them offline).
         #[arg(long)]
         update: bool,
+        /// Also export the image: `oci` writes an OCI image archive (for
+        /// the Kubernetes backend; import it with `ctr images import` or
+        /// push it with `image push`).
+        #[arg(long, value_enum)]
+        format: Option<ImageFormatArg>,
+        /// The reference the OCI archive names the image by
+        /// [default: localhost/keystone-guest:<image id>].
+        #[arg(long, requires = "format")]
+        reference: Option<String>,
+    },
+    /// Push the guest image to a registry (OCI, with skopeo), e.g.
+    /// `image push registry.example.com/team/keystone-guest:v1`.
+    Push {
+        /// Destination reference (registry/repository:tag).
+        reference: String,
+        #[arg(long, value_enum)]
+        profile: Option<ProfileArg>,
+        /// Plain HTTP or an unverified certificate (a local test registry).
+        #[arg(long)]
+        insecure: bool,
     },
     /// List built images.
     List {
@@ -303,6 +323,12 @@ pub enum Image {
     },
     /// Remove an image.
     Rm { id: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormatArg {
+    /// An OCI image archive (a tar of an OCI image layout).
+    Oci,
 }
 
 #[derive(Args, Debug)]

@@ -3,6 +3,7 @@
 
 use crate::error::{CliError, Exit, Result};
 use keystone_backend::container::ContainerBackend;
+use keystone_backend::kubernetes::KubernetesBackend;
 use keystone_backend::microvm::MicrovmBackend;
 use keystone_backend::{Backend, Instance};
 use keystone_channel::{keys, Channel};
@@ -136,9 +137,7 @@ pub fn backend_for(kind: &str) -> Result<Box<dyn Backend>> {
     match kind {
         "container" => Ok(Box::new(ContainerBackend)),
         "microvm" => Ok(Box::new(MicrovmBackend)),
-        "kubernetes" => Err(CliError::missing(
-            "the kubernetes backend; use --backend container",
-        )),
+        "kubernetes" => Ok(Box::new(KubernetesBackend)),
         other => Err(CliError::failed(format!("unknown backend {other:?}"))),
     }
 }

@@ -38,10 +38,6 @@ impl CliError {
     pub fn failed(m: impl Into<String>) -> Self {
         Self::new(Exit::Failed, m)
     }
-    /// A part of the product that later work builds.
-    pub fn missing(what: impl fmt::Display) -> Self {
-        Self::new(Exit::Failed, format!("not available yet: {what}"))
-    }
 }
 
 impl fmt::Display for CliError {

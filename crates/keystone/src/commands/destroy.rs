@@ -102,7 +102,18 @@ pub fn run(args: DestroyArgs) -> Result<i32> {
     if let Some(g) = &git {
         let _ = keystone_sync::forget(g, &sb.name);
     }
-    if args.keep_disk {
+    if args.keep_disk && sb.backend == "kubernetes" {
+        let ns = sb
+            .settings
+            .kubernetes
+            .as_ref()
+            .map(|k| k.namespace.as_str())
+            .unwrap_or("?");
+        println!(
+            "sandbox {} destroyed; its workspace volume claim keystone-{}-workspace is kept (namespace {ns}) and a new sandbox named {} will use it",
+            sb.name, sb.name, sb.name
+        );
+    } else if args.keep_disk {
         println!(
             "sandbox {} destroyed; its disk is kept at {} and a new sandbox named {} will use it",
             sb.name,

@@ -90,7 +90,27 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         ),
         tool("passt", "passt", "microvm backend, --network nat", false),
         tool("rsync", "rsync", "sync --artifacts", false),
+        tool("skopeo", "skopeo", "image push", false),
     ];
+    // The Kubernetes backend: the configured context's cluster, as start
+    // would reach it (not required: most hosts run local sandboxes).
+    let project = std::env::current_dir()
+        .ok()
+        .and_then(|d| keystone_sync::toplevel(&d).ok());
+    let context = crate::context::load_config(project.as_deref(), Vec::new())
+        .map(|e| e.config.backend.kubernetes.context.clone())
+        .unwrap_or_default();
+    let cluster = keystone_backend::kubernetes::probe_cluster(&context);
+    checks.push(Check {
+        name: "kubernetes cluster".into(),
+        ok: cluster.is_ok(),
+        detail: match &cluster {
+            Ok(line) => format!("{line} (kubernetes backend)"),
+            Err(e) => format!("not reachable (kubernetes backend): {e}"),
+        },
+        required: false,
+        fix: None,
+    });
     let virtiofsd = keystone_backend::microvm::virtiofsd();
     checks.push(Check {
         name: "tool virtiofsd".into(),

@@ -1,51 +1,103 @@
 //! `keystone agent image build|list|rm`.
 
-use crate::cli::{Image, ProfileArg};
+use crate::cli::{Image, ImageFormatArg, ProfileArg};
 use crate::context::{load_config, Ctx};
 use crate::error::{CliError, Result};
 use crate::ui;
 use keystone_config::Flag;
+use keystone_image::oci;
+
+fn profile_flags(profile: Option<ProfileArg>) -> Vec<Flag> {
+    profile
+        .map(|p| {
+            let v = if p == ProfileArg::Minimal {
+                "minimal"
+            } else {
+                "full"
+            };
+            vec![Flag::new("guest.profile", "--profile", v)]
+        })
+        .unwrap_or_default()
+}
+
+fn current_project() -> Option<std::path::PathBuf> {
+    std::env::current_dir()
+        .ok()
+        .and_then(|d| keystone_sync::toplevel(&d).ok())
+}
 
 pub fn run(cmd: Image) -> Result<i32> {
     let ctx = Ctx::new()?;
     let store = ctx.image_store();
     match cmd {
-        Image::Build { profile, update } => {
-            let mut flags = Vec::new();
-            if let Some(p) = profile {
-                let v = if p == ProfileArg::Minimal {
-                    "minimal"
-                } else {
-                    "full"
-                };
-                flags.push(Flag::new("guest.profile", "--profile", v));
-            }
-            let project = std::env::current_dir()
-                .ok()
-                .and_then(|d| keystone_sync::toplevel(&d).ok());
-            let eff = load_config(project.as_deref(), flags)?;
+        Image::Build {
+            profile,
+            update,
+            format,
+            reference,
+        } => {
+            let eff = load_config(current_project().as_deref(), profile_flags(profile))?;
             if update {
                 update_agent_versions(&store, &eff.config)?;
             }
             let recipe = crate::commands::start::recipe_for(&eff.config, &store);
-            if !update {
-                if let Some(img) = store.find(&recipe)? {
+            let img = match store.find(&recipe)? {
+                Some(img) if !update => {
                     println!(
                         "image {} is up to date ({})",
                         img.id,
                         ui::human_bytes(img.size_bytes)
                     );
-                    return Ok(0);
+                    img
                 }
+                _ => {
+                    let progress = ui::Progress::new(&format!("building image {}", recipe.id()));
+                    let img = store.build(&recipe, &progress)?;
+                    progress.finish(&format!(
+                        "built image {} ({}) in {:.0}s",
+                        img.id,
+                        ui::human_bytes(img.size_bytes),
+                        img.build_seconds
+                    ));
+                    img
+                }
+            };
+            if format == Some(ImageFormatArg::Oci) {
+                let reference = reference.unwrap_or_else(|| oci::default_reference(&img.id));
+                let progress = ui::Progress::new("exporting the OCI image archive");
+                let path = oci::export(&img, &reference)?;
+                drop(progress);
+                println!("OCI image archive: {} ({reference})", path.display());
             }
-            let progress = ui::Progress::new(&format!("building image {}", recipe.id()));
-            let img = store.build(&recipe, &progress)?;
-            progress.finish(&format!(
-                "built image {} ({}) in {:.0}s",
-                img.id,
-                ui::human_bytes(img.size_bytes),
-                img.build_seconds
-            ));
+            Ok(0)
+        }
+        Image::Push {
+            reference,
+            profile,
+            insecure,
+        } => {
+            if keystone_channel::which("skopeo").is_none() {
+                return Err(CliError::new(
+                    crate::error::Exit::Requirements,
+                    "`skopeo` is not installed (it pushes the image): apt-get install skopeo",
+                ));
+            }
+            let eff = load_config(current_project().as_deref(), profile_flags(profile))?;
+            let recipe = crate::commands::start::recipe_for(&eff.config, &store);
+            let img = store.find(&recipe)?.ok_or_else(|| {
+                CliError::not_found(format!(
+                    "image {} is not built; run `keystone agent image build` first",
+                    recipe.id()
+                ))
+            })?;
+            let progress = ui::Progress::new(&format!("pushing image {} to {reference}", img.id));
+            let archive = oci::export(&img, &oci::default_reference(&img.id))?;
+            oci::push(&archive, &reference, !insecure)?;
+            drop(progress);
+            println!(
+                "pushed image {} to {reference}; use it with `[backend.kubernetes] image = \"{reference}\"`",
+                img.id
+            );
             Ok(0)
         }
         Image::List { json } => {

@@ -150,6 +150,7 @@ use one or the other",
         share_proto: cfg.backend.microvm.share_proto.to_string(),
         bridge: cfg.backend.microvm.bridge.clone(),
         multiplexer: cfg.session.multiplexer.to_string(),
+        kubernetes: (backend_kind == "kubernetes").then(|| kube_settings(cfg, &recipe.id())),
     };
 
     // Claim the sandbox: one `start` wins, any other sees `starting`.
@@ -334,6 +335,29 @@ use one or the other",
     commands::attach::attach_session(&ctx, &sandbox, "main")
 }
 
+/// `[backend.kubernetes]` for a sandbox; without an image reference, the
+/// one `image build --format oci` names the local image by (for a cluster
+/// into which it was imported, or a registry it was pushed to).
+fn kube_settings(cfg: &keystone_config::Config, image_id: &str) -> keystone_registry::KubeSettings {
+    let k = &cfg.backend.kubernetes;
+    let pull_policy = match k.pull_policy.to_string().as_str() {
+        "always" => "Always",
+        "never" => "Never",
+        _ => "IfNotPresent",
+    };
+    keystone_registry::KubeSettings {
+        context: k.context.clone(),
+        namespace: k.namespace.clone(),
+        storage_class: k.storage_class.clone(),
+        image: if k.image.is_empty() {
+            keystone_image::oci::default_reference(image_id)
+        } else {
+            k.image.clone()
+        },
+        pull_policy: pull_policy.to_string(),
+    }
+}
+
 /// The image recipe for a configuration: the enabled agents at the
 /// versions `image build --update` recorded, else the recipe's pins. The
 /// minimal profile never carries agents (it has no Node.js).
@@ -484,6 +508,8 @@ fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<(
         "XDG_RUNTIME_DIR",
         "RUST_LOG",
         "RUST_BACKTRACE",
+        // The Kubernetes backend finds the cluster as kubectl does.
+        "KUBECONFIG",
     ] {
         if let Some(v) = std::env::var_os(k) {
             cmd.env(k, v);

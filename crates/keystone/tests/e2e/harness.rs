@@ -19,6 +19,9 @@ pub fn require_tools(backend: &str) {
         tools.push(("pasta", "passt"));
         tools.push(("newuidmap", "uidmap"));
     }
+    if backend == "kubernetes" {
+        tools.push(("kubectl", "kubernetes-client"));
+    }
     if backend == "microvm" {
         tools.push(("qemu-system-x86_64", "qemu-system-x86"));
         tools.push(("qemu-img", "qemu-utils"));
@@ -62,6 +65,9 @@ pub struct Host {
     pub backend: String,
     /// Run as this unprivileged user (via runuser) instead of the caller.
     pub user: Option<String>,
+    /// Environment every `keystone` run gets on top of the cleared one
+    /// (e.g. KUBECONFIG for the Kubernetes backend).
+    pub extra_env: Vec<(String, String)>,
     pub cache: PathBuf,
     pub exe: PathBuf,
 }
@@ -134,6 +140,7 @@ impl Host {
             tmp,
             backend: backend.to_string(),
             user: user.map(str::to_string),
+            extra_env: Vec::new(),
             cache,
             exe,
         };
@@ -198,6 +205,9 @@ impl Host {
             .env("XDG_CACHE_HOME", &self.cache)
             .env("LANG", "C.UTF-8")
             .stdin(Stdio::null());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
         cmd
     }
 

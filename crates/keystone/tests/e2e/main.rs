@@ -5,6 +5,7 @@
 mod agents;
 mod bridge_share;
 mod harness;
+mod kubernetes;
 mod proxy;
 mod scenarios;
 mod web;

@@ -428,15 +428,26 @@ pub fn destroy_guards(h: Host) {
     let r = h.ks(&["destroy", &name]);
     r.code(5);
     assert_eq!(h.status_json(&name)["state"], "running");
-    h.ks(&["destroy", &name, "--force", "--keep-disk"]).ok();
-    assert!(
-        h.state_dir()
-            .join("sandboxes")
-            .join(&name)
-            .join("disk")
-            .exists(),
-        "--keep-disk keeps the disk"
-    );
+    let r = h.ks(&["destroy", &name, "--force", "--keep-disk"]);
+    r.ok();
+    if h.backend == "kubernetes" {
+        // The disk is the workspace's PersistentVolumeClaim.
+        assert!(
+            r.stdout
+                .contains(&format!("claim keystone-{name}-workspace is kept")),
+            "{}",
+            r.text()
+        );
+    } else {
+        assert!(
+            h.state_dir()
+                .join("sandboxes")
+                .join(&name)
+                .join("disk")
+                .exists(),
+            "--keep-disk keeps the disk"
+        );
+    }
     // A new sandbox of the same name finds its disk again.
     h.start(&[]).ok();
     assert_eq!(h.sh("cat unsynced.txt").trim(), "x");

@@ -1,0 +1,457 @@
+//! The Kubernetes backend against a real cluster: kube-apiserver, the
+//! controller-manager, the scheduler and a kubelet on containerd, built from
+//! Debian's archive and started by `scripts/test-cluster.sh up`, which also
+//! imports the guest image. `KUBECONFIG` must name its admin kubeconfig
+//! (`eval "$(scripts/test-cluster.sh env)"`; scripts/test.sh does all of
+//! this). A missing cluster fails the tests, saying how to bring it up.
+
+use crate::harness::*;
+use std::process::Command;
+use std::time::Duration;
+
+const NAMESPACE: &str = "keystone-e2e";
+
+fn kubeconfig() -> String {
+    let k = std::env::var("KUBECONFIG").unwrap_or_default();
+    assert!(
+        !k.is_empty() && std::path::Path::new(&k).is_file(),
+        "the Kubernetes end-to-end tests need a cluster: run `scripts/test-cluster.sh up` as root and `eval \"$(scripts/test-cluster.sh env)\"` (KUBECONFIG={k:?})"
+    );
+    k
+}
+
+/// `kubectl ARGS` against the test cluster; (success, stdout+stderr).
+fn kubectl(args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("kubectl");
+    cmd.env("KUBECONFIG", kubeconfig()).args(args);
+    let r = run_bounded(cmd, Duration::from_secs(60));
+    (r.code == Some(0), format!("{}{}", r.stdout, r.stderr))
+}
+
+/// The names of the objects of `kind` in the test namespace.
+fn objects(kind: &str) -> Vec<String> {
+    let (ok, out) = kubectl(&["-n", NAMESPACE, "get", kind, "-o", "name"]);
+    assert!(ok, "kubectl get {kind}: {out}");
+    out.lines().map(str::to_string).collect()
+}
+
+/// A host whose sandboxes run on the test cluster, in [`NAMESPACE`], from
+/// the guest image imported into the node (`pull_policy = "never"`: no
+/// registry exists; a missing image must fail, not pull).
+fn host(project: &str, extra_config: &str) -> Host {
+    let k = kubeconfig();
+    let (ok, out) = kubectl(&["get", "--raw", "/readyz"]);
+    assert!(
+        ok,
+        "the test cluster does not answer ({out}); run `scripts/test-cluster.sh up` as root"
+    );
+    let mut h = Host::new("kubernetes", project);
+    h.extra_env.push(("KUBECONFIG".into(), k));
+    let config = h.tmp.path().join("config/keystone/agent.toml");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text = text.replace(
+        "[guest]",
+        &format!(
+            "[backend.kubernetes]\nnamespace = \"{NAMESPACE}\"\nstorage_class = \"standard\"\n{}{extra_config}\n[guest]",
+            if extra_config.contains("pull_policy") {
+                ""
+            } else {
+                "pull_policy = \"never\"\n"
+            }
+        ),
+    );
+    h.write(&config, &text);
+    import_image(&h);
+    // The cluster outlives each test: what an earlier failed run left
+    // under this sandbox name (a kept claim) must not leak into this one.
+    let (ok, out) = kubectl(&[
+        "-n",
+        NAMESPACE,
+        "delete",
+        "pods,pvc,secrets,networkpolicies",
+        "-l",
+        &format!("keystone.dev/sandbox={}", h.name()),
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
+    assert!(ok, "cleaning up earlier runs: {out}");
+    h
+}
+
+/// The guest image the tests' configuration builds, exported as an OCI
+/// archive and imported into the node's containerd, once per test run.
+fn import_image(h: &Host) {
+    static IMPORTED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let result = IMPORTED.get_or_init(|| {
+        let r = h.ks(&["image", "build", "--format", "oci"]);
+        if r.code != Some(0) {
+            return Err(format!("image build --format oci failed:\n{}", r.text()));
+        }
+        let archive = r
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("OCI image archive: "))
+            .and_then(|l| l.split(' ').next())
+            .ok_or_else(|| format!("no archive path in:\n{}", r.text()))?
+            .to_string();
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-cluster.sh");
+        let mut cmd = Command::new(script);
+        cmd.arg("import").arg(&archive);
+        let r = run_bounded(cmd, Duration::from_secs(300));
+        if r.code != Some(0) {
+            return Err(format!(
+                "importing {archive} into the test cluster failed:\n{}",
+                r.text()
+            ));
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn pod_of(h: &Host) -> String {
+    format!("pod/keystone-{}", h.name())
+}
+
+/// start → exec → commit inside → sync → stop (pod gone, claim kept) →
+/// start with the workspace kept → --fresh → destroy leaving no object.
+#[test]
+fn lifecycle() {
+    let h = host("life-kube", "");
+    let name = h.name();
+    let r = h.start(&[]);
+    r.ok();
+    assert!(r.stdout.contains("kubernetes backend"), "{}", r.text());
+    assert!(
+        r.stdout
+            .contains(&format!("pod: {NAMESPACE}/keystone-{name}")),
+        "{}",
+        r.text()
+    );
+
+    // The pod: labelled after the sandbox, requests = limits from the
+    // configuration (2048 MB, 2 vCPUs), its claim bound.
+    let (ok, out) = kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "pods",
+        "-l",
+        &format!("keystone.dev/sandbox={name}"),
+        "-o",
+        "jsonpath={.items[0].spec.containers[0].resources.limits.memory} {.items[0].spec.containers[0].resources.limits.cpu} {.items[0].spec.containers[0].resources.requests.memory}",
+    ]);
+    assert!(ok, "{out}");
+    // The API server writes 2048Mi in its canonical form.
+    assert_eq!(out.trim(), "2Gi 2 2Gi");
+    let claim = format!("persistentvolumeclaim/keystone-{name}-workspace");
+    assert!(objects("pvc").contains(&claim), "{:?}", objects("pvc"));
+
+    let head = h.git(&["rev-parse", "HEAD"]);
+    let r = h.ks(&["exec", "--", "git", "log", "-1", "--format=%H"]);
+    r.ok();
+    assert_eq!(r.stdout.trim(), head);
+    assert_eq!(
+        h.sh(
+            "pwd; stat -c %U README.md; git config user.email; git branch --show-current; hostname"
+        )
+        .split_whitespace()
+        .collect::<Vec<_>>(),
+        [
+            "/workspace",
+            "agent",
+            "dev@host.example",
+            "main",
+            name.as_str()
+        ]
+    );
+    h.ks(&["exec", "--", "sh", "-c", "exit 7"]).code(7);
+    let r = h.ks(&["exec", "--user", "root", "--", "id", "-u"]);
+    assert_eq!(r.ok().stdout.trim(), "0");
+
+    // The agent commits; sync brings it home.
+    let theirs = h.sh("echo 'written by the agent' > agent.txt && git add agent.txt && git commit -qm 'agent work' && git rev-parse HEAD");
+    let r = h.ks(&["sync"]);
+    r.ok();
+    assert!(
+        r.stdout
+            .contains("synced main: 1 commit(s) from the sandbox (1 file(s) changed"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["rev-parse", "HEAD"]), theirs.trim());
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("agent.txt")).expect("agent.txt"),
+        "written by the agent\n"
+    );
+
+    // stop deletes the pod and its secret, keeps the claim.
+    h.sh("echo kept > /workspace/scratch.txt");
+    h.ks(&["stop"]).ok();
+    assert_eq!(h.status_json(&name)["state"], "stopped");
+    assert!(
+        !objects("pods").contains(&pod_of(&h)),
+        "pod left after stop"
+    );
+    assert!(objects("secrets").iter().all(|s| !s.contains(&name)));
+    assert!(objects("pvc").contains(&claim), "claim gone after stop");
+    h.ks(&["exec", "--", "true"]).code(2);
+
+    // start again: a new pod on the same claim.
+    h.start(&[]).ok();
+    assert_eq!(h.sh("cat /workspace/scratch.txt"), "kept\n");
+    assert_eq!(h.sh("git log -1 --format=%H").trim(), theirs.trim());
+
+    // --fresh replaces the claim; the workspace is pushed anew.
+    h.start(&["--fresh"]).ok();
+    assert_eq!(
+        h.sh("ls /workspace/scratch.txt 2>/dev/null | wc -l").trim(),
+        "0"
+    );
+    assert_eq!(h.sh("cat agent.txt"), "written by the agent\n");
+    let st = h.status_json(&name);
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["backend"], "kubernetes");
+
+    h.ks(&["destroy", &name, "--force"]).ok();
+    for kind in ["pods", "pvc", "secrets", "networkpolicies"] {
+        assert!(
+            eventually(Duration::from_secs(30), || objects(kind)
+                .iter()
+                .all(|o| !o.contains(&name))),
+            "{kind} left after destroy: {:?}",
+            objects(kind)
+        );
+    }
+    // The volume itself went with the claim (reclaim policy Delete).
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let (_, out) = kubectl(&["get", "pv", "-o", "jsonpath={.items[*].spec.claimRef.name}"]);
+            !out.contains(&format!("keystone-{name}-workspace"))
+        }),
+        "persistent volume left after destroy"
+    );
+    assert!(
+        processes_matching(&format!("__supervise {name}")).is_empty(),
+        "supervisor left"
+    );
+    h.ks(&["status", &name]).code(1);
+}
+
+/// A pod that cannot start is an error with the cluster's reason, quickly,
+/// and leaves nothing behind; a wrong context is exit 4.
+#[test]
+fn errors() {
+    let h = host(
+        "err-kube",
+        "image = \"localhost/keystone-guest:does-not-exist\"\n",
+    );
+    let name = h.name();
+    let t = std::time::Instant::now();
+    let r = h.start(&[]);
+    r.code(3);
+    assert!(
+        r.text().contains("ErrImageNeverPull"),
+        "the cluster's reason must be shown:\n{}",
+        r.text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || objects("pods")
+            .iter()
+            .all(|o| !o.contains(&name))),
+        "a failed start left its pod"
+    );
+    assert!(
+        h.record(&name).is_none(),
+        "a failed first start left a record"
+    );
+
+    // More memory than the node has: the scheduler's reason, not a hang.
+    // (Scheduling comes before the image pull.)
+    let r = h.ks(&["start", "--no-attach", "--memory", "200000"]);
+    r.code(3);
+    assert!(
+        r.text().contains("cannot be scheduled") && r.text().contains("Insufficient memory"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        h.record(&name).is_none(),
+        "a failed first start left a record"
+    );
+
+    let r = h.ks_env(
+        &["start", "--no-attach"],
+        &[("KEYSTONE_AGENT_KUBE_CONTEXT", "no-such-context")],
+    );
+    r.code(4);
+    assert!(
+        r.text().contains("no-such-context") && r.text().contains("KUBECONFIG"),
+        "{}",
+        r.text()
+    );
+
+    // An API server that does not answer: exit 4, naming it, in bounded time.
+    let dead = h.tmp.path().join("dead.kubeconfig");
+    h.write(
+        &dead,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: dead\n  cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}\nusers:\n- name: u\n  user: {token: x}\ncontexts:\n- name: dead\n  context: {cluster: dead, user: u}\ncurrent-context: dead\n",
+    );
+    let t = std::time::Instant::now();
+    let r = h.ks_env(
+        &["start", "--no-attach"],
+        &[("KUBECONFIG", dead.to_str().expect("path"))],
+    );
+    r.code(4);
+    assert!(
+        r.text().contains("https://127.0.0.1:1") && r.text().contains("cannot be reached"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        h.record(&name).is_none(),
+        "a failed first start left a record"
+    );
+}
+
+/// A pod deleted by someone else: the sandbox is reported in error, with
+/// that reason.
+#[test]
+fn pod_deleted_outside() {
+    let h = host("gone-kube", "");
+    let name = h.name();
+    h.start(&["--network", "none"]).ok();
+    assert!(
+        objects("networkpolicies").contains(&format!(
+            "networkpolicy.networking.k8s.io/keystone-{name}-isolate"
+        )),
+        "--network none must create the NetworkPolicy: {:?}",
+        objects("networkpolicies")
+    );
+    let (ok, out) = kubectl(&["-n", NAMESPACE, "delete", &pod_of(&h), "--wait=true"]);
+    assert!(ok, "{out}");
+    assert!(
+        eventually(Duration::from_secs(30), || h.status_json(&name)["state"]
+            == "error"),
+        "{}",
+        h.status_json(&name)
+    );
+    let st = h.status_json(&name);
+    assert!(st.to_string().contains("deleted outside keystone"), "{st}");
+    h.ks(&["destroy", &name, "--force"]).ok();
+    for kind in ["pods", "pvc", "secrets", "networkpolicies"] {
+        assert!(
+            eventually(Duration::from_secs(30), || objects(kind)
+                .iter()
+                .all(|o| !o.contains(&name))),
+            "{kind} left after destroy: {:?}",
+            objects(kind)
+        );
+    }
+}
+
+/// The backend-independent scenarios every local backend runs, on a pod:
+/// the channel (port-forward) must make them work unchanged.
+mod shared {
+    use super::host;
+    use crate::scenarios;
+
+    #[test]
+    fn supervisor_killed() {
+        scenarios::supervisor_killed(host("kill-kube", ""));
+    }
+    #[test]
+    fn concurrent_starts() {
+        scenarios::concurrent_starts(host("race-kube", ""));
+    }
+    #[test]
+    fn destroy_guards() {
+        scenarios::destroy_guards(host("guard-kube", ""));
+    }
+    #[test]
+    fn attach_session() {
+        scenarios::attach_session(host("attach-kube", ""));
+    }
+    #[test]
+    fn sync_rules() {
+        scenarios::sync_rules(host("sync-kube", ""));
+    }
+    #[test]
+    fn sync_hostile() {
+        scenarios::sync_hostile(host("hostile-kube", ""));
+    }
+    #[test]
+    fn env_files() {
+        scenarios::env_files(host("envf-kube", ""));
+    }
+    #[test]
+    fn artifacts() {
+        scenarios::artifacts(host("art-kube", ""));
+    }
+    #[test]
+    fn worktrees() {
+        scenarios::worktrees(host("wt-kube", ""));
+    }
+    #[test]
+    fn two_at_once_and_fresh() {
+        // Requests equal limits: two 2-vCPU sandboxes do not fit the test
+        // node's 2 cores (the second start fails "Insufficient cpu"), so
+        // these two ask for one each.
+        let h = host("two-kube", "");
+        let config = h.tmp.path().join("config/keystone/agent.toml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        assert!(text.contains("vcpus = 2"), "{text}");
+        h.write(&config, &text.replace("vcpus = 2", "vcpus = 1"));
+        scenarios::two_at_once_and_fresh(h);
+    }
+}
+
+/// `image push` to a registry (the test cluster's plain-HTTP one), and a
+/// sandbox whose pod pulls the image from there (`pull_policy = "always"`).
+#[test]
+fn push_and_pull() {
+    let registry = std::env::var("KEYSTONE_TEST_REGISTRY").unwrap_or_default();
+    assert!(
+        !registry.is_empty(),
+        "KEYSTONE_TEST_REGISTRY must name the test cluster's registry: `eval \"$(scripts/test-cluster.sh env)\"`"
+    );
+    let reference = format!("{registry}/keystone/guest:e2e");
+    let h = host(
+        "pull-kube",
+        &format!("image = \"{reference}\"\npull_policy = \"always\"\n"),
+    );
+    let r = h.ks(&["image", "push", &reference, "--insecure"]);
+    r.ok();
+    assert!(
+        r.stdout.contains(&format!("to {reference}")),
+        "{}",
+        r.text()
+    );
+    let r = h.start(&[]);
+    r.ok();
+    let (ok, out) = kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        &pod_of(&h),
+        "-o",
+        "jsonpath={.spec.containers[0].image} {.spec.containers[0].imagePullPolicy}",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), format!("{reference} Always"));
+    assert_eq!(h.sh("id -un").trim(), "agent");
+    h.ks(&["destroy", &h.name(), "--force"]).ok();
+}
