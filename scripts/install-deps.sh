@@ -28,8 +28,15 @@ else
     SUDO=
 fi
 
+# npm may come with a Node.js from elsewhere (NodeSource's nodejs bundles
+# it and conflicts with Debian's npm package): any working npm will do.
+if command -v npm >/dev/null 2>&1; then
+    packages=("${packages[@]/npm}")
+fi
+
 missing_packages() {
     for p in "${packages[@]}"; do
+        [ -n "$p" ] || continue
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
     done
 }
