@@ -220,13 +220,16 @@ pub fn lifecycle(h: Host) {
 
 /// Nothing of the host reaches the sandbox: files, environment, loopback.
 pub fn isolation(h: Host) {
-    // The developer forwards nothing here (`guest.forward_env = []`, the
-    // harness's config ends in its [guest] table), so not even a variable
-    // of the default forward list may arrive; one never on any list neither.
+    // The developer forwards nothing here (`guest.forward_env = []`, in
+    // the harness's [guest] table), so not even a variable of the default
+    // forward list may arrive; one never on any list neither.
     let config = h.tmp.path().join("config/keystone/agent.toml");
-    let mut text = std::fs::read_to_string(&config).expect("config");
-    assert!(text.trim_end().ends_with("profile = \"minimal\""), "{text}");
-    text.push_str("forward_env = []\n");
+    let text = std::fs::read_to_string(&config).expect("config");
+    assert!(text.contains("[guest]\nprofile = \"minimal\"\n"), "{text}");
+    let text = text.replace(
+        "[guest]\nprofile = \"minimal\"\n",
+        "[guest]\nprofile = \"minimal\"\nforward_env = []\n",
+    );
     h.write(&config, &text);
     let secret_env = [
         ("ANTHROPIC_API_KEY", "sk-host-secret-canary"),
