@@ -394,7 +394,16 @@ pub fn web_terminal(h: Host) {
                 .filter_map(|s| s.split('=').next()?.trim().parse::<u32>().ok())
                 .last()
         };
-        let before = cols(page_text(&c).await);
+        // "COLS=" shows first in the echoed command line: wait for the
+        // number itself.
+        let mut before = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && before.is_none() {
+            before = cols(page_text(&c).await);
+            if before.is_none() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
         c.set_window_size(1400, 800).await.expect("resize");
         tokio::time::sleep(Duration::from_millis(700)).await;
         type_keys(&c, "clear; echo COLS=$(tput cols)=\n").await;
