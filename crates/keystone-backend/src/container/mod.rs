@@ -634,19 +634,7 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
     .stderr(err)
     .env_clear()
     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    // SAFETY: pre_exec runs in the forked child before exec; prctl and
-    // sigprocmask are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            crate::signals::unblock_all();
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start pasta: {e}"))?;
-    let pid = Pid::from_raw(child.id() as i32);
+    let pid = spawn_helper(cmd, "pasta")?;
     // pasta configures the namespace before it settles; wait for the
     // interface so the guest has a network when start returns.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -666,7 +654,6 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::mem::forget(child);
     Ok(pid)
 }
 
@@ -716,6 +703,12 @@ fn attach_bridge(inst: &Instance, g: Pid, log: &fs::File) -> Result<Pid, String>
         .stderr(log.try_clone().map_err(|e| e.to_string())?)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    spawn_helper(cmd, "the DHCP client")
+}
+
+/// Start a helper of the sandbox (pasta, the DHCP client) that dies with
+/// the supervisor; the supervisor reaps it by PID like its other helpers.
+fn spawn_helper(mut cmd: Command, what: &str) -> Result<Pid, String> {
     // SAFETY: pre_exec runs in the forked child before exec; prctl and
     // sigprocmask are async-signal-safe.
     unsafe {
@@ -727,8 +720,9 @@ fn attach_bridge(inst: &Instance, g: Pid, log: &fs::File) -> Result<Pid, String>
     }
     let child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start the DHCP client: {e}"))?;
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
     let pid = Pid::from_raw(child.id() as i32);
+    // The PID is what the supervisor tracks; dropping a Child never kills.
     std::mem::forget(child);
     Ok(pid)
 }
