@@ -60,7 +60,7 @@ impl KvmFacts {
 
     pub fn choose(&self) -> AccelChoice {
         const COST: &str =
-            "software emulation, several times slower to boot and build than with KVM";
+            "software emulation on one host thread for all vCPUs, several times slower to boot and build than with KVM";
         let tcg = |why: String| AccelChoice {
             accel: Accel::Tcg,
             reason: format!("acceleration: TCG ({COST}): {why}"),
