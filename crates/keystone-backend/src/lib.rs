@@ -132,6 +132,17 @@ pub trait Backend {
     fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage;
 }
 
+/// A host tool a backend cannot work without: a requirement error (exit 4)
+/// that says what needs it and the Debian package to install.
+pub(crate) fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError> {
+    if keystone_channel::which(tool).is_none() {
+        return Err(BackendError::Requirement(format!(
+            "{tool} is not installed ({why}): apt-get install {package}"
+        )));
+    }
+    Ok(())
+}
+
 /// The size of a directory tree, not following symlinks or other mounts.
 pub fn dir_size(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;

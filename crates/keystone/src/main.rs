@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod context;
 mod credentials;
+mod detached;
 mod error;
 mod session;
 mod ui;

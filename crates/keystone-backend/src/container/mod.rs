@@ -21,7 +21,7 @@ mod init;
 pub use cgroup::version as cgroup_version;
 
 use crate::signals::{Signals, StopRequest, Wake};
-use crate::{Backend, BackendError, Ended, Instance, Running, Usage};
+use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use cgroup::Cgroup;
 use idmap::IdMap;
 use keystone_registry::ProcessId;
@@ -88,17 +88,13 @@ impl Backend for ContainerBackend {
 
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
         let map = IdMap::for_current_user()?;
-        for (tool, pkg) in [("tar", "tar")] {
-            if keystone_channel::which(tool).is_none() {
-                return Err(BackendError::Requirement(format!(
-                    "{tool} is not installed: apt-get install {pkg}"
-                )));
-            }
-        }
-        if inst.settings.network == "nat" && keystone_channel::which("pasta").is_none() {
-            return Err(BackendError::Requirement(
-                "--network nat needs pasta: apt-get install passt (or use --network none)".into(),
-            ));
+        require_tool("tar", "tar", "it unpacks the image")?;
+        if inst.settings.network == "nat" {
+            require_tool(
+                "pasta",
+                "passt",
+                "--network nat needs it; or use --network none",
+            )?;
         }
         if inst.settings.network == "nat"
             && !map.is_root()
@@ -122,13 +118,8 @@ impl Backend for ContainerBackend {
                         .into(),
                 ));
             }
-            for (tool, pkg) in [("ip", "iproute2"), ("nsenter", "util-linux")] {
-                if keystone_channel::which(tool).is_none() {
-                    return Err(BackendError::Requirement(format!(
-                        "--network bridge needs {tool}: apt-get install {pkg}"
-                    )));
-                }
-            }
+            require_tool("ip", "iproute2", "--network bridge needs it")?;
+            require_tool("nsenter", "util-linux", "--network bridge needs it")?;
         }
         let rootfs = Self::rootfs(inst);
         if rootfs.join(".keystone-complete").exists() {

@@ -48,7 +48,7 @@ mod share;
 
 use crate::idmap::{self, IdMap};
 use crate::signals::{Signals, StopRequest, Wake};
-use crate::{Backend, BackendError, Ended, Instance, Running, Usage};
+use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use accel::{KvmFacts, NestedHost};
 use keystone_registry::ProcessId;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -103,15 +103,6 @@ fn overlay(inst: &Instance) -> PathBuf {
     } else {
         inst.dir.join("run/root.qcow2")
     }
-}
-
-fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError> {
-    if keystone_channel::which(tool).is_none() {
-        return Err(BackendError::Requirement(format!(
-            "{tool} is not installed ({why}): apt-get install {package}"
-        )));
-    }
-    Ok(())
 }
 
 /// The virtiofsd the live share would use, if any.

@@ -4,14 +4,11 @@
 
 use crate::cli::ProxyStatusArgs;
 use crate::context::Ctx;
+use crate::detached::{self, ReadyPipe, Verdict};
 use crate::error::{CliError, Result};
 use keystone_proxy::state::{self, Snapshot};
 use serde::Serialize;
-use std::io::{BufRead, Write};
-use std::os::fd::FromRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long `start` waits for a new proxy to bind its port.
@@ -23,24 +20,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// left to serve. Tells `start` "ready" or "error: …" on `KEYSTONE_READY_FD`.
 pub fn daemon(port: u16, domain: String) -> Result<i32> {
     let ctx = Ctx::new()?;
-    let mut pipe = std::env::var("KEYSTONE_READY_FD")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        // SAFETY: `start` placed the pipe's write end at this descriptor
-        // for us alone, and nothing else in this process uses it.
-        .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
+    let mut pipe = ReadyPipe::from_env();
     let opts = keystone_proxy::daemon::Options {
         state_root: ctx.registry.root().to_path_buf(),
         port,
         domain,
     };
-    let result = keystone_proxy::daemon::run(opts, |r| {
-        if let Some(mut f) = pipe.take() {
-            let _ = match r {
-                Ok(()) => writeln!(f, "ready"),
-                Err(e) => writeln!(f, "error: {e}"),
-            };
-        }
+    let result = keystone_proxy::daemon::run(opts, |r| match r {
+        Ok(()) => pipe.ready(),
+        Err(e) => pipe.failed(e),
     });
     result.map_err(|e| CliError::failed(e.to_string()))?;
     Ok(0)
@@ -77,67 +65,18 @@ fn spawn(
 ) -> std::result::Result<(), String> {
     std::fs::create_dir_all(state::dir(root)).map_err(|e| e.to_string())?;
     let log_path = state::log_path(root);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let (r, w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| e.desc().to_string())?;
-    let mut cmd = Command::new(&ctx.exe);
-    cmd.arg("__proxy")
-        .arg("--port")
-        .arg(cfg.port.to_string())
-        .arg("--domain")
-        .arg(&cfg.domain);
-    cmd.env_clear();
-    for k in [
-        "PATH",
-        "HOME",
-        "USER",
-        "LOGNAME",
-        "XDG_STATE_HOME",
-        "XDG_RUNTIME_DIR",
-        "RUST_LOG",
-    ] {
-        if let Some(v) = std::env::var_os(k) {
-            cmd.env(k, v);
-        }
-    }
-    cmd.env("KEYSTONE_READY_FD", "3");
-    let err_log = log.try_clone().map_err(|e| e.to_string())?;
-    cmd.stdin(Stdio::null()).stdout(log).stderr(err_log);
-    let wfd = std::os::fd::AsRawFd::as_raw_fd(&w);
-    // SAFETY: runs in the forked child before exec: setsid and dup2 are
-    // async-signal-safe. Its own session: it outlives this CLI.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            nix::unistd::dup2(wfd, 3).map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
+    let port = cfg.port.to_string();
+    let args = ["__proxy", "--port", &port, "--domain", &cfg.domain];
+    let verdict = detached::spawn(&ctx.exe, &args, &log_path, READY_TIMEOUT)
         .map_err(|e| format!("cannot start the proxy: {e}"))?;
-    drop(w);
-    let mut reader = std::io::BufReader::new(std::fs::File::from(r));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = reader.read_line(&mut s);
-        let _ = tx.send(s);
-    });
-    let verdict = rx.recv_timeout(READY_TIMEOUT);
-    let _ = child.try_wait();
     match verdict {
-        Ok(s) if s.starts_with("ready") => Ok(()),
-        Ok(s) if s.trim().is_empty() => Err(format!(
+        Verdict::Ready => Ok(()),
+        Verdict::Silent => Err(format!(
             "the proxy exited at once; see {}",
             log_path.display()
         )),
-        Ok(s) => Err(s.trim().trim_start_matches("error: ").to_string()),
-        Err(_) => Err(format!(
+        Verdict::Failed(why) => Err(why),
+        Verdict::TimedOut => Err(format!(
             "the proxy did not start within {}s; see {}",
             READY_TIMEOUT.as_secs(),
             log_path.display()

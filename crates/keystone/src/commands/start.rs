@@ -3,14 +3,13 @@
 use crate::cli::{AgentArg, BackendArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
 use crate::context::{backend_for, load_config, Ctx};
 use crate::credentials;
+use crate::detached::{self, Verdict};
 use crate::error::{CliError, Exit, Result};
 use crate::{commands, ui};
 use keystone_config::Flag;
 use keystone_registry::{derive_name, validate_name, ProcessId, Sandbox, Settings, State};
 use keystone_sync::Git;
-use std::io::{BufRead, IsTerminal};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 /// How long the supervisor may take to bring the guest up.
@@ -483,82 +482,30 @@ fn bring_up(
     Ok(ctx.registry.get(&sandbox.name)?)
 }
 
-/// Start the supervisor detached (own session, no terminal, log file) and
-/// wait for its one-line verdict on a pipe.
+/// Start the supervisor detached and wait for its verdict.
 fn spawn_supervisor(ctx: &Ctx, sandbox: &keystone_registry::Sandbox) -> Result<()> {
     let dir = ctx.sandbox_dir(sandbox);
     let log_path = dir.join("logs/supervisor.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| CliError::failed(e.to_string()))?;
-    let mut cmd = Command::new(&ctx.exe);
-    cmd.arg("__supervise").arg(&sandbox.name);
-    cmd.env_clear();
-    for k in [
-        "PATH",
-        "HOME",
-        "USER",
-        "LOGNAME",
-        "XDG_STATE_HOME",
-        "XDG_CACHE_HOME",
-        "XDG_CONFIG_HOME",
-        "XDG_RUNTIME_DIR",
-        "RUST_LOG",
-        "RUST_BACKTRACE",
-        // The Kubernetes backend finds the cluster as kubectl does.
-        "KUBECONFIG",
-    ] {
-        if let Some(v) = std::env::var_os(k) {
-            cmd.env(k, v);
-        }
-    }
-    cmd.env("KEYSTONE_READY_FD", "3");
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let wfd = std::os::fd::AsRawFd::as_raw_fd(&w);
-    // SAFETY: runs in the forked child before exec: setsid and dup2 are
-    // async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            nix::unistd::dup2(wfd, 3).map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| CliError::failed(format!("cannot start the supervisor: {e}")))?;
-    drop(w);
     let progress = ui::Progress::new(&format!("starting sandbox {}", sandbox.name));
-    // One line: forked children of the supervisor inherit the pipe, so
-    // EOF may never come while the sandbox runs.
-    let mut reader = std::io::BufReader::new(std::fs::File::from(r));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = reader.read_line(&mut s);
-        let _ = tx.send(s);
-    });
-    let verdict = rx.recv_timeout(READY_TIMEOUT);
-    // The supervisor is detached; reap our direct child if it has exited.
-    let _ = child.try_wait();
+    let verdict = detached::spawn(
+        &ctx.exe,
+        &[std::ffi::OsStr::new("__supervise"), sandbox.name.as_ref()],
+        &log_path,
+        READY_TIMEOUT,
+    )
+    .map_err(|e| CliError::failed(format!("cannot start the supervisor: {e}")))?;
     drop(progress);
     match verdict {
-        Ok(s) if s.starts_with("ready") => Ok(()),
-        Ok(s) if s.trim().is_empty() => Err(CliError::failed(format!(
+        Verdict::Ready => Ok(()),
+        Verdict::Silent => Err(CliError::failed(format!(
             "the supervisor exited without starting the sandbox; see {}",
             log_path.display()
         ))),
-        Ok(s) => Err(CliError::failed(format!(
-            "{}{}",
-            s.trim().trim_start_matches("error: "),
+        Verdict::Failed(why) => Err(CliError::failed(format!(
+            "{why}{}",
             log_tail(&dir.join("logs"))
         ))),
-        Err(_) => Err(CliError::failed(format!(
+        Verdict::TimedOut => Err(CliError::failed(format!(
             "the sandbox did not come up within {}s; see {}",
             READY_TIMEOUT.as_secs(),
             dir.join("logs").display()

@@ -5,41 +5,22 @@
 //! (`KEYSTONE_READY_FD`): one line, `ready` or `error: <message>`.
 
 use crate::context::{backend_for, Ctx};
+use crate::detached::ReadyPipe;
 use crate::error::{CliError, Result};
 use keystone_backend::Ended;
 use keystone_registry::{ProcessId, State};
-use std::io::Write;
-use std::os::fd::FromRawFd;
 
 pub fn run(name: &str) -> Result<i32> {
-    let mut ready_pipe = std::env::var("KEYSTONE_READY_FD")
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        // SAFETY: `start` placed the pipe's write end at this descriptor
-        // for us alone.
-        .map(|fd| {
-            // Not to be inherited by what the backend execs.
-            let _ = nix::fcntl::fcntl(
-                fd,
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            );
-            // SAFETY: as above.
-            unsafe { std::fs::File::from_raw_fd(fd) }
-        });
-    let mut tell = |msg: &str| {
-        if let Some(mut f) = ready_pipe.take() {
-            let _ = writeln!(f, "{msg}");
-        }
-    };
-    let result = supervise(name, &mut tell);
+    let mut ready_pipe = ReadyPipe::from_env();
+    let result = supervise(name, &mut ready_pipe);
     if let Err(e) = &result {
-        tell(&format!("error: {e}"));
+        ready_pipe.failed(e);
         eprintln!("supervisor: {e}");
     }
     result
 }
 
-fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
+fn supervise(name: &str, ready_pipe: &mut ReadyPipe) -> Result<i32> {
     let ctx = Ctx::new()?;
     let me = ProcessId::current();
     let sandbox = ctx.registry.update_one(name, |sb| {
@@ -66,7 +47,7 @@ fn supervise(name: &str, tell: &mut dyn FnMut(&str)) -> Result<i32> {
                 Ok::<_, CliError>(())
             })
             .map_err(|e| e.to_string())?;
-        tell("ready");
+        ready_pipe.ready();
         if sandbox.settings.sync_mode != "manual" {
             autosync_child = spawn_autosync(name).map_err(|e| e.to_string()).ok();
         }
