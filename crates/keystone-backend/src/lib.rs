@@ -18,6 +18,7 @@
 //! Backends live in their own modules and never reach into each other.
 
 pub mod container;
+pub mod disk;
 pub mod hostbridge;
 pub mod idmap;
 pub mod kubernetes;

@@ -20,6 +20,7 @@ mod init;
 
 pub use cgroup::version as cgroup_version;
 
+use crate::disk;
 use crate::signals::{Signals, StopRequest, Wake};
 use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use cgroup::Cgroup;
@@ -188,6 +189,28 @@ impl Backend for ContainerBackend {
         }
         let upper = if inst.settings.persist {
             let (u, w) = Self::upper(inst);
+            // The upper layer belongs over the tree it was made on (see
+            // `crate::disk`); a layer without a record predates it.
+            match disk::read(&inst.dir) {
+                Some(base) if base.image != inst.image_id => {
+                    return Err(BackendError::Failed(format!(
+                        "the disk of sandbox {} is built on image {}, not {}; \
+                         `keystone agent start --fresh {}` discards that disk (what was not synced from it is lost)",
+                        inst.name, base.image, inst.image_id, inst.name
+                    )));
+                }
+                Some(_) => {}
+                None => disk::write(
+                    &inst.dir,
+                    &disk::DiskBase {
+                        image: inst.image_id.clone(),
+                        // File-level layers: the same recipe's tree is the
+                        // same files by path, whichever build it is.
+                        file: None,
+                    },
+                )
+                .map_err(BackendError::io("disk/base.json"))?,
+            }
             for d in [&u, &w] {
                 fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;
             }

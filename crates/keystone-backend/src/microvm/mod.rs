@@ -46,6 +46,7 @@ pub mod qemu;
 mod qmp;
 mod share;
 
+use crate::disk::{self, DiskBase, FileIdentity};
 use crate::idmap::{self, IdMap};
 use crate::signals::{Signals, StopRequest, Wake};
 use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
@@ -262,6 +263,72 @@ fn make_overlay(base: &Path, path: &Path) -> Result<(), BackendError> {
         )));
     }
     Ok(())
+}
+
+fn record_disk_base(inst: &Instance, base: &Path) -> Result<(), BackendError> {
+    let record = DiskBase {
+        image: inst.image_id.clone(),
+        file: Some(FileIdentity::of(base).map_err(BackendError::io(base.display().to_string()))?),
+    };
+    disk::write(&inst.dir, &record).map_err(BackendError::io("disk/base.json"))
+}
+
+/// A qcow2 overlay is only good over the very file it was made on: refuse
+/// to boot it over anything else (see `crate::disk`).
+fn check_disk_base(inst: &Instance, base: &Path, disk_path: &Path) -> Result<(), BackendError> {
+    let fresh_hint = format!(
+        "`keystone agent start --fresh {}` discards that disk (what was not synced from it is lost)",
+        inst.name
+    );
+    let Some(record) = disk::read(&inst.dir) else {
+        // A disk from before the record existed: its qcow2 header names
+        // the base file; the same path is taken as the same base.
+        let backing = backing_file(disk_path)?;
+        if backing.as_deref() != Some(base) {
+            return Err(BackendError::Failed(format!(
+                "the disk of sandbox {} is built on {}, not on image {}'s {}; {fresh_hint}",
+                inst.name,
+                backing.map_or("nothing".into(), |b| b.display().to_string()),
+                inst.image_id,
+                base.display()
+            )));
+        }
+        return record_disk_base(inst, base);
+    };
+    if record.image != inst.image_id {
+        return Err(BackendError::Failed(format!(
+            "the disk of sandbox {} is built on image {}, not {}; {fresh_hint}",
+            inst.name, record.image, inst.image_id
+        )));
+    }
+    let now = FileIdentity::of(base).map_err(BackendError::io(base.display().to_string()))?;
+    if record.file != Some(now) {
+        return Err(BackendError::Failed(format!(
+            "the disk of sandbox {} was made over another build of image {} (it was removed and \
+             built again since), and booting it over this one would corrupt it; {fresh_hint}",
+            inst.name, inst.image_id
+        )));
+    }
+    Ok(())
+}
+
+/// The backing file a qcow2 overlay names in its header.
+fn backing_file(disk: &Path) -> Result<Option<PathBuf>, BackendError> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(disk)
+        .output()
+        .map_err(BackendError::io("qemu-img"))?;
+    if !out.status.success() {
+        return Err(BackendError::Failed(format!(
+            "qemu-img info {} failed: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| BackendError::Failed(format!("qemu-img info {}: {e}", disk.display())))?;
+    Ok(info["backing-filename"].as_str().map(PathBuf::from))
 }
 
 /// The per-boot configuration archive the guest's init unpacks into
@@ -507,8 +574,13 @@ impl Backend for MicrovmBackend {
             Self::build_artifacts(inst, &art, progress)?;
         }
         let disk = overlay(inst);
-        if inst.settings.persist && !disk.exists() {
-            make_overlay(&art.rootfs(), &disk)?;
+        if inst.settings.persist {
+            if disk.exists() {
+                check_disk_base(inst, &art.rootfs(), &disk)?;
+            } else {
+                make_overlay(&art.rootfs(), &disk)?;
+                record_disk_base(inst, &art.rootfs())?;
+            }
         }
         Ok(())
     }

@@ -141,6 +141,18 @@ pub fn run(cmd: Image) -> Result<i32> {
                     users.join(", ")
                 )));
             }
+            // A stopped sandbox's disk (or one kept by `destroy
+            // --keep-disk`) is a layer over the image: without it the disk
+            // is lost, and a rebuild of the same id is not the same base.
+            let disks =
+                keystone_backend::disk::built_on(&ctx.registry.root().join("sandboxes"), &id);
+            if !disks.is_empty() {
+                return Err(CliError::state(format!(
+                    "image {id} holds the disks of sandbox(es) {}, which are layers over it; \
+                     `keystone agent destroy` them (after `sync`), or `start --fresh` them onto the current image, first",
+                    disks.join(", ")
+                )));
+            }
             let img = store.remove(&id).map_err(|e| match e {
                 keystone_image::ImageError::NotFound { .. } => CliError::not_found(format!(
                     "no image {id}; `keystone agent image list` shows the images"

@@ -137,7 +137,7 @@ use one or the other",
             )));
         }
     }
-    let mut settings = Settings {
+    let settings = Settings {
         memory_mb: cfg.defaults.memory,
         vcpus: cfg.defaults.vcpus,
         nested_virt: cfg.defaults.nested_virt,
@@ -222,15 +222,8 @@ use one or the other",
     }
 
     // From here on a failure must leave no half-made sandbox.
-    let result = bring_up(
-        &ctx,
-        &*backend,
-        &sandbox,
-        &recipe,
-        &git,
-        args.fresh,
-        &mut settings,
-    );
+    let result = keep_disk_image(&ctx, sandbox.clone(), &recipe, args.fresh)
+        .and_then(|sb| bring_up(&ctx, &*backend, &sb, &recipe, &git, args.fresh));
     // The credentials and env files, then the agent: it must start with
     // them. All of it is part of start: a failure undoes the sandbox.
     let result = result.and_then(|sb| {
@@ -429,6 +422,35 @@ pub fn recipe_for(
     }
 }
 
+/// A disk kept from before (a stopped sandbox's, or one kept by `destroy
+/// --keep-disk`) is a layer over the image it was made on: the sandbox
+/// stays on that image until `--fresh`, whatever the configuration gives
+/// today (see `keystone_backend::disk`).
+fn keep_disk_image(
+    ctx: &Ctx,
+    sandbox: Sandbox,
+    recipe: &keystone_image::Recipe,
+    fresh: bool,
+) -> Result<Sandbox> {
+    let Some(base) = keystone_backend::disk::read(&ctx.sandbox_dir(&sandbox)) else {
+        return Ok(sandbox);
+    };
+    if fresh || base.image == sandbox.settings.image {
+        return Ok(sandbox);
+    }
+    ui::note(format!(
+        "sandbox {name} keeps image {old}, which its disk is built on; the configuration now \
+         gives image {new}: `keystone agent sync` then `keystone agent start --fresh {name}` moves it there",
+        name = sandbox.name,
+        old = base.image,
+        new = recipe.id()
+    ));
+    ctx.registry.update_one(&sandbox.name, |sb| {
+        sb.settings.image = base.image.clone();
+        Ok::<_, CliError>(sb.clone())
+    })
+}
+
 fn bring_up(
     ctx: &Ctx,
     backend: &dyn keystone_backend::Backend,
@@ -436,10 +458,20 @@ fn bring_up(
     recipe: &keystone_image::Recipe,
     git: &Git,
     fresh: bool,
-    _settings: &mut Settings,
 ) -> Result<keystone_registry::Sandbox> {
     let store = ctx.image_store();
-    if store.find(recipe)?.is_none() {
+    if sandbox.settings.image != recipe.id() {
+        // Kept for the sandbox's disk; `image rm` refuses to remove it.
+        if !store.list()?.iter().any(|i| i.id == sandbox.settings.image) {
+            return Err(CliError::state(format!(
+                "the disk of sandbox {name} is built on image {old}, which is no longer in the image store; \
+                 `keystone agent start --fresh {name}` discards that disk and starts on image {new}",
+                name = sandbox.name,
+                old = sandbox.settings.image,
+                new = recipe.id()
+            )));
+        }
+    } else if store.find(recipe)?.is_none() {
         let progress = ui::Progress::new(&format!(
             "building guest image {} (first start only)",
             recipe.id()

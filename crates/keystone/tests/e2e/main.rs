@@ -82,6 +82,10 @@ macro_rules! backend_suite {
                 crate::proxy::dev_proxy(Host::new($backend, concat!("proxy-", $backend)));
             }
             #[test]
+            fn disk_base() {
+                scenarios::disk_base(Host::new($backend, concat!("base-", $backend)));
+            }
+            #[test]
             fn destroy_guards() {
                 scenarios::destroy_guards(Host::new($backend, concat!("guard-", $backend)));
             }

@@ -1204,3 +1204,72 @@ pub fn worktrees(h: Host) {
     let rows: serde_json::Value = serde_json::from_str(&r.ok().stdout).expect("json");
     assert_eq!(rows.as_array().map(|a| a.len()), Some(1), "{rows}");
 }
+
+/// A stopped sandbox's disk is a layer over its image: `image rm` refuses
+/// that image, a start over a missing or (microVM) rebuilt base refuses
+/// and keeps the disk, and with the base back the unsynced work is there.
+pub fn disk_base(h: Host) {
+    let name = h.name();
+    h.start(&[]).ok();
+    h.sh("echo kept > unsynced.txt && git add unsynced.txt && git commit -qm 'not yet synced'");
+    h.ks(&["stop"]).ok();
+    let image = h.status_json(&name)["image"]
+        .as_str()
+        .expect("status names the image")
+        .to_string();
+    let r = h.ks(&["image", "rm", &image]);
+    r.code(2);
+    assert!(
+        r.stderr.contains(&format!(
+            "image {image} holds the disks of sandbox(es) {name}"
+        )),
+        "{}",
+        r.text()
+    );
+    let record_path = h
+        .state_dir()
+        .join("sandboxes")
+        .join(&name)
+        .join("disk/base.json");
+    let record = std::fs::read_to_string(&record_path).expect("the disk records its base");
+    let v: serde_json::Value = serde_json::from_str(&record).expect("base.json");
+    assert_eq!(v["image"], image.as_str(), "{record}");
+
+    // The disk names an image the store no longer has.
+    let mut gone = v.clone();
+    gone["image"] = "minimal-000000000000".into();
+    h.write(&record_path, &gone.to_string());
+    let r = h.start(&[]);
+    r.code(2);
+    assert!(
+        r.stderr.contains(
+            "is built on image minimal-000000000000, which is no longer in the image store"
+        ) && r.stderr.contains("--fresh"),
+        "{}",
+        r.text()
+    );
+    assert!(record_path.exists(), "a refused start keeps the disk");
+
+    if h.backend == "microvm" {
+        // The same image id, another build of its ext4: never boot over it.
+        let mut rebuilt = v.clone();
+        rebuilt["file"]["ino"] = (v["file"]["ino"].as_u64().expect("ino") + 1).into();
+        h.write(&record_path, &rebuilt.to_string());
+        let r = h.start(&[]);
+        r.code(3);
+        assert!(
+            r.stderr.contains("was made over another build of image")
+                && r.stderr.contains("would corrupt it"),
+            "{}",
+            r.text()
+        );
+        assert!(record_path.exists(), "a refused start keeps the disk");
+    }
+
+    // The true base again: the sandbox comes back with its work.
+    h.write(&record_path, &record);
+    h.start(&[]).ok();
+    assert_eq!(h.sh("cat unsynced.txt").trim(), "kept");
+    h.ks(&["sync"]).ok();
+    assert_eq!(h.git(&["log", "-1", "--format=%s"]), "not yet synced");
+}
