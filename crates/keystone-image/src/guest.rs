@@ -134,7 +134,7 @@ echo 0 > /proc/sys/kernel/ctrl-alt-del
 mount -a -T /usr/local/share/keystone/fstab
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 mkdir -p /run/sshd /run/lock
-modprobe -a virtio_blk virtio_net virtio_rng
+modprobe -a virtio_blk virtio_net virtio_rng virtio_balloon
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 tar -xf /dev/vda -C /etc/keystone --no-same-owner || say "cannot read the configuration disk /dev/vda"

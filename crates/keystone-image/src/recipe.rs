@@ -463,7 +463,7 @@ mod tests {
         // Fails whenever anything hashed changes: a package, an option, a
         // hook, a guest file. That is intended: update the value knowing
         // that every user's cached image will be rebuilt.
-        assert_eq!(minimal().id(), "minimal-34e6c476ed29");
+        assert_eq!(minimal().id(), "minimal-8b60fa596273");
     }
 
     #[test]

@@ -82,6 +82,10 @@ macro_rules! backend_suite {
                 crate::proxy::dev_proxy(Host::new($backend, concat!("proxy-", $backend)));
             }
             #[test]
+            fn memory_given_back() {
+                scenarios::memory_given_back(Host::new($backend, concat!("mem-", $backend)));
+            }
+            #[test]
             fn disk_base() {
                 scenarios::disk_base(Host::new($backend, concat!("base-", $backend)));
             }
