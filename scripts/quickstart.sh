@@ -24,8 +24,9 @@ fi
 
 cd "$repo"
 "$keystone" agent doctor || true
+# The default backend: a microVM (QEMU; KVM when it works, else TCG).
 # Attaches to the session when run on a terminal; otherwise prints how to.
-"$keystone" agent start --backend container
+"$keystone" agent start
 "$keystone" agent status
 echo
 echo "keystone is at $keystone; try:"
