@@ -10,6 +10,7 @@
 //! configuration asks for today), `image rm` refuses an image a disk needs,
 //! and the microVM refuses to boot a disk over a base that was rebuilt.
 
+use crate::{BackendError, Instance};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -66,6 +67,44 @@ pub fn write(sandbox_dir: &Path, base: &DiskBase) -> std::io::Result<()> {
     let text = serde_json::to_string_pretty(base).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)
+}
+
+/// What to do about a disk that cannot be used.
+pub(crate) fn fresh_hint(inst: &Instance) -> String {
+    format!(
+        "`keystone agent start --fresh {}` discards that disk (what was not synced from it is lost)",
+        inst.name
+    )
+}
+
+/// The recorded base of `inst`'s disk, if any; refused when it is another
+/// image than the one the sandbox starts on (`start` keeps a sandbox on the
+/// image of its disk, so this is a guard, not a path).
+pub(crate) fn recorded_for(inst: &Instance) -> Result<Option<DiskBase>, BackendError> {
+    match read(&inst.dir) {
+        Some(base) if base.image != inst.image_id => Err(BackendError::Failed(format!(
+            "the disk of sandbox {} is built on image {}, not {}; {}",
+            inst.name,
+            base.image,
+            inst.image_id,
+            fresh_hint(inst)
+        ))),
+        other => Ok(other),
+    }
+}
+
+/// Record that `inst`'s disk is built on its image and, for a block-level
+/// base, on exactly the file `base_file`.
+pub(crate) fn record_for(inst: &Instance, base_file: Option<&Path>) -> Result<(), BackendError> {
+    let file = match base_file {
+        Some(f) => Some(FileIdentity::of(f).map_err(BackendError::io(f.display().to_string()))?),
+        None => None,
+    };
+    let base = DiskBase {
+        image: inst.image_id.clone(),
+        file,
+    };
+    write(&inst.dir, &base).map_err(BackendError::io("disk/base.json"))
 }
 
 /// The disks under `sandboxes_dir` (one directory per sandbox, registered

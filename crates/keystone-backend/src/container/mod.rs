@@ -190,26 +190,11 @@ impl Backend for ContainerBackend {
         let upper = if inst.settings.persist {
             let (u, w) = Self::upper(inst);
             // The upper layer belongs over the tree it was made on (see
-            // `crate::disk`); a layer without a record predates it.
-            match disk::read(&inst.dir) {
-                Some(base) if base.image != inst.image_id => {
-                    return Err(BackendError::Failed(format!(
-                        "the disk of sandbox {} is built on image {}, not {}; \
-                         `keystone agent start --fresh {}` discards that disk (what was not synced from it is lost)",
-                        inst.name, base.image, inst.image_id, inst.name
-                    )));
-                }
-                Some(_) => {}
-                None => disk::write(
-                    &inst.dir,
-                    &disk::DiskBase {
-                        image: inst.image_id.clone(),
-                        // File-level layers: the same recipe's tree is the
-                        // same files by path, whichever build it is.
-                        file: None,
-                    },
-                )
-                .map_err(BackendError::io("disk/base.json"))?,
+            // `crate::disk`); a layer without a record predates it. File
+            // level: the same recipe's tree is the same files by path,
+            // whichever build it is, so the image id is the whole base.
+            if disk::recorded_for(inst)?.is_none() {
+                disk::record_for(inst, None)?;
             }
             for d in [&u, &w] {
                 fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;

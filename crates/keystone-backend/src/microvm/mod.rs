@@ -46,7 +46,7 @@ pub mod qemu;
 mod qmp;
 mod share;
 
-use crate::disk::{self, DiskBase, FileIdentity};
+use crate::disk::{self, FileIdentity};
 use crate::idmap::{self, IdMap};
 use crate::signals::{Signals, StopRequest, Wake};
 use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
@@ -265,48 +265,33 @@ fn make_overlay(base: &Path, path: &Path) -> Result<(), BackendError> {
     Ok(())
 }
 
-fn record_disk_base(inst: &Instance, base: &Path) -> Result<(), BackendError> {
-    let record = DiskBase {
-        image: inst.image_id.clone(),
-        file: Some(FileIdentity::of(base).map_err(BackendError::io(base.display().to_string()))?),
-    };
-    disk::write(&inst.dir, &record).map_err(BackendError::io("disk/base.json"))
-}
-
 /// A qcow2 overlay is only good over the very file it was made on: refuse
 /// to boot it over anything else (see `crate::disk`).
 fn check_disk_base(inst: &Instance, base: &Path, disk_path: &Path) -> Result<(), BackendError> {
-    let fresh_hint = format!(
-        "`keystone agent start --fresh {}` discards that disk (what was not synced from it is lost)",
-        inst.name
-    );
-    let Some(record) = disk::read(&inst.dir) else {
+    let Some(record) = disk::recorded_for(inst)? else {
         // A disk from before the record existed: its qcow2 header names
         // the base file; the same path is taken as the same base.
         let backing = backing_file(disk_path)?;
         if backing.as_deref() != Some(base) {
             return Err(BackendError::Failed(format!(
-                "the disk of sandbox {} is built on {}, not on image {}'s {}; {fresh_hint}",
+                "the disk of sandbox {} is built on {}, not on image {}'s {}; {}",
                 inst.name,
                 backing.map_or("nothing".into(), |b| b.display().to_string()),
                 inst.image_id,
-                base.display()
+                base.display(),
+                disk::fresh_hint(inst)
             )));
         }
-        return record_disk_base(inst, base);
+        return disk::record_for(inst, Some(base));
     };
-    if record.image != inst.image_id {
-        return Err(BackendError::Failed(format!(
-            "the disk of sandbox {} is built on image {}, not {}; {fresh_hint}",
-            inst.name, record.image, inst.image_id
-        )));
-    }
     let now = FileIdentity::of(base).map_err(BackendError::io(base.display().to_string()))?;
     if record.file != Some(now) {
         return Err(BackendError::Failed(format!(
             "the disk of sandbox {} was made over another build of image {} (it was removed and \
-             built again since), and booting it over this one would corrupt it; {fresh_hint}",
-            inst.name, inst.image_id
+             built again since), and booting it over this one would corrupt it; {}",
+            inst.name,
+            inst.image_id,
+            disk::fresh_hint(inst)
         )));
     }
     Ok(())
@@ -579,7 +564,7 @@ impl Backend for MicrovmBackend {
                 check_disk_base(inst, &art.rootfs(), &disk)?;
             } else {
                 make_overlay(&art.rootfs(), &disk)?;
-                record_disk_base(inst, &art.rootfs())?;
+                disk::record_for(inst, Some(&art.rootfs()))?;
             }
         }
         Ok(())
