@@ -249,19 +249,10 @@ fn make_overlay(base: &Path, path: &Path) -> Result<(), BackendError> {
     if let Some(p) = path.parent() {
         fs::create_dir_all(p).map_err(BackendError::io(p.display().to_string()))?;
     }
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(base)
-        .arg(path)
-        .output()
-        .map_err(BackendError::io("qemu-img"))?;
-    if !out.status.success() {
-        return Err(BackendError::Failed(format!(
-            "qemu-img create {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    qemu_img(
+        &["create", "-q", "-f", "qcow2", "-F", "raw", "-b"],
+        &[base, path],
+    )?;
     Ok(())
 }
 
@@ -297,20 +288,30 @@ fn check_disk_base(inst: &Instance, base: &Path, disk_path: &Path) -> Result<(),
     Ok(())
 }
 
-/// The backing file a qcow2 overlay names in its header.
-fn backing_file(disk: &Path) -> Result<Option<PathBuf>, BackendError> {
+/// Run `qemu-img ARGS FILES…`; its output when it succeeded. An error
+/// names the last file, the disk being made or read.
+fn qemu_img(args: &[&str], files: &[&Path]) -> Result<std::process::Output, BackendError> {
     let out = Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(disk)
+        .args(args)
+        .args(files)
         .output()
         .map_err(BackendError::io("qemu-img"))?;
     if !out.status.success() {
         return Err(BackendError::Failed(format!(
-            "qemu-img info {} failed: {}",
-            disk.display(),
+            "qemu-img {} {} failed: {}",
+            args[0],
+            files
+                .last()
+                .map_or(String::new(), |f| f.display().to_string()),
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    Ok(out)
+}
+
+/// The backing file a qcow2 overlay names in its header.
+fn backing_file(disk: &Path) -> Result<Option<PathBuf>, BackendError> {
+    let out = qemu_img(&["info", "--output=json", "-U"], &[disk])?;
     let info: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| BackendError::Failed(format!("qemu-img info {}: {e}", disk.display())))?;
     Ok(info["backing-filename"].as_str().map(PathBuf::from))
