@@ -3,6 +3,9 @@
 # Kubernetes backend's end-to-end tests (no registry, no prebuilt server
 # binaries are reachable here; see /work/shared/KUBERNETES-TESTING.md).
 #
+#   scripts/test-cluster.sh deps    install the Debian packages build and up
+#                                   need (apt: run it before anything else
+#                                   that uses apt runs beside `build`)
 #   scripts/test-cluster.sh build   build kube-apiserver + kubelet from
 #                                   bookworm's `kubernetes` source package,
 #                                   cached by version (slow: ~15 min, once)
@@ -80,15 +83,28 @@ EOF
     fi
 }
 
+# golang-go (1.19) builds 1.20.2; rsync and jq are used by its make rules;
+# dpkg-dev unpacks the source package.
+BUILD_PACKAGES=(golang-go rsync jq dpkg-dev make)
+UP_PACKAGES=(etcd-server containerd runc containernetworking-plugins busybox-static
+             openssl jq iproute2 util-linux curl docker-registry skopeo)
+
+cmd_deps() {
+    need_root deps
+    have_binaries || apt_install "${BUILD_PACKAGES[@]}"
+    have_binaries || ensure_deb_src
+    apt_install "${UP_PACKAGES[@]}"
+    # kubectl: bookworm's kubernetes-client (1.20), unless one is installed.
+    command -v kubectl >/dev/null || apt_install kubernetes-client
+}
+
 cmd_build() {
     need_root build
     if have_binaries; then
         log "cached: $BIN_DIR"
         return 0
     fi
-    # golang-go (1.19) builds 1.20.2; rsync and jq are used by its make rules;
-    # dpkg-dev unpacks the source package.
-    apt_install golang-go rsync jq dpkg-dev make
+    apt_install "${BUILD_PACKAGES[@]}"
     ensure_deb_src
 
     local work=$CACHE/kubernetes/build-$K8S_DEB_VERSION
@@ -279,8 +295,7 @@ cmd_up() {
     fi
     cmd_down
     cmd_build
-    apt_install etcd-server containerd runc containernetworking-plugins busybox-static \
-        openssl jq iproute2 util-linux curl docker-registry skopeo
+    apt_install "${UP_PACKAGES[@]}"
     # kubectl: bookworm's kubernetes-client (1.20), unless one is installed.
     command -v kubectl >/dev/null || apt_install kubernetes-client
     local t0=$SECONDS
@@ -490,10 +505,11 @@ cmd_down() {
 }
 
 case "${1:-}" in
+    deps) cmd_deps ;;
     build) cmd_build ;;
     up) cmd_up ;;
     down) cmd_down ;;
     env) cmd_env ;;
     import) shift; cmd_import "$@" ;;
-    *) echo "usage: $0 build|up|env|import TAR|down" >&2; exit 2 ;;
+    *) echo "usage: $0 deps|build|up|env|import TAR|down" >&2; exit 2 ;;
 esac

@@ -70,6 +70,9 @@ pub struct Host {
     pub extra_env: Vec<(String, String)>,
     pub cache: PathBuf,
     pub exe: PathBuf,
+    /// When the host was made: its lifetime is the test's time, written
+    /// to `$KEYSTONE_TEST_TIMINGS` at drop (scripts/test.sh sums them up).
+    started: Instant,
 }
 
 pub struct Run {
@@ -143,6 +146,7 @@ impl Host {
             extra_env: Vec::new(),
             cache,
             exe,
+            started: Instant::now(),
         };
         for d in ["home/.ssh", "home/.config/gcloud", "config/keystone"] {
             host.mkdir(&host.tmp.path().join(d));
@@ -303,6 +307,26 @@ impl Drop for Host {
                 }
             }
         }
+        record_timing(&self.name(), self.started.elapsed());
+    }
+}
+
+/// One line per host, `seconds<TAB>test<TAB>project`, appended to the file
+/// `$KEYSTONE_TEST_TIMINGS` names (nothing when unset). libtest names each
+/// test's thread after the test.
+fn record_timing(project: &str, took: Duration) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("KEYSTONE_TEST_TIMINGS") else {
+        return;
+    };
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let line = format!("{:.1}\t{test}\t{project}\n", took.as_secs_f64());
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
