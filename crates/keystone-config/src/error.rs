@@ -43,6 +43,9 @@ pub enum ConfigError {
     /// caller, not in the user's input.
     #[error("{flag} sets `{key}`, which is not a configuration key (this is a bug in keystone)")]
     UnknownFlagKey { flag: String, key: String },
+    /// The project file or the trust store could not be read.
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
 }
 
 impl ConfigError {
@@ -57,6 +60,10 @@ impl ConfigError {
             ConfigError::Env { var, .. } => Some(var.clone()),
             ConfigError::Flag { flag, .. } | ConfigError::UnknownFlagKey { flag, .. } => {
                 Some(flag.clone())
+            }
+            ConfigError::Trust(crate::trust::TrustError::Refused { path, .. })
+            | ConfigError::Trust(crate::trust::TrustError::Io { path, .. }) => {
+                Some(path.display().to_string())
             }
         }
     }

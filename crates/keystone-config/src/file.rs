@@ -15,6 +15,13 @@ use crate::error::ConfigError;
 use crate::schema::{self, FIELDS};
 use crate::{Effective, Origin};
 
+/// Which layer a file is: a project file may not set the host-only keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layer {
+    User,
+    Project,
+}
+
 /// Applies the file at `path` on top of `effective`, recording `origin` for
 /// every key it sets. A missing file is not an error: both files are optional.
 pub(crate) fn apply(
@@ -32,18 +39,38 @@ pub(crate) fn apply(
             })
         }
     };
-    let cx = Cx { path, text: &text };
-    let doc = ImDocument::parse(text.as_str()).map_err(|e| {
+    apply_text(path, &text, origin, Layer::User, effective).map(drop)
+}
+
+/// Applies `text`, read from `path`; the host-only keys a project file
+/// set (validated, not applied).
+pub(crate) fn apply_text(
+    path: &Path,
+    text: &str,
+    origin: &Origin,
+    layer: Layer,
+    effective: &mut Effective,
+) -> Result<Vec<String>, ConfigError> {
+    let cx = Cx {
+        path,
+        text,
+        layer,
+        ignored: Default::default(),
+    };
+    let doc = ImDocument::parse(text).map_err(|e| {
         // toml_edit puts "what" and "expected what" on separate lines.
         let message: Vec<&str> = e.message().lines().map(str::trim).collect();
         cx.error(e.span(), format!("invalid TOML: {}", message.join("; ")))
     })?;
-    walk(doc.as_table(), "", &cx, origin, effective)
+    walk(doc.as_table(), "", &cx, origin, effective)?;
+    Ok(cx.ignored.into_inner())
 }
 
 struct Cx<'a> {
     path: &'a Path,
     text: &'a str,
+    layer: Layer,
+    ignored: std::cell::RefCell<Vec<String>>,
 }
 
 impl Cx<'_> {
@@ -92,6 +119,15 @@ fn walk(
                     format!("{} must be a value, not a table", schema::label(&path)),
                 ));
             };
+            if cx.layer == Layer::Project && crate::trust::host_only(&path).is_some() {
+                // Still validated, so a typo is reported, but never applied.
+                let mut scratch = crate::Config::default();
+                (FIELDS[index].set_toml)(&mut scratch, value).map_err(|e| {
+                    cx.error(e.span.or_else(|| value.span()).or(key_span), e.message)
+                })?;
+                cx.ignored.borrow_mut().push(path);
+                continue;
+            }
             (FIELDS[index].set_toml)(&mut effective.config, value)
                 .map_err(|e| cx.error(e.span.or_else(|| value.span()).or(key_span), e.message))?;
             effective.origins[index] = origin.clone();

@@ -6,6 +6,10 @@
 //! flag > environment > project file > user file > defaults, validates every
 //! value, and remembers which layer each key came from (`config show`).
 //!
+//! The project file is the sandbox's words too (sync writes the project
+//! tree): it applies only when the user trusted its exact content, and
+//! never for the host-only keys (see [`trust`]).
+//!
 //! Every key is declared once, in the table in `schema.rs`; the environment
 //! variable names live in [`env`](mod@env). A bad value is reported where it was
 //! written: `PATH:LINE:COLUMN: …` for a file, `VAR=VALUE: …` for the
@@ -29,6 +33,7 @@ mod error;
 mod file;
 mod model;
 mod schema;
+pub mod trust;
 
 pub use error::ConfigError;
 pub use model::{
@@ -37,6 +42,7 @@ pub use model::{
     ParseEnumError, Profile, ProxyConfig, PullPolicy, SessionConfig, ShareProto, SyncMode,
     WorkspaceMode, DEFAULT_FORWARD_ENV,
 };
+pub use trust::{ProjectStatus, TrustStore};
 
 use schema::FIELDS;
 
@@ -56,8 +62,12 @@ pub fn user_config_path() -> Option<PathBuf> {
 pub struct Inputs {
     /// Read if it exists; a missing file is not an error.
     pub user_file: Option<PathBuf>,
-    /// The project file is `project_dir.join(PROJECT_FILE)`, read if it exists.
+    /// The project file is `project_dir.join(PROJECT_FILE)`, read if it
+    /// exists and applied only when its content hash is `project_trust`.
     pub project_dir: Option<PathBuf>,
+    /// The hash the user pinned for this project file
+    /// ([`TrustStore::pinned`]); `None` when it was never trusted.
+    pub project_trust: Option<String>,
     /// The process environment; only the variables in [`env::VARS`] matter.
     pub env: BTreeMap<String, String>,
     /// Command-line overrides, applied in order (a later one wins).
@@ -67,10 +77,15 @@ pub struct Inputs {
 impl Inputs {
     /// Inputs from this process: the user file from [`user_config_path`] and
     /// the `KEYSTONE_AGENT_*` environment.
-    pub fn from_process(project_dir: Option<PathBuf>, flags: Vec<Flag>) -> Inputs {
+    pub fn from_process(
+        project_dir: Option<PathBuf>,
+        project_trust: Option<String>,
+        flags: Vec<Flag>,
+    ) -> Inputs {
         Inputs {
             user_file: user_config_path(),
             project_dir,
+            project_trust,
             env: env::from_process(),
             flags,
         }
@@ -139,6 +154,8 @@ pub struct Effective {
     pub config: Config,
     /// Parallel to `schema::FIELDS`.
     origins: Vec<Origin>,
+    /// What became of the project file, when there is one.
+    pub project: Option<ProjectStatus>,
 }
 
 impl Default for Effective {
@@ -147,6 +164,7 @@ impl Default for Effective {
         Effective {
             config: Config::default(),
             origins: vec![Origin::Default; FIELDS.len()],
+            project: None,
         }
     }
 }
@@ -195,7 +213,32 @@ pub fn load(inputs: &Inputs) -> Result<Effective, ConfigError> {
     }
     if let Some(dir) = &inputs.project_dir {
         let path = dir.join(PROJECT_FILE);
-        file::apply(&path, &Origin::ProjectFile(path.clone()), &mut effective)?;
+        effective.project = match trust::read_project_file(&path) {
+            Ok(None) => None,
+            Ok(Some(found)) if inputs.project_trust.as_deref() == Some(found.hash.as_str()) => {
+                let ignored_keys = file::apply_text(
+                    &path,
+                    &found.text,
+                    &Origin::ProjectFile(path.clone()),
+                    file::Layer::Project,
+                    &mut effective,
+                )?;
+                Some(ProjectStatus::Trusted { path, ignored_keys })
+            }
+            Ok(Some(found)) if inputs.project_trust.is_some() => Some(ProjectStatus::Changed {
+                path,
+                hash: found.hash,
+            }),
+            Ok(Some(found)) => Some(ProjectStatus::Untrusted {
+                path,
+                hash: found.hash,
+            }),
+            Err(trust::TrustError::Refused { message, .. }) => Some(ProjectStatus::Refused {
+                path,
+                reason: message,
+            }),
+            Err(e) => return Err(e.into()),
+        };
     }
 
     for (key, var) in env::VARS {

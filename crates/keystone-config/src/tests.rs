@@ -43,10 +43,22 @@ impl Fixture {
         self
     }
 
+    /// The fixture's files, the project file trusted as it is now.
     fn inputs(&self) -> Inputs {
+        Inputs {
+            project_trust: std::fs::read(self.project_path())
+                .ok()
+                .map(|b| trust::content_hash(&b)),
+            ..self.untrusted_inputs()
+        }
+    }
+
+    /// The fixture's files, the project file never trusted.
+    fn untrusted_inputs(&self) -> Inputs {
         Inputs {
             user_file: Some(self.user_path()),
             project_dir: Some(self.project_dir()),
+            project_trust: None,
             env: BTreeMap::new(),
             flags: Vec::new(),
         }
@@ -176,9 +188,154 @@ fn later_flags_win_over_earlier_ones() {
 fn lists_from_a_higher_layer_replace_lower_ones() {
     let fx = Fixture::new();
     fx.user("[guest]\npackages = [\"git\", \"jq\"]\n");
-    fx.project("[guest]\npackages = [\"ripgrep\"]\n");
-    let effective = load(&fx.inputs()).expect("load");
+    let effective = load(&Inputs {
+        env: env(&[("KEYSTONE_AGENT_PACKAGES", "ripgrep")]),
+        ..fx.inputs()
+    })
+    .expect("load");
     assert_eq!(effective.config.guest.packages, vec!["ripgrep"]);
+}
+
+// ---- trust in the project file ----
+
+#[test]
+fn an_untrusted_project_file_is_not_read_at_all() {
+    let fx = Fixture::new();
+    // Not even parsed: a broken file must not stop the user's commands.
+    fx.project("[defaults]\nmemory = 8192\nthis is not toml");
+    let effective = load(&fx.untrusted_inputs()).expect("load");
+    assert_eq!(effective.config, Config::default());
+    let Some(ProjectStatus::Untrusted { path, hash }) = &effective.project else {
+        panic!("{:?}", effective.project);
+    };
+    assert_eq!(path, &fx.project_path());
+    assert_eq!(hash.len(), 64);
+    let notice = effective.project.as_ref().and_then(ProjectStatus::notice);
+    assert!(
+        notice
+            .as_deref()
+            .is_some_and(|n| n.contains("keystone agent trust")),
+        "{notice:?}"
+    );
+}
+
+#[test]
+fn a_trusted_project_file_applies_until_its_content_changes() {
+    let fx = Fixture::new();
+    fx.project("[defaults]\nmemory = 8192\n");
+    let trusted = fx.inputs();
+    let effective = load(&trusted).expect("load");
+    assert_eq!(effective.config.defaults.memory, 8192);
+    assert_eq!(
+        effective.project,
+        Some(ProjectStatus::Trusted {
+            path: fx.project_path(),
+            ignored_keys: vec![]
+        })
+    );
+    // The sandbox commits a new version; sync puts it in the tree.
+    fx.project("[defaults]\nmemory = 8192\nvcpus = 64\n");
+    let effective = load(&trusted).expect("load");
+    assert_eq!(effective.config, Config::default());
+    assert!(
+        matches!(effective.project, Some(ProjectStatus::Changed { .. })),
+        "{:?}",
+        effective.project
+    );
+}
+
+#[test]
+fn a_trusted_project_file_never_sets_host_only_keys() {
+    let fx = Fixture::new();
+    fx.user("[guest]\nforward_env = [\"ANTHROPIC_API_KEY\"]\n");
+    fx.project(
+        "[defaults]\nvcpus = 3\nartifacts = [\".git/hooks\"]\nenv_files = [\"secrets/*\"]\n\
+         [guest]\nforward_env = [\"AWS_SECRET_ACCESS_KEY\"]\npackages = [\"evil\"]\n\
+         [backend.microvm]\nkernel = \"/etc/shadow\"\n",
+    );
+    let effective = load(&fx.inputs()).expect("load");
+    assert_eq!(effective.config.defaults.vcpus, 3);
+    assert!(effective.config.defaults.artifacts.is_empty());
+    assert_eq!(
+        effective.config.guest.forward_env,
+        vec!["ANTHROPIC_API_KEY"]
+    );
+    assert!(effective.config.guest.packages.is_empty());
+    assert_eq!(effective.config.backend.microvm.kernel, "");
+    let Some(ProjectStatus::Trusted { ignored_keys, .. }) = &effective.project else {
+        panic!("{:?}", effective.project);
+    };
+    assert_eq!(
+        ignored_keys,
+        &[
+            "defaults.artifacts",
+            "defaults.env_files",
+            "guest.forward_env",
+            "guest.packages",
+            "backend.microvm.kernel"
+        ]
+    );
+    let notice = effective.project.as_ref().and_then(ProjectStatus::notice);
+    assert!(
+        notice
+            .as_deref()
+            .is_some_and(|n| n.contains("defaults.artifacts")),
+        "{notice:?}"
+    );
+}
+
+#[test]
+fn host_only_keys_are_real_keys() {
+    for (key, _) in trust::HOST_ONLY {
+        assert!(schema::index(key).is_some(), "{key} is not a key");
+    }
+}
+
+#[test]
+fn a_linked_project_file_is_refused_not_followed() {
+    let fx = Fixture::new();
+    let host_file = fx.dir.path().join("host-secret.toml");
+    Fixture::write(&host_file, "[defaults]\nmemory = 8192\n");
+    std::fs::create_dir_all(fx.project_path().parent().expect("dir")).expect("mkdir");
+    std::os::unix::fs::symlink(&host_file, fx.project_path()).expect("symlink");
+    // Even "trusted" with the target's hash: a link is never read.
+    let inputs = Inputs {
+        project_trust: Some(trust::content_hash(b"[defaults]\nmemory = 8192\n")),
+        ..fx.untrusted_inputs()
+    };
+    let effective = load(&inputs).expect("load");
+    assert_eq!(effective.config, Config::default());
+    assert!(
+        matches!(&effective.project, Some(ProjectStatus::Refused { reason, .. }) if reason.contains("symbolic link")),
+        "{:?}",
+        effective.project
+    );
+}
+
+#[test]
+fn the_trust_store_pins_content_by_canonical_path() {
+    let fx = Fixture::new();
+    fx.project("[defaults]\nvcpus = 2\n");
+    let store = TrustStore::in_state_dir(&fx.dir.path().join("state"));
+    assert_eq!(store.pinned(&fx.project_path()).expect("read"), None);
+    let file = trust::read_project_file(&fx.project_path())
+        .expect("read")
+        .expect("exists");
+    store.pin(&file).expect("pin");
+    // Another spelling of the same path finds the same pin.
+    let other = fx
+        .dir
+        .path()
+        .join("project/./.keystone/../.keystone/agent.toml");
+    assert_eq!(store.pinned(&other).expect("read"), Some(file.hash.clone()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(store.path())
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(store.revoke(&fx.project_path()).expect("revoke"));
+    assert_eq!(store.pinned(&fx.project_path()).expect("read"), None);
 }
 
 #[test]

@@ -7,6 +7,12 @@
 //! symlink already inside the destination is replaced, not followed; and
 //! `--safe-links` drops symlinks from the sandbox that point outside the
 //! copied tree (e.g. to the host's `/etc` or home).
+//!
+//! Nothing lands in a `.git` or `.keystone` directory, at any depth: a
+//! path naming one is refused, and the copy of a directory leaves them
+//! out. Files there are code or configuration the host acts on (hooks,
+//! `core.fsmonitor`, the project file), and a nested `.git` would make a
+//! subdirectory a repository with the sandbox's hooks.
 
 use crate::SyncError;
 use keystone_channel::Channel;
@@ -40,11 +46,7 @@ pub fn copy_back(
     let mut copied = Vec::new();
     for p in paths {
         let rel = Path::new(p.trim_end_matches('/'));
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(SyncError::Refused(format!(
-                "artifact path {p:?} must be relative, without '..'"
-            )));
-        }
+        check_path(p, rel)?;
         // No symlink on the way to the destination, from the project down.
         let mut at = project.to_path_buf();
         for c in rel.components() {
@@ -104,8 +106,9 @@ pub fn copy_back(
                 "--safe-links",
                 "--no-implied-dirs",
                 "--protect-args",
-                "-e",
             ])
+            .args(PROTECTED.iter().map(|d| format!("--exclude={d}")))
+            .arg("-e")
             .arg(format!("ssh -F {}", quote(&config.display().to_string())))
             .arg(&src)
             .arg(&dst)
@@ -125,6 +128,61 @@ pub fn copy_back(
     Ok(copied)
 }
 
+/// Directory names no artifact is ever copied into, at any depth.
+const PROTECTED: &[&str] = &[".git", ".keystone"];
+
+/// An artifact path must be relative, stay beneath the project, and pass
+/// through no protected directory.
+fn check_path(p: &str, rel: &Path) -> Result<(), SyncError> {
+    if rel.as_os_str().is_empty()
+        || rel.is_absolute()
+        || rel.components().any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(SyncError::Refused(format!(
+            "artifact path {p:?} must be relative, without '..'"
+        )));
+    }
+    if let Some(dir) = rel
+        .components()
+        .find_map(|c| PROTECTED.iter().find(|d| c.as_os_str() == **d))
+    {
+        return Err(SyncError::Refused(format!(
+            "artifact path {p:?} is refused: nothing is copied into a {dir} directory (files there are code and configuration the host runs)"
+        )));
+    }
+    Ok(())
+}
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_into_git_or_keystone_are_refused_at_any_depth() {
+        for p in [
+            ".git",
+            ".git/hooks",
+            "sub/.git/hooks/post-checkout",
+            ".keystone",
+            "a/.keystone/agent.toml",
+        ] {
+            let err = check_path(p, Path::new(p)).expect_err(p).to_string();
+            assert!(err.contains("is refused"), "{p}: {err}");
+        }
+        for p in ["/etc", "../x", "a/../../b", ""] {
+            assert!(check_path(p, Path::new(p)).is_err(), "{p}");
+        }
+        for p in [
+            "dist",
+            "target/release/app",
+            ".github-pages",
+            "a/.gitignore",
+        ] {
+            check_path(p, Path::new(p)).expect(p);
+        }
+    }
 }

@@ -100,6 +100,8 @@ pub enum Agent {
     Ssh(SshArgs),
     /// Print the effective configuration and where each value came from.
     Config(ConfigArgs),
+    /// Trust the project file (.keystone/agent.toml) as it is now.
+    Trust(TrustArgs),
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(Image),
@@ -283,6 +285,18 @@ pub struct ConfigArgs {
     pub project_path: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TrustArgs {
+    /// The project (any path inside a git repository); default: current directory.
+    pub project_path: Option<PathBuf>,
+    /// Forget the trust instead: the file is ignored from now on.
+    #[arg(long)]
+    pub revoke: bool,
+    /// Show the file and whether it is trusted; change nothing.
+    #[arg(long, conflicts_with = "revoke")]
+    pub show: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -142,8 +142,29 @@ pub fn backend_for(kind: &str) -> Result<Box<dyn Backend>> {
     }
 }
 
-/// Load the configuration for a project with command-line overrides.
+/// Load the configuration for a project with command-line overrides. The
+/// project file counts only as far as the user trusted it; when it does
+/// not (wholly) count, one line says why and what to do.
 pub fn load_config(project: Option<&Path>, flags: Vec<Flag>) -> Result<Effective> {
-    let inputs = Inputs::from_process(project.map(Path::to_path_buf), flags);
-    Ok(keystone_config::load(&inputs)?)
+    let trust = match project {
+        Some(dir) => trust_store()?.pinned(&dir.join(keystone_config::PROJECT_FILE))?,
+        None => None,
+    };
+    let inputs = Inputs::from_process(project.map(Path::to_path_buf), trust, flags);
+    let effective = keystone_config::load(&inputs)?;
+    if let Some(notice) = effective.project.as_ref().and_then(|p| p.notice()) {
+        crate::ui::warn(notice);
+    }
+    Ok(effective)
+}
+
+/// The user's pins of trusted project files, in keystone's state directory.
+pub fn trust_store() -> Result<keystone_config::TrustStore> {
+    let state = Registry::default_dir().ok_or_else(|| {
+        CliError::new(
+            Exit::Requirements,
+            "neither XDG_STATE_HOME nor HOME is set; set HOME",
+        )
+    })?;
+    Ok(keystone_config::TrustStore::in_state_dir(&state))
 }

@@ -64,6 +64,12 @@ impl From<keystone_config::ConfigError> for CliError {
     }
 }
 
+impl From<keystone_config::trust::TrustError> for CliError {
+    fn from(e: keystone_config::trust::TrustError) -> Self {
+        CliError::failed(e.to_string())
+    }
+}
+
 impl From<keystone_backend::BackendError> for CliError {
     fn from(e: keystone_backend::BackendError) -> Self {
         use keystone_backend::BackendError as B;

@@ -55,6 +55,7 @@ fn dispatch(cmd: Agent) -> error::Result<i32> {
         Agent::Exec(a) => exec::run(a),
         Agent::Ssh(a) => ssh::run(a),
         Agent::Config(a) => config::run(a),
+        Agent::Trust(a) => trust::run(a),
         Agent::Image(i) => image::run(i),
         Agent::Doctor(a) => doctor::run(a),
         Agent::Proxy(cli::Proxy::Status(a)) => proxy::status(a),

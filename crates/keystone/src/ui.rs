@@ -18,6 +18,20 @@ fn paint(code: &str, s: &str) -> String {
     }
 }
 
+/// `s` with every control character but tab shown as an escape (`\u{1b}`),
+/// so text the sandbox wrote cannot drive the user's terminal.
+pub fn escape_controls(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn note(msg: impl AsRef<str>) {
     eprintln!("{}", msg.as_ref());
 }

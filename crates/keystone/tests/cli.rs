@@ -234,7 +234,13 @@ fn config_shows_each_value_and_its_origin() {
     std::fs::create_dir_all(cfg.parent().expect("parent")).expect("mkdir");
     std::fs::write(&cfg, "[defaults]\nvcpus = 2\n").expect("write");
     std::fs::create_dir_all(repo.join(".keystone")).expect("mkdir");
-    std::fs::write(repo.join(".keystone/agent.toml"), "[proxy]\nport = 9000\n").expect("write");
+    std::fs::write(
+        repo.join(".keystone/agent.toml"),
+        "[defaults]\npersist = false\n",
+    )
+    .expect("write");
+    let out = env.ks_in(&repo, &["agent", "trust"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
     let out = env.ks_in(
         &repo,
         &["agent", "config"],
@@ -255,10 +261,93 @@ fn config_shows_each_value_and_its_origin() {
     );
     assert!(line("defaults.vcpus").contains("user file"), "{t}");
     assert!(
-        line("proxy.port").contains("9000") && line("proxy.port").contains("project file"),
+        line("defaults.persist").contains("false")
+            && line("defaults.persist").contains("project file"),
         "{t}"
     );
     assert!(line("defaults.network").contains("default"), "{t}");
+}
+
+/// The project file is the sandbox's words (sync writes the tree): it
+/// counts only once trusted, only as trusted, and never for host-only keys.
+#[test]
+fn the_project_file_counts_only_once_trusted() {
+    let env = Env::new();
+    let repo = env.repo();
+    std::fs::create_dir_all(repo.join(".keystone")).expect("mkdir");
+    let file = repo.join(".keystone/agent.toml");
+    std::fs::write(
+        &file,
+        "[defaults]\nvcpus = 3\nartifacts = [\".git/hooks\"]\n[guest]\nforward_env = [\"HOST_SECRET\"]\n",
+    )
+    .expect("write");
+    let value = |t: &str, key: &str| {
+        t.lines()
+            .find(|l| l.starts_with(&format!("{key} =")))
+            .unwrap_or("")
+            .to_string()
+    };
+
+    // Never trusted: ignored, with one line saying how to trust it.
+    let out = env.ks_in(&repo, &["agent", "config"], &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
+    assert!(
+        t.contains("is not trusted") && t.contains("keystone agent trust"),
+        "{t}"
+    );
+
+    // --show changes nothing.
+    let out = env.ks_in(&repo, &["agent", "trust", "--show"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not trusted"), "{}", text(&out));
+    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
+
+    // Trusted: applied, without the host-only keys.
+    let out = env.ks_in(&repo, &["agent", "trust"], &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("defaults.artifacts is ignored"), "{t}");
+    assert!(t.contains("guest.forward_env is ignored"), "{t}");
+    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    assert!(value(&t, "defaults.vcpus").contains("3"), "{t}");
+    assert!(value(&t, "defaults.artifacts").contains("[]"), "{t}");
+    assert!(
+        !value(&t, "guest.forward_env").contains("HOST_SECRET"),
+        "{t}"
+    );
+    let pins = std::fs::metadata(env.path("state/keystone/trust.json")).expect("trust.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(pins.permissions().mode() & 0o777, 0o600);
+
+    // Changed (as a sync would change it): ignored again.
+    std::fs::write(&file, "[defaults]\nvcpus = 64\n").expect("write");
+    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
+    assert!(t.contains("changed since you trusted it"), "{t}");
+
+    // A link to a host file is never read, trusted or not.
+    std::fs::remove_file(&file).expect("rm");
+    std::os::unix::fs::symlink(env.path("config"), &file).expect("symlink");
+    let out = env.ks_in(&repo, &["agent", "trust"], &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("symbolic link"), "{}", text(&out));
+    let out = env.ks_in(&repo, &["agent", "config"], &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("symbolic link"), "{}", text(&out));
+
+    // Revoked: ignored.
+    std::fs::remove_file(&file).expect("rm");
+    std::fs::write(&file, "[defaults]\nvcpus = 5\n").expect("write");
+    assert!(env.ks_in(&repo, &["agent", "trust"], &[]).status.success());
+    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    assert!(value(&t, "defaults.vcpus").contains("5"), "{t}");
+    let out = env.ks_in(&repo, &["agent", "trust", "--revoke"], &[]);
+    assert!(text(&out).contains("no longer trusted"), "{}", text(&out));
+    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
 }
 
 #[test]

@@ -15,4 +15,5 @@ pub mod stop;
 pub mod supervise;
 pub mod sync;
 pub mod tokens;
+pub mod trust;
 pub mod worktree;

@@ -942,6 +942,80 @@ pub fn artifacts(h: Host) {
         r.text()
     );
     assert!(!outside.join("report.txt").exists());
+    std::fs::remove_file(h.project.join("out")).expect("rm link");
+
+    // Nothing lands in a .git or .keystone directory, at any depth: a
+    // nested .git would make dist/ a repository with the sandbox's hooks.
+    h.sh("mkdir -p dist/.git/hooks dist/.keystone \
+          && printf '#!/bin/sh\\ntouch /tmp/hook-canary\\n' > dist/.git/hooks/post-checkout \
+          && chmod +x dist/.git/hooks/post-checkout && echo '[defaults]' > dist/.keystone/agent.toml");
+    h.ks(&["sync", "--artifacts"]).ok();
+    assert!(h.project.join("dist/app.js").is_file());
+    for planted in ["dist/.git", "dist/.keystone"] {
+        assert!(
+            std::fs::symlink_metadata(h.project.join(planted)).is_err(),
+            "{planted} came home"
+        );
+    }
+
+    // The attack the review reproduced: the agent commits a project file
+    // that makes its own .git/hooks an artifact, and plants a hook there.
+    // After sync brings the file home, `sync --artifacts` must not put the
+    // hook into the host's .git: the file is not trusted, and even trusted
+    // a project file may not choose artifacts.
+    let hooks_before = dir_listing(&h.project.join(".git/hooks"));
+    h.sh("mkdir -p .keystone && printf '[defaults]\\nartifacts = [\\\".git/hooks\\\", \\\".git\\\"]\\n' > .keystone/agent.toml \
+          && git add .keystone/agent.toml && git commit -qm 'project settings' \
+          && printf '#!/bin/sh\\ntouch /tmp/hook-canary\\n' > .git/hooks/post-checkout && chmod +x .git/hooks/post-checkout");
+    h.ks(&["sync"]).ok();
+    assert!(
+        h.project.join(".keystone/agent.toml").is_file(),
+        "the commit did not arrive"
+    );
+    let r = h.ks(&["sync", "--artifacts"]);
+    r.ok();
+    assert!(r.text().contains("is not trusted"), "{}", r.text());
+    let r = h.ks(&["trust"]);
+    r.ok();
+    assert!(
+        r.text().contains("defaults.artifacts is ignored"),
+        "{}",
+        r.text()
+    );
+    h.ks(&["sync", "--artifacts"]).ok();
+    assert!(
+        !h.project.join(".git/hooks/post-checkout").exists(),
+        "the sandbox's hook reached the host's .git"
+    );
+    assert_eq!(dir_listing(&h.project.join(".git/hooks")), hooks_before);
+    // The user's own file naming .git is refused, saying why.
+    let text = std::fs::read_to_string(&cfg).expect("config").replace(
+        "artifacts = [\"dist\", \"out/report.txt\"]",
+        "artifacts = [\".git/hooks\"]",
+    );
+    h.write(&cfg, &text);
+    let r = h.ks(&["sync", "--artifacts"]);
+    r.code(2);
+    assert!(r.text().contains("is refused"), "{}", r.text());
+    assert_eq!(dir_listing(&h.project.join(".git/hooks")), hooks_before);
+}
+
+/// Names and contents of the files in `dir`, sorted.
+fn dir_listing(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read(e.path()).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
 }
 
 /// auto-commit: a commit in the sandbox reaches the host with no command;
