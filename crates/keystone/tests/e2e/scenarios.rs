@@ -973,6 +973,11 @@ pub fn artifacts(h: Host) {
         "the commit did not arrive"
     );
     let r = h.ks(&["sync", "--artifacts"]);
+    assert!(
+        !h.project.join(".git/hooks/post-checkout").exists(),
+        "the sandbox's hook reached the host's .git:\n{}",
+        r.text()
+    );
     r.ok();
     assert!(r.text().contains("is not trusted"), "{}", r.text());
     let r = h.ks(&["trust"]);
