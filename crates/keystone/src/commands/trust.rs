@@ -8,10 +8,10 @@
 //! undoes the trust until it is run again.
 
 use crate::cli::TrustArgs;
-use crate::context::{load_config, trust_store};
+use crate::context::trust_store;
 use crate::error::{CliError, Exit, Result};
 use crate::ui;
-use keystone_config::trust::{self, TrustError};
+use keystone_config::trust;
 use keystone_config::{Inputs, ProjectStatus, PROJECT_FILE};
 
 pub fn run(args: TrustArgs) -> Result<i32> {
@@ -43,7 +43,6 @@ pub fn run(args: TrustArgs) -> Result<i32> {
                 path.display()
             )))
         }
-        Err(e @ TrustError::Refused { .. }) => return Err(CliError::failed(e.to_string())),
         Err(e) => return Err(e.into()),
     };
     let pinned = store.pinned(&path)?;
@@ -82,7 +81,5 @@ pub fn run(args: TrustArgs) -> Result<i32> {
         "trusted: commands in {} now apply it (until it changes)",
         top.display()
     );
-    // The effective configuration now, as any command will load it.
-    load_config(Some(&top), Vec::new())?;
     Ok(0)
 }
