@@ -407,9 +407,11 @@ pub fn web_terminal(h: Host) {
         c.set_window_size(1400, 800).await.expect("resize");
         tokio::time::sleep(Duration::from_millis(700)).await;
         type_keys(&c, "clear; echo COLS=$(tput cols)=\n").await;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // The cleared screen first shows only the echoed command line (no
+        // number yet): wait for a number that differs from the first.
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut after = before;
-        while Instant::now() < deadline && after == before {
+        while Instant::now() < deadline && (after.is_none() || after == before) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             after = cols(page_text(&c).await);
         }
