@@ -1,12 +1,19 @@
 //! User-namespace id maps, shared by the backends that unpack images.
 //!
-//! Root maps the container's ids 0..65535 onto the same host ids, so an
-//! image unpacked by root works as is while the container's root still has
-//! capabilities only inside its own namespaces. An unprivileged user maps
-//! container root onto itself and 1..65535 onto its subordinate range from
-//! /etc/subuid and /etc/subgid, through the setuid helpers newuidmap and
-//! newgidmap (package uidmap) — the same scheme as rootless podman — so the
-//! image's `agent` user (1000) is a real, distinct id.
+//! A container never runs on the host's own ids. Run by root, it maps its
+//! ids 0..65535 onto a range of host ids of keystone's own
+//! ([`container_range`]: the `keystone` entry of /etc/subuid and
+//! /etc/subgid, added once if missing, as Docker's `--userns-remap=default`
+//! adds `dockremap`), so the guest's root is an unprivileged host id for
+//! every uid-based check (`/proc/sys`, device nodes, files it leaves on
+//! the host) and its `agent` (1000) is no real host user. An unprivileged
+//! user maps container root onto itself and 1..65535 onto its subordinate
+//! range, through the setuid helpers newuidmap and newgidmap (package
+//! uidmap), the same scheme as rootless podman.
+//!
+//! The identity map ([`IdMap::identity_for_root`]) is only for unpacking
+//! an image that keeps the image's own ids, as the microVM's disk does:
+//! its guest has a kernel of its own.
 
 use crate::BackendError;
 use std::ffi::CString;
@@ -16,26 +23,61 @@ pub const SIZE: u32 = 65536;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdMap {
+    /// The caller's own ids.
     pub uid: u32,
     pub gid: u32,
-    /// Subordinate (start, count) ranges; None for root.
-    pub sub: Option<((u32, u32), (u32, u32))>,
+    pub mapping: Mapping,
+}
+
+/// Where the namespace's ids 0..65535 land on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Onto the same host ids (root only; never for a container).
+    Identity,
+    /// Onto `uid..uid+65535` and `gid..gid+65535` (root: keystone's range).
+    Shifted { uid: u32, gid: u32 },
+    /// Root onto the caller, 1..65535 onto its subordinate (start, count)
+    /// ranges (an unprivileged caller).
+    Subordinate { uids: (u32, u32), gids: (u32, u32) },
 }
 
 impl IdMap {
+    /// Whether the caller is the host's root (host privileges: cgroups,
+    /// bridges, devices), whatever the map.
     pub fn is_root(&self) -> bool {
-        self.sub.is_none()
+        self.uid == 0
     }
 
+    /// The host uid and gid of the namespace's root.
+    pub fn root_on_host(&self) -> (u32, u32) {
+        match self.mapping {
+            Mapping::Identity => (0, 0),
+            Mapping::Shifted { uid, gid } => (uid, gid),
+            Mapping::Subordinate { .. } => (self.uid, self.gid),
+        }
+    }
+
+    /// The map a container runs under: keystone's own range for root, the
+    /// subordinate range for a user.
+    pub fn for_container() -> Result<IdMap, BackendError> {
+        if nix::unistd::geteuid().is_root() {
+            let (uid, gid) = container_range()?;
+            return Ok(IdMap {
+                uid: 0,
+                gid: 0,
+                mapping: Mapping::Shifted { uid, gid },
+            });
+        }
+        Self::for_current_user()
+    }
+
+    /// Root: the identity; a user: its subordinate range. For trees whose
+    /// owners are the image's own ids (the microVM's disk).
     pub fn for_current_user() -> Result<IdMap, BackendError> {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
         if uid == 0 {
-            return Ok(IdMap {
-                uid,
-                gid,
-                sub: None,
-            });
+            return Ok(Self::identity_for_root());
         }
         let user = nix::unistd::User::from_uid(uid.into())
             .ok()
@@ -54,7 +96,7 @@ impl IdMap {
                     ))
                 })
         };
-        let sub = (find("/etc/subuid")?, find("/etc/subgid")?);
+        let (uids, gids) = (find("/etc/subuid")?, find("/etc/subgid")?);
         for helper in ["newuidmap", "newgidmap"] {
             if keystone_channel::which(helper).is_none() {
                 return Err(BackendError::Requirement(format!(
@@ -65,25 +107,44 @@ impl IdMap {
         Ok(IdMap {
             uid,
             gid,
-            sub: Some(sub),
+            mapping: Mapping::Subordinate { uids, gids },
         })
+    }
+
+    pub fn identity_for_root() -> IdMap {
+        IdMap {
+            uid: 0,
+            gid: 0,
+            mapping: Mapping::Identity,
+        }
+    }
+
+    /// Whether commands must enter a user namespace to see the tree's
+    /// owners as the image's ids.
+    fn is_identity(&self) -> bool {
+        self.mapping == Mapping::Identity
     }
 
     /// Install the maps for the process `pid`, which has just unshared its
     /// user namespace.
     pub fn apply(&self, pid: i32) -> Result<(), BackendError> {
-        match self.sub {
-            None => {
-                for (file, line) in [
-                    ("uid_map", format!("0 0 {SIZE}\n")),
-                    ("gid_map", format!("0 0 {SIZE}\n")),
-                ] {
-                    let path = format!("/proc/{pid}/{file}");
-                    std::fs::write(&path, line).map_err(BackendError::io(path))?;
-                }
-                Ok(())
+        let direct = |uid: u32, gid: u32| -> Result<(), BackendError> {
+            for (file, line) in [
+                ("uid_map", format!("0 {uid} {SIZE}\n")),
+                ("gid_map", format!("0 {gid} {SIZE}\n")),
+            ] {
+                let path = format!("/proc/{pid}/{file}");
+                std::fs::write(&path, line).map_err(BackendError::io(path))?;
             }
-            Some(((su, _), (sg, _))) => {
+            Ok(())
+        };
+        match self.mapping {
+            Mapping::Identity => direct(0, 0),
+            Mapping::Shifted { uid, gid } => direct(uid, gid),
+            Mapping::Subordinate {
+                uids: (su, _),
+                gids: (sg, _),
+            } => {
                 for (helper, own, start) in
                     [("newuidmap", self.uid, su), ("newgidmap", self.gid, sg)]
                 {
@@ -104,6 +165,80 @@ impl IdMap {
             }
         }
     }
+}
+
+/// The name of keystone's entry in /etc/subuid and /etc/subgid.
+pub const RANGE_OWNER: &str = "keystone";
+
+/// Where root's containers map their ids: the `keystone` range of
+/// /etc/subuid and /etc/subgid, added (the same start in both, above every
+/// range already there, 65536-aligned) when either file has none.
+pub fn container_range() -> Result<(u32, u32), BackendError> {
+    let files = ["/etc/subuid", "/etc/subgid"];
+    let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+    let found = |text: &str| {
+        parse_subid(text, RANGE_OWNER, u32::MAX)
+            .filter(|&(start, count)| start > 0 && count >= SIZE)
+    };
+    if let (Some((u, _)), Some((g, _))) = (found(&read(files[0])), found(&read(files[1]))) {
+        return Ok((u, g));
+    }
+    // One writer at a time (two first starts at once).
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/etc/.keystone-subid.lock")
+        .map_err(BackendError::io("/etc/.keystone-subid.lock"))?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| BackendError::Failed(format!("lock /etc/.keystone-subid.lock: {e}")))?;
+    let texts = [read(files[0]), read(files[1])];
+    let mut ids = [0u32; 2];
+    let start = free_start(&texts[0], &texts[1]);
+    for (i, (file, text)) in files.iter().zip(&texts).enumerate() {
+        if let Some((s, _)) = found(text) {
+            ids[i] = s;
+            continue;
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(file)
+            .or_else(|_| std::fs::OpenOptions::new().create(true).append(true).open(file))
+            .map_err(|e| {
+                BackendError::Requirement(format!(
+                    "containers run by root map their ids onto a range of their own, and {file} has none for {RANGE_OWNER:?}                      and cannot be written ({e}); add the line `{RANGE_OWNER}:{start}:{SIZE}` to /etc/subuid and /etc/subgid"
+                ))
+            })?;
+        let sep = if text.is_empty() || text.ends_with('\n') {
+            ""
+        } else {
+            "\n"
+        };
+        f.write_all(format!("{sep}{RANGE_OWNER}:{start}:{SIZE}\n").as_bytes())
+            .map_err(BackendError::io(*file))?;
+        tracing::info!(file, start, "added keystone's subordinate id range");
+        ids[i] = start;
+    }
+    Ok((ids[0], ids[1]))
+}
+
+/// The lowest 65536-aligned start, at least 2^20, above every range in
+/// both files.
+fn free_start(subuid: &str, subgid: &str) -> u32 {
+    let end = subuid
+        .lines()
+        .chain(subgid.lines())
+        .filter_map(|l| {
+            let mut f = l.trim().split(':');
+            let (_, s, c) = (f.next()?, f.next()?, f.next()?);
+            s.parse::<u64>().ok()?.checked_add(c.parse::<u64>().ok()?)
+        })
+        .max()
+        .unwrap_or(0)
+        .max(1 << 20);
+    let aligned = end.div_ceil(u64::from(SIZE)) * u64::from(SIZE);
+    u32::try_from(aligned).unwrap_or(u32::MAX - SIZE)
 }
 
 /// The first range for `user` (by name or numeric uid) in a subuid file.
@@ -150,7 +285,7 @@ pub fn unpack_image(
 pub fn run_mapped(map: &IdMap, argv: &[&str]) -> Result<std::process::ExitStatus, BackendError> {
     use nix::unistd::{fork, ForkResult};
     use std::os::unix::process::ExitStatusExt;
-    if map.is_root() {
+    if map.is_identity() {
         return Command::new(argv[0])
             .args(&argv[1..])
             .status()
@@ -220,6 +355,32 @@ pub fn run_mapped(map: &IdMap, argv: &[&str]) -> Result<std::process::ExitStatus
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_range_starts_above_every_range_there_is() {
+        assert_eq!(free_start("", ""), 1 << 20);
+        let uid = "alice:100000:65536\nkeystone-test:300000:65536\n";
+        let gid = "alice:100000:65536\nbig:2000000:70000\n";
+        let start = free_start(uid, gid);
+        assert_eq!(start % SIZE, 0);
+        assert!(start >= 2_070_000, "{start}");
+        assert!(start - 2_070_000 < SIZE);
+    }
+
+    #[test]
+    fn a_shifted_map_puts_root_on_the_range() {
+        let map = IdMap {
+            uid: 0,
+            gid: 0,
+            mapping: Mapping::Shifted {
+                uid: 1 << 20,
+                gid: 1 << 20,
+            },
+        };
+        assert!(map.is_root());
+        assert_eq!(map.root_on_host(), (1 << 20, 1 << 20));
+        assert!(!map.is_identity());
+    }
 
     #[test]
     fn parses_subid_by_name_or_uid() {

@@ -40,16 +40,42 @@ pub fn ensure(ssh_dir: &Path, alias: &str) -> Result<PathBuf, ChannelError> {
     let host_pub = read(&guest.join(format!("{HOST_KEY}.pub")))?;
 
     let auth = guest.join("authorized_keys");
-    fs::write(&auth, client_pub.trim().to_string() + "\n").map_err(io_err(&auth))?;
-    fs::set_permissions(&auth, fs::Permissions::from_mode(0o644)).map_err(io_err(&auth))?;
+    replace_file(
+        &auth,
+        (client_pub.trim().to_string() + "\n").as_bytes(),
+        0o644,
+    )?;
 
     // known_hosts entry under the alias, which the config sets as
     // HostKeyAlias: the pinned key is all the client will accept.
     let mut parts = host_pub.split_whitespace();
     let (kind, key) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let known = ssh_dir.join(KNOWN_HOSTS);
-    fs::write(&known, format!("{alias} {kind} {key}\n")).map_err(io_err(&known))?;
+    replace_file(&known, format!("{alias} {kind} {key}\n").as_bytes(), 0o644)?;
     Ok(guest)
+}
+
+/// Write `path` as a new file: whatever is there (a link included) is
+/// removed first and the new one is created without following a link, so
+/// no earlier content of the directory decides where the bytes go.
+fn replace_file(path: &Path, body: &[u8], mode: u32) -> Result<(), ChannelError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(mode)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(body).map_err(io_err(path))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err(path))
 }
 
 fn read(path: &Path) -> Result<String, ChannelError> {

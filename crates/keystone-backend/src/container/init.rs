@@ -9,13 +9,17 @@
 //!               │   supervisor writes its id maps), then mount, UTS, IPC,
 //!               │   network and PID namespaces; waits for G
 //!               └── G: PID 1 of the sandbox: mounts the overlay root,
-//!                      /proc, /sys, /dev, pivot_root, exec tini → sshd
+//!                      /proc, /sys, /dev and the masks, pivot_root, then
+//!                      enters the guest's nested user namespace (see
+//!                      `harden`), drops capabilities, installs the
+//!                      seccomp filter, exec tini → sshd
 //! ```
 //!
 //! C and G carry PR_SET_PDEATHSIG(SIGKILL), so `kill -9` of the supervisor
 //! takes the whole sandbox down: C dies, G (PID 1) dies, and the kernel
 //! kills every process in its PID namespace.
 
+use super::harden;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::unistd::{chdir, pivot_root, sethostname};
@@ -26,6 +30,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// All inputs of the in-namespace setup, prepared before fork.
+#[derive(Clone)]
 pub struct InitSpec {
     pub hostname: String,
     pub lower: PathBuf,
@@ -34,9 +39,17 @@ pub struct InitSpec {
     /// Scratch directory in the sandbox dir (mount point for the root and
     /// for a volatile upper layer).
     pub scratch: PathBuf,
-    pub guest_dir: PathBuf,
-    pub rootless: bool,
+    /// The guest's `/etc/keystone`: a per-start copy (see `copy_guest_keys`).
+    pub keys: PathBuf,
+    /// Started by host root: the host ids of the sandbox's root. C binds
+    /// the directories above into a staging tmpfs (see [`stage`]), then
+    /// becomes these ids and creates the user namespace as them, so the
+    /// namespace is owned by the range, as a rootless one is by its user
+    /// (helpers such as pasta then join it as those ids, not as root).
+    pub stage: Option<(u32, u32)>,
     pub kvm: bool,
+    /// The guest's seccomp filter, compiled before the fork.
+    pub seccomp: Vec<seccompiler::sock_filter>,
     pub hosts: String,
     pub resolv: String,
     pub argv: Vec<CString>,
@@ -63,6 +76,39 @@ pub fn child(
         fail("supervisor exited during start".into());
     }
     let _ = nix::unistd::setsid();
+    let staged;
+    let spec = if let Some((uid, gid)) = spec.stage {
+        staged = stage(spec).unwrap_or_else(|e| fail(e));
+        let (u, g) = (
+            nix::unistd::Uid::from_raw(uid),
+            nix::unistd::Gid::from_raw(gid),
+        );
+        if let Err(e) = nix::unistd::setgroups(&[])
+            .and(nix::unistd::setresgid(g, g, g))
+            .and(nix::unistd::setresuid(u, u, u))
+        {
+            fail(format!(
+                "cannot become the sandbox's host ids {uid}:{gid}: {e}"
+            ));
+        }
+        // A change of credentials clears the death signal and makes the
+        // task undumpable: set the signal again (and check the supervisor
+        // did not die in between), and make it dumpable, so that helpers
+        // running as these same ids (pasta) may open its namespaces
+        // before the init's exec would have.
+        // SAFETY: prctl with PR_SET_PDEATHSIG / PR_SET_DUMPABLE only sets
+        // flags on this task.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::prctl(libc::PR_SET_DUMPABLE, 1);
+        }
+        if nix::unistd::getppid().as_raw() == 1 {
+            fail("supervisor exited during start".into());
+        }
+        &staged
+    } else {
+        spec
+    };
     if let Err(e) = unshare(CloneFlags::CLONE_NEWUSER) {
         fail(format!("cannot create a user namespace: {e}"));
     }
@@ -114,6 +160,85 @@ pub fn child(
             unsafe { libc::_exit(code) }
         }
     }
+}
+
+/// Where a root-started sandbox's directories are bound (in C's own mount
+/// namespace, before the user namespace exists).
+const STAGE: &str = "/tmp";
+
+/// Root's sandbox runs on ids that are not the host's (see `idmap`), so
+/// its root may not traverse the directories its layers live in (a
+/// 0700 home, a 0700 temporary directory). While still host root, C takes
+/// a mount namespace of its own, opens those directories, mounts a tmpfs
+/// on [`STAGE`] (anything it hides is reached through the open
+/// descriptors) and binds each of them there; the user namespace and the
+/// sandbox's mount namespace come after, so these binds are locked
+/// beneath the sandbox, and `pivot_root` detaches them from its view.
+fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("cannot create a mount namespace: {e}"))?;
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    let mut sources: Vec<(&str, &Path)> = vec![("lower", &spec.lower), ("run", &spec.scratch)];
+    // overlay wants upper and work on one mount: their common parent.
+    let disk = match &spec.upper {
+        Some((u, w)) if u.parent().is_some() && u.parent() == w.parent() => u.parent(),
+        Some(_) => return Err("the upper and work directories must be siblings".into()),
+        None => None,
+    };
+    if let Some(d) = disk {
+        sources.push(("disk", d));
+    }
+    let fds = sources
+        .iter()
+        .map(|(name, path)| {
+            open(
+                *path,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map(|fd| (*name, fd))
+            .map_err(|e| format!("open {}: {e}", path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let stage = Path::new(STAGE);
+    m(
+        Some("tmpfs"),
+        stage,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )?;
+    for (name, fd) in &fds {
+        let target = stage.join(name);
+        fs::create_dir(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        let source = format!("/proc/self/fd/{fd}");
+        m(Some(&source), &target, None, MsFlags::MS_BIND, None)?;
+    }
+    for (_, fd) in fds {
+        let _ = nix::unistd::close(fd);
+    }
+    let mut staged = spec.clone();
+    staged.lower = stage.join("lower");
+    staged.scratch = stage.join("run");
+    if let Some(name) = spec.keys.file_name() {
+        staged.keys = staged.scratch.join(name);
+    }
+    if let Some((u, w)) = &spec.upper {
+        let name = |p: &Path| p.file_name().map(|n| stage.join("disk").join(n));
+        if let (Some(u), Some(w)) = (name(u), name(w)) {
+            staged.upper = Some((u, w));
+        }
+    }
+    staged.stage = None;
+    Ok(staged)
 }
 
 fn unreachable_exit() -> ! {
@@ -174,9 +299,9 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
         upper.display(),
         work.display()
     );
-    if spec.rootless {
-        opts.push_str(",userxattr");
-    }
+    // The overlay is mounted inside the sandbox's user namespace, which
+    // is never the host's: its metadata lives in user.* xattrs.
+    opts.push_str(",userxattr");
     m(
         Some("overlay"),
         &root,
@@ -187,6 +312,7 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
 
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     m(Some("proc"), &root.join("proc"), Some("proc"), nosuid, None)?;
+    harden::network_sysctls(&root.join("proc"))?;
     if m(
         Some("sysfs"),
         &root.join("sys"),
@@ -199,6 +325,7 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
         // Without a sysfs of our own, leave /sys empty rather than show the host's.
     }
     setup_dev(&root, spec.kvm)?;
+    harden::mask(&root)?;
     m(
         Some("tmpfs"),
         &root.join("run"),
@@ -210,13 +337,14 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
     let keys = root.join("etc/keystone");
     fs::create_dir_all(&keys).map_err(|e| format!("/etc/keystone: {e}"))?;
     m(
-        Some(&spec.guest_dir.display().to_string()),
+        Some(&spec.keys.display().to_string()),
         &keys,
         None,
         MsFlags::MS_BIND,
         None,
     )?;
-    // Read-only: the guest may not replace its own authorized keys.
+    // Read-only, so a process that is not root cannot replace the keys; a
+    // guest root that remounts it changes only this start's copy.
     m(
         None,
         &keys,
@@ -242,6 +370,12 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
 
     sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
     loopback_up().map_err(|e| format!("bring up lo: {e}"))?;
+    // Last, in this order: the guest's own user namespace (every mount
+    // above becomes locked), the bounding set, the filter (it needs
+    // CAP_SYS_ADMIN, still in the effective set until the exec).
+    harden::enter_guest_namespace()?;
+    harden::bound_capabilities()?;
+    harden::install_seccomp(&spec.seccomp)?;
     crate::signals::unblock_all();
     let e = nix::unistd::execve(&spec.argv[0], &spec.argv, &spec.env);
     Err(format!("exec {:?}: {e:?}", spec.argv[0]))

@@ -10,13 +10,19 @@
 //! Disk layout, under the sandbox directory:
 //! `disk/upper`, `disk/work` (the persistent upper layer; `--fresh` and
 //! `destroy` remove them), `run/root` (mount point), `logs/container.log`.
-//! The image's tarball is unpacked once per user and image under the
-//! backend cache (`<cache>/container/<image>`), inside a user namespace
-//! with the sandbox's id map when rootless, so file owners line up.
+//! The image's tarball is unpacked once per user, image and id map under
+//! the backend cache (`<cache>/container/<image>`, or `<image>@<uid>` for
+//! root's shifted map), inside a user namespace with the sandbox's id map,
+//! so file owners line up. Root's sandboxes run on keystone's own host id
+//! range, never on the host's ids (see `idmap`); an upper layer made
+//! before that is moved onto the range once, at its next start
+//! (`shift.rs`).
 
 mod cgroup;
+mod harden;
 pub use crate::idmap;
 mod init;
+mod shift;
 
 pub use cgroup::version as cgroup_version;
 
@@ -48,32 +54,115 @@ const SSH_PORT: u16 = 22;
 pub struct ContainerBackend;
 
 impl ContainerBackend {
-    fn rootfs(inst: &Instance) -> PathBuf {
-        inst.cache_dir.join("container").join(&inst.image_id)
+    fn rootfs(inst: &Instance, map: &IdMap) -> PathBuf {
+        let name = match map.mapping {
+            idmap::Mapping::Shifted { uid, .. } => format!("{}@{uid}", inst.image_id),
+            _ => inst.image_id.clone(),
+        };
+        inst.cache_dir.join("container").join(name)
     }
 
     fn upper(inst: &Instance) -> (PathBuf, PathBuf) {
         (inst.dir.join("disk/upper"), inst.dir.join("disk/work"))
     }
 
-    /// Remove the unpacked copy of an image (on `image rm`).
+    /// Remove the unpacked copies of an image (on `image rm`): the one of
+    /// the current map, and any of an older one.
     pub fn forget_image(cache_dir: &Path, image_id: &str) -> Result<(), BackendError> {
-        let dir = cache_dir.join("container").join(image_id);
-        if dir.exists() {
-            remove_tree(&IdMap::for_current_user()?, &dir)?;
+        let map = IdMap::for_container()?;
+        let dir = cache_dir.join("container");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == image_id || name.starts_with(&format!("{image_id}@")) {
+                remove_tree(&map, &e.path())?;
+            }
         }
         Ok(())
     }
 }
 
-/// Delete a tree that may hold files owned by subordinate ids.
+/// Delete a tree that may hold files owned by subordinate ids (root
+/// deletes anything directly).
 fn remove_tree(map: &IdMap, path: &Path) -> Result<(), BackendError> {
     let p = path.display().to_string();
-    let status = idmap::run_mapped(map, &["rm", "-rf", "--one-file-system", &p])?;
+    let map = if map.is_root() {
+        IdMap::identity_for_root()
+    } else {
+        map.clone()
+    };
+    let status = idmap::run_mapped(&map, &["rm", "-rf", "--one-file-system", &p])?;
     if !status.success() || path.exists() {
         return Err(BackendError::Failed(format!("could not remove {p}")));
     }
     Ok(())
+}
+
+/// Give `path` (a directory keystone just made) to the namespace's root.
+fn chown_to_root_of(map: &IdMap, path: &Path) -> Result<(), BackendError> {
+    if let idmap::Mapping::Shifted { .. } = map.mapping {
+        let (uid, gid) = map.root_on_host();
+        nix::unistd::chown(path, Some(uid.into()), Some(gid.into()))
+            .map_err(|e| BackendError::Failed(format!("chown {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// The files of the guest's `/etc/keystone` (sshd's host key and the
+/// authorized key), copied from the host's key directory into `dest`,
+/// which is removed first without following anything in it, and made
+/// anew, owned by the namespace's root (0755, as sshd wants it: the
+/// agent reads its authorized key; the host key is root's alone).
+fn copy_guest_keys(map: &IdMap, from: &Path, dest: &Path) -> Result<PathBuf, BackendError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let io = |p: &Path| BackendError::io(p.display().to_string());
+    match fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => remove_tree(map, dest)?,
+        Ok(_) => fs::remove_file(dest).map_err(io(dest))?,
+        Err(_) => {}
+    }
+    fs::DirBuilder::new()
+        .mode(0o755)
+        .create(dest)
+        .map_err(io(dest))?;
+    fs::set_permissions(dest, fs::Permissions::from_mode(0o755)).map_err(io(dest))?;
+    let (uid, gid) = map.root_on_host();
+    for (name, mode) in [
+        (keystone_channel::keys::HOST_KEY, 0o600),
+        ("authorized_keys", 0o644),
+    ] {
+        let src = from.join(name);
+        let mut body = Vec::new();
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&src)
+            .and_then(|mut f| f.read_to_end(&mut body))
+            .map_err(io(&src))?;
+        let to = dest.join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode)
+            .open(&to)
+            .map_err(io(&to))?;
+        f.write_all(&body).map_err(io(&to))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io(&to))?;
+        if map.is_root() {
+            nix::unistd::fchown(f.as_raw_fd(), Some(uid.into()), Some(gid.into()))
+                .map_err(|e| BackendError::Failed(format!("chown {}: {e}", to.display())))?;
+        }
+    }
+    if map.is_root() {
+        nix::unistd::chown(dest, Some(uid.into()), Some(gid.into()))
+            .map_err(|e| BackendError::Failed(format!("chown {}: {e}", dest.display())))?;
+    }
+    Ok(dest.to_path_buf())
 }
 
 fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
@@ -88,7 +177,7 @@ impl Backend for ContainerBackend {
     }
 
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
-        let map = IdMap::for_current_user()?;
+        let map = IdMap::for_container()?;
         require_tool("tar", "tar", "it unpacks the image")?;
         if inst.settings.network == "nat" {
             require_tool(
@@ -122,7 +211,7 @@ impl Backend for ContainerBackend {
             require_tool("ip", "iproute2", "--network bridge needs it")?;
             require_tool("nsenter", "util-linux", "--network bridge needs it")?;
         }
-        let rootfs = Self::rootfs(inst);
+        let rootfs = Self::rootfs(inst, &map);
         if rootfs.join(".keystone-complete").exists() {
             return Ok(());
         }
@@ -137,6 +226,8 @@ impl Backend for ContainerBackend {
             remove_tree(&map, &tmp)?;
         }
         fs::create_dir_all(&tmp).map_err(BackendError::io(tmp.display().to_string()))?;
+        // The tree's top belongs to the namespace's root, which unpacks.
+        chown_to_root_of(&map, &tmp)?;
         let tar = inst.image_tar.display().to_string();
         let status = idmap::unpack_image(&map, &inst.image_tar, &tmp)?;
         let marker = tmp.join(".keystone-complete");
@@ -162,8 +253,8 @@ impl Backend for ContainerBackend {
         on_ready: &mut dyn FnMut(&Running) -> Result<(), String>,
     ) -> Result<Ended, BackendError> {
         let mut signals = Signals::install()?;
-        let map = IdMap::for_current_user()?;
-        let lower = Self::rootfs(inst);
+        let map = IdMap::for_container()?;
+        let lower = Self::rootfs(inst, &map);
         if !lower.join(".keystone-complete").exists() {
             return Err(BackendError::Failed(format!(
                 "image {} is not unpacked at {}",
@@ -187,6 +278,10 @@ impl Backend for ContainerBackend {
         ] {
             fs::create_dir_all(&d).map_err(BackendError::io(d.display().to_string()))?;
         }
+        // The guest's /etc/keystone: a copy made afresh for this start,
+        // never the host's key directory (guest root could remount a bind
+        // of it read-write and plant links the host then writes through).
+        let keys = copy_guest_keys(&map, &inst.guest_dir, &scratch.join("keys"))?;
         let upper = if inst.settings.persist {
             let (u, w) = Self::upper(inst);
             // The upper layer belongs over the tree it was made on (see
@@ -199,6 +294,9 @@ impl Backend for ContainerBackend {
             for d in [&u, &w] {
                 fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;
             }
+            // A layer made on other host ids (before root's sandboxes had
+            // a range of their own) is moved onto this map's, once.
+            shift::ensure_layer_on(&map, &inst.dir.join("disk"), &u, &w)?;
             Some((u, w))
         } else {
             None
@@ -224,9 +322,10 @@ impl Backend for ContainerBackend {
             lower,
             upper,
             scratch: scratch.clone(),
-            guest_dir: inst.guest_dir.clone(),
-            rootless: !map.is_root(),
+            keys: keys.clone(),
+            stage: map.is_root().then(|| map.root_on_host()),
             kvm,
+            seccomp: harden::seccomp_program().map_err(BackendError::Failed)?,
             hosts: format!(
                 "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
                 inst.name
@@ -308,7 +407,7 @@ impl Backend for ContainerBackend {
         let relay = match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Child => {
                 redirect_stdio(&log);
-                relay_child(g, listener)
+                relay_child(c, listener)
             }
             nix::unistd::ForkResult::Parent { child } => child,
         };
@@ -316,13 +415,24 @@ impl Backend for ContainerBackend {
         guard.helpers.push(relay);
 
         if inst.settings.network == "nat" {
-            match spawn_pasta(g, &log) {
-                Ok(p) => guard.helpers.push(p),
+            match spawn_pasta(c, &log, &map) {
+                Ok(p) => {
+                    guard.helpers.push(p);
+                    // As root, pasta runs on the range's ids, and that change
+                    // of ids clears its death signal: in the sandbox's cgroup
+                    // it goes with the sandbox however the supervisor ends
+                    // (teardown, or the reap after a SIGKILL).
+                    if map.is_root() {
+                        if let Err(e) = cg.add(p.as_raw()) {
+                            return Err(guard.fail(format!("pasta: {e}"), &err_r));
+                        }
+                    }
+                }
                 Err(e) => return Err(guard.fail(e, &err_r)),
             }
         }
         if inst.settings.network == "bridge" {
-            match attach_bridge(inst, g, &log) {
+            match attach_bridge(inst, c, g, &log) {
                 Ok(p) => guard.helpers.push(p),
                 Err(e) => return Err(guard.fail(e, &err_r)),
             }
@@ -434,7 +544,7 @@ impl Backend for ContainerBackend {
     fn discard_disk(&self, inst: &Instance) -> Result<(), BackendError> {
         let disk = inst.dir.join("disk");
         if disk.exists() {
-            remove_tree(&IdMap::for_current_user()?, &disk)?;
+            remove_tree(&IdMap::for_container()?, &disk)?;
         }
         Ok(())
     }
@@ -574,20 +684,33 @@ fn probe(socket: &Path) -> bool {
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
 }
 
-fn relay_child(g: Pid, listener: std::os::unix::net::UnixListener) -> ! {
+/// The relay joins the sandbox's user and network namespaces through C,
+/// which lives in both: G has moved on into the guest's nested user
+/// namespace, where the network namespace is not its own to enter.
+fn relay_child(c: Pid, listener: std::os::unix::net::UnixListener) -> ! {
     // SAFETY: prctl only sets a flag on this task.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let parent = nix::unistd::getppid();
     crate::signals::unblock_all();
     let code = (|| -> Result<(), String> {
-        for ns in ["user", "net"] {
-            let path = format!("/proc/{g}/ns/{ns}");
-            let f = fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-            let kind = if ns == "user" {
-                nix::sched::CloneFlags::CLONE_NEWUSER
-            } else {
-                nix::sched::CloneFlags::CLONE_NEWNET
-            };
-            nix::sched::setns(f, kind).map_err(|e| format!("setns {ns}: {e}"))?;
+        // Both opened first: once in the sandbox's user namespace, where
+        // host root is no mapped id, G's /proc entries are not ours to open.
+        let open = |ns: &str| {
+            let path = format!("/proc/{c}/ns/{ns}");
+            fs::File::open(&path).map_err(|e| format!("{path}: {e}"))
+        };
+        let (user, net) = (open("user")?, open("net")?);
+        nix::sched::setns(user, nix::sched::CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| format!("setns user: {e}"))?;
+        nix::sched::setns(net, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns net: {e}"))?;
+        // Joining a user namespace that host root does not own (root's
+        // sandboxes are owned by their range) clears the death signal:
+        // set it again, and check the supervisor is still there.
+        // SAFETY: prctl only sets a flag on this task.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        if nix::unistd::getppid() != parent {
+            return Err("the supervisor exited".into());
         }
         keystone_channel::bridge::serve_relay(listener, ([127, 0, 0, 1], SSH_PORT).into())
             .map_err(|e| e.to_string())
@@ -599,15 +722,22 @@ fn relay_child(g: Pid, listener: std::os::unix::net::UnixListener) -> ! {
     unsafe { libc::_exit(1) }
 }
 
-fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
+/// pasta on the sandbox's network namespace, joined through C (see
+/// [`relay_child`]).
+fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Pid, String> {
     let out = log.try_clone().map_err(|e| e.to_string())?;
     let err = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new("pasta");
-    if nix::unistd::geteuid().is_root() {
+    if map.is_root() {
         // pasta drops to `nobody` when started as root, and nobody may not
-        // join a user namespace owned by root. pasta still confines itself
-        // (its own namespaces and seccomp filter).
-        cmd.args(["--runas", "0"]);
+        // join the sandbox's user namespace: it runs as the namespace's
+        // owner, the range's first id (never host root). pasta still
+        // confines itself (its own namespaces and seccomp filter). The
+        // change of ids clears its death signal, so the caller puts it in
+        // the sandbox's cgroup (`--runas 0` would not help: joining a user
+        // namespace root does not own clears the signal as well).
+        let (uid, gid) = map.root_on_host();
+        cmd.args(["--runas", &format!("{uid}:{gid}")]);
     }
     // No inbound port forwarding (-t/-u none), no namespace-to-host
     // forwarding (-T/-U none), and no mapping of the gateway address to
@@ -627,7 +757,7 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
         "-U",
         "none",
     ])
-    .arg(g.to_string())
+    .arg(c.to_string())
     .stdin(Stdio::null())
     .stdout(out)
     .stderr(err)
@@ -643,7 +773,7 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
                 "pasta exited with status {code}; see the sandbox's logs/container.log"
             ));
         }
-        let routes = fs::read_to_string(format!("/proc/{g}/net/route")).unwrap_or_default();
+        let routes = fs::read_to_string(format!("/proc/{c}/net/route")).unwrap_or_default();
         if routes
             .lines()
             .skip(1)
@@ -661,7 +791,7 @@ fn spawn_pasta(g: Pid, log: &fs::File) -> Result<Pid, String> {
 /// `udhcpc` from the image) inside the sandbox's namespaces, as a helper
 /// that dies with the supervisor. The pair goes away with the sandbox's
 /// network namespace: nothing can leak.
-fn attach_bridge(inst: &Instance, g: Pid, log: &fs::File) -> Result<Pid, String> {
+fn attach_bridge(inst: &Instance, c: Pid, g: Pid, log: &fs::File) -> Result<Pid, String> {
     let bridge = crate::hostbridge::named_bridge(inst).map_err(|e| e.to_string())?;
     let host_end = crate::hostbridge::link_name(&inst.id);
     let g_s = g.to_string();
@@ -685,23 +815,38 @@ fn attach_bridge(inst: &Instance, g: Pid, log: &fs::File) -> Result<Pid, String>
     ])?;
     ip(&["link", "set", "dev", &host_end, "master", &bridge, "up"])?;
     let mut cmd = Command::new("nsenter");
-    // Every namespace of the sandbox (its root too): the client and the
-    // script it runs, which writes the guest's /etc/resolv.conf, are the
-    // image's.
-    cmd.args(["--target", &g_s, "--all", "--"])
-        .args([
-            "udhcpc",
-            "-f",
-            "-i",
-            "eth0",
-            "-s",
-            "/etc/udhcpc/default.script",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log.try_clone().map_err(|e| e.to_string())?)
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    // The guest's mount namespace (the client and the script it runs,
+    // which writes the guest's /etc/resolv.conf, are the image's), PID,
+    // UTS and IPC namespaces, but the sandbox's user namespace, through C:
+    // only its root may configure the network (see `harden`).
+    let ns = |p: Pid, n: &str| {
+        format!(
+            "--{n}=/proc/{p}/ns/{}",
+            if n == "mount" { "mnt" } else { n }
+        )
+    };
+    cmd.args([
+        ns(c, "user"),
+        ns(c, "net"),
+        ns(g, "uts"),
+        ns(g, "ipc"),
+        ns(g, "pid"),
+        ns(g, "mount"),
+    ])
+    .arg("--")
+    .args([
+        "udhcpc",
+        "-f",
+        "-i",
+        "eth0",
+        "-s",
+        "/etc/udhcpc/default.script",
+    ])
+    .stdin(Stdio::null())
+    .stdout(log.try_clone().map_err(|e| e.to_string())?)
+    .stderr(log.try_clone().map_err(|e| e.to_string())?)
+    .env_clear()
+    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     spawn_helper(cmd, "the DHCP client")
 }
 

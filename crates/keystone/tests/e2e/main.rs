@@ -3,6 +3,7 @@
 //! time (`--test-threads=1`): backends compete for the machine's cores.
 
 mod agents;
+mod attack;
 mod bridge_share;
 mod harness;
 mod kubernetes;
@@ -99,6 +100,32 @@ macro_rules! backend_suite {
 
 backend_suite!(container, "container");
 
+/// The attack suite (attack.rs) on the backends each attack applies to.
+mod containment {
+    use crate::harness::Host;
+
+    /// The container's ids: root's sandbox on keystone's own range.
+    #[test]
+    fn guest_root_is_not_host_root_container() {
+        crate::attack::guest_root_is_not_host_root(Host::new("container", "atk-root-container"));
+    }
+
+    /// A root sandbox from before the range keeps its disk and work.
+    #[test]
+    fn legacy_layer_survives_the_upgrade_container() {
+        crate::attack::legacy_layer_survives_the_upgrade(Host::new(
+            "container",
+            "upgrade-container",
+        ));
+    }
+
+    /// Masks, locked mounts, the seccomp filter and the bounding set.
+    #[test]
+    fn kernel_surface_is_reduced_container() {
+        crate::attack::kernel_surface_is_reduced(Host::new("container", "atk-kern-container"));
+    }
+}
+
 /// Zellij instead of tmux (its build from crates.io is cached with the images).
 mod zellij {
     use crate::harness::Host;
@@ -151,6 +178,24 @@ mod rootless {
     #[test]
     fn dev_proxy_rootless() {
         crate::proxy::dev_proxy(Host::with_user("container", "proxy-rootless", Some(user())));
+    }
+
+    #[test]
+    fn attack_kernel_surface_is_reduced_rootless() {
+        crate::attack::kernel_surface_is_reduced(Host::with_user(
+            "container",
+            "atk-kern-rootless",
+            Some(user()),
+        ));
+    }
+
+    #[test]
+    fn attack_guest_root_is_not_host_root_rootless() {
+        crate::attack::guest_root_is_not_host_root(Host::with_user(
+            "container",
+            "atk-root-rootless",
+            Some(user()),
+        ));
     }
 
     #[test]
