@@ -230,6 +230,15 @@ impl Registry {
             path: root.clone(),
             source,
         })?;
+        // Keys, tokens and control sockets (QMP, virtiofs, the relay) live
+        // beneath: no other local user may look inside, whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            RegistryError::Io {
+                path: root.clone(),
+                source,
+            }
+        })?;
         Ok(Registry { root })
     }
 

@@ -14,9 +14,13 @@
 //!   `authorized_keys`; written at every start, deleted at stop.
 //! - PersistentVolumeClaim `keystone-<name>-workspace` for `/workspace`
 //!   when `persist`: kept by `stop`, deleted by `--fresh` and `destroy`.
-//! - NetworkPolicy `keystone-<name>-isolate` with `--network none`: no
-//!   egress, no ingress (port-forward does not cross the pod network).
-//!   Enforced only by a network plugin that implements NetworkPolicy.
+//! - NetworkPolicy `keystone-<name>-isolate`: no ingress (port-forward
+//!   does not cross the pod network); no egress with `--network none`,
+//!   else none to the cloud metadata addresses. Enforced only by a
+//!   network plugin that implements NetworkPolicy.
+//! - The pod's security context: the runtime's default seccomp profile,
+//!   all capabilities dropped but the baseline set, no host namespaces,
+//!   no service-account token, no service links.
 //!
 //! The supervisor runs [`Backend::run`]: it creates the pod, watches its
 //! phase and conditions until the container runs (a pull error, an
@@ -378,6 +382,10 @@ fn pod_object(inst: &Instance, names: &Names, k: &KubeSettings) -> Result<Pod, B
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
+            "hostNetwork": false,
+            "hostPID": false,
+            "hostIPC": false,
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
             "terminationGracePeriodSeconds": 10,
             "containers": [{
                 "name": "sandbox",
@@ -387,22 +395,80 @@ fn pod_object(inst: &Instance, names: &Names, k: &KubeSettings) -> Result<Pod, B
                 "ports": [{"name": "ssh", "containerPort": SSH_PORT}],
                 "resources": {"requests": resources, "limits": resources},
                 "volumeMounts": mounts,
+                "securityContext": container_security(),
             }],
             "volumes": volumes,
         }
     }))
 }
 
+/// Capabilities the sandbox container keeps: the container backend's set
+/// (Docker's defaults without NET_RAW, which is what the Pod Security
+/// Standards' baseline level allows, plus SYS_PTRACE: the dev proxy's
+/// discovery runs `ss -p` as root, which must see the agent's servers,
+/// and the pod's PID namespace holds only the sandbox's processes; a
+/// baseline-enforcing namespace refuses it). sudo must work inside, so
+/// privilege escalation stays allowed (no_new_privs would stop sudo); the
+/// rest is the restricted level's: no privileged mode, the default proc
+/// mount, the runtime's default seccomp profile (on the pod).
+const POD_CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "MKNOD",
+    "AUDIT_WRITE",
+    "SETFCAP",
+];
+
+fn container_security() -> serde_json::Value {
+    serde_json::json!({
+        "privileged": false,
+        "allowPrivilegeEscalation": true,
+        "procMount": "Default",
+        "capabilities": {"drop": ["ALL"], "add": POD_CAPABILITIES},
+    })
+}
+
+/// Cloud metadata services: credentials of the node's cloud identity
+/// answer there (AWS, GCP, Azure, OpenStack on 169.254.169.254; Alibaba
+/// on 100.100.100.200; AWS's IPv6 endpoint). A sandbox never reaches them.
+const METADATA_ADDRESSES: &[&str] = &["169.254.169.254/32", "100.100.100.200/32"];
+const METADATA_ADDRESSES_V6: &[&str] = &["fd00:ec2::254/128"];
+
+/// `--network none`: nothing in or out. Otherwise (nat): anything out but
+/// the metadata services; nothing in (port-forward does not cross the
+/// pod network). Enforced only by a network plugin that implements
+/// NetworkPolicy (Calico, Cilium, Antrea; not flannel alone).
 fn policy_object(inst: &Instance, names: &Names) -> Result<NetworkPolicy, BackendError> {
+    let egress = egress_rules(&inst.settings.network);
     object(serde_json::json!({
         "metadata": {"name": names.policy, "labels": names.labels(&inst.id)},
         "spec": {
             "podSelector": {"matchLabels": {"keystone.dev/sandbox": names.sandbox}},
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [],
-            "egress": [],
+            "egress": egress,
         }
     }))
+}
+
+fn egress_rules(network: &str) -> serde_json::Value {
+    if network == "none" {
+        serde_json::json!([])
+    } else {
+        serde_json::json!([{"to": [
+            {"ipBlock": {"cidr": "0.0.0.0/0", "except": METADATA_ADDRESSES}},
+            {"ipBlock": {"cidr": "::/0", "except": METADATA_ADDRESSES_V6}},
+        ]}])
+    }
 }
 
 /// What a pod's status says, as far as starting a sandbox goes.
@@ -609,11 +675,7 @@ impl Backend for KubernetesBackend {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
             put(&secrets, &names.secret, &secret_object(inst, &names)?).await?;
             let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
-            if inst.settings.network == "none" {
-                put(&policies, &names.policy, &policy_object(inst, &names)?).await?;
-            } else {
-                delete_and_wait(&policies, &names.policy, 0).await?;
-            }
+            put(&policies, &names.policy, &policy_object(inst, &names)?).await?;
             put(&pods, &names.pod, &pod_object(inst, &names, &k)?).await
         })
         .inspect_err(|_| cleanup(&rt))?;
@@ -819,6 +881,48 @@ mod tests {
 
     fn status(v: serde_json::Value) -> PodStatus {
         serde_json::from_value(v).expect("status")
+    }
+
+    #[test]
+    fn egress_never_reaches_the_metadata_service() {
+        assert_eq!(egress_rules("none"), serde_json::json!([]));
+        let nat = egress_rules("nat").to_string();
+        assert!(
+            nat.contains(r#""except":["169.254.169.254/32","100.100.100.200/32"]"#),
+            "{nat}"
+        );
+        assert!(nat.contains("fd00:ec2::254/128"), "{nat}");
+        // The policy parses as a Kubernetes NetworkPolicy.
+        let p: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "x"},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": egress_rules("nat")}
+        }))
+        .expect("a NetworkPolicy");
+        assert_eq!(p.spec.and_then(|s| s.egress).map(|e| e.len()), Some(1));
+    }
+
+    #[test]
+    fn the_pod_drops_capabilities_and_keeps_sudo() {
+        let c = container_security();
+        assert_eq!(c["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        let added: Vec<&str> = c["capabilities"]["add"]
+            .as_array()
+            .expect("add")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        for cap in ["SYS_ADMIN", "NET_RAW", "NET_ADMIN", "SYS_MODULE"] {
+            assert!(!added.contains(&cap), "{cap}");
+        }
+        assert!(
+            added.contains(&"SETUID") && added.contains(&"SETGID"),
+            "sudo needs them"
+        );
+        assert_eq!(
+            c["allowPrivilegeEscalation"], true,
+            "no_new_privs would stop sudo"
+        );
+        assert_eq!(c["privileged"], false);
     }
 
     #[test]

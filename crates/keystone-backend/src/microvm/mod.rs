@@ -589,6 +589,9 @@ impl Backend for MicrovmBackend {
         for d in [&run_dir, &inst.log_dir()] {
             fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;
         }
+        // QMP and virtiofsd's sockets: only this user, whatever the umask.
+        fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o700))
+            .map_err(BackendError::io(run_dir.display().to_string()))?;
         let disk = overlay(inst);
         if !inst.settings.persist {
             let _ = fs::remove_file(&disk);

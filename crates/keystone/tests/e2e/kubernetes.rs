@@ -327,6 +327,13 @@ fn errors() {
     );
 }
 
+/// The attack suite's pod check (attack.rs): capabilities, seccomp, no
+/// service-account token.
+#[test]
+fn attack_pod_is_confined() {
+    crate::attack::pod_is_confined(host("atk-pod-kube", ""));
+}
+
 /// A pod deleted by someone else: the sandbox is reported in error, with
 /// that reason.
 #[test]
