@@ -18,12 +18,16 @@ fn paint(code: &str, s: &str) -> String {
     }
 }
 
-/// `s` with every control character but tab shown as an escape (`\u{1b}`),
-/// so text the sandbox wrote cannot drive the user's terminal.
+/// `s` with every control character but tab and newline shown as an
+/// escape (`\u{1b}`), so text the sandbox wrote (its stderr in an error,
+/// a process name, a path, a cluster's reason) cannot drive the user's
+/// terminal: no escape sequences, carriage returns or bells. Every note,
+/// warning and error passes through it; results that carry guest text
+/// call it themselves.
 pub fn escape_controls(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control() && c != '\t' {
+            if c.is_control() && c != '\t' && c != '\n' {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
@@ -33,15 +37,23 @@ pub fn escape_controls(s: &str) -> String {
 }
 
 pub fn note(msg: impl AsRef<str>) {
-    eprintln!("{}", msg.as_ref());
+    eprintln!("{}", escape_controls(msg.as_ref()));
 }
 
 pub fn warn(msg: impl AsRef<str>) {
-    eprintln!("{} {}", paint("33;1", "warning:"), msg.as_ref());
+    eprintln!(
+        "{} {}",
+        paint("33;1", "warning:"),
+        escape_controls(msg.as_ref())
+    );
 }
 
 pub fn error(msg: impl AsRef<str>) {
-    eprintln!("{} {}", paint("31;1", "error:"), msg.as_ref());
+    eprintln!(
+        "{} {}",
+        paint("31;1", "error:"),
+        escape_controls(msg.as_ref())
+    );
 }
 
 /// A spinner on a terminal; plain phase lines otherwise.
@@ -146,4 +158,26 @@ pub fn confirm(question: &str) -> bool {
         return false;
     }
     matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn guest_text_cannot_drive_the_terminal() {
+        // A title change, a colour, a carriage return over the line, a bell.
+        let hostile = "ok\x1b]0;pwned\x07 \x1b[31mred\r\x08x\ttab\nnext";
+        let shown = escape_controls(hostile);
+        assert!(
+            !shown
+                .chars()
+                .any(|c| c.is_control() && c != '\t' && c != '\n'),
+            "{shown:?}"
+        );
+        assert_eq!(
+            shown,
+            "ok\\u{1b}]0;pwned\\u{7} \\u{1b}[31mred\\u{d}\\u{8}x\ttab\nnext"
+        );
+    }
 }

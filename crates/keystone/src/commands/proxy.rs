@@ -6,6 +6,7 @@ use crate::cli::ProxyStatusArgs;
 use crate::context::Ctx;
 use crate::detached::{self, ReadyPipe, Verdict};
 use crate::error::{CliError, Result};
+use crate::ui;
 use keystone_proxy::state::{self, Snapshot};
 use serde::Serialize;
 use std::path::Path;
@@ -155,8 +156,8 @@ pub fn print_dev_server(d: &DevServer) {
     println!(
         "dev server: port {} ({}, {}): {} — {}",
         d.port,
-        d.command,
-        d.worktree,
+        ui::escape_controls(&d.command),
+        ui::escape_controls(&d.worktree),
         if urls.is_empty() {
             "-".to_string()
         } else {

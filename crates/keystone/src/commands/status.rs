@@ -105,7 +105,7 @@ fn print_view(v: &StatusView) {
     println!("sandbox:   {}", v.name);
     println!("state:     {}", v.state);
     if let Some(e) = &v.error {
-        println!("error:     {e}");
+        println!("error:     {}", ui::escape_controls(e));
     }
     println!("backend:   {}", v.backend);
     println!("project:   {}", v.project);
