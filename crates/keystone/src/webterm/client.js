@@ -4,7 +4,6 @@
 // back as binary frames; a resize is a text frame {"cols":N,"rows":M}.
 (function () {
   "use strict";
-  const token = new URLSearchParams(location.search).get("token") || "";
   const term = new Terminal({
     cursorBlink: true,
     fontFamily: "'DejaVu Sans Mono', 'Liberation Mono', monospace",
@@ -17,7 +16,7 @@
   fit.fit();
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const ws = new WebSocket(
-    `${scheme}//${location.host}/ws?token=${encodeURIComponent(token)}&cols=${term.cols}&rows=${term.rows}`
+    `${scheme}//${location.host}/ws?cols=${term.cols}&rows=${term.rows}`
   );
   ws.binaryType = "arraybuffer";
   const encoder = new TextEncoder();

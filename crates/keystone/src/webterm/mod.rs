@@ -7,9 +7,17 @@
 //! command the terminal attach runs ([`crate::commands::attach::session_command`]),
 //! so browsers and terminals are clients of one multiplexer session.
 //!
-//! Every request must carry the sandbox's token (`?token=`), kept 0600 in
-//! the sandbox's state directory; anything else gets 403. The listener
-//! binds 127.0.0.1 only, on a port the kernel picks.
+//! Access (../shared/SECURITY-NOTES.md §9): the URL printed and handed to
+//! the browser carries a one-time ticket (256 random bits), good for
+//! [`TICKET_TTL`] and one use. The first load trades it for a session
+//! cookie (`HttpOnly; SameSite=Strict`, named after the port, since cookies
+//! do not tell ports apart) and redirects to `/`, so the ticket leaves the
+//! address bar; after that the ticket is dead, and what is left in argv,
+//! history or scrollback opens nothing. Enter in the serving terminal
+//! prints a fresh link. Every request must name this server in `Host`
+//! (`127.0.0.1:PORT` or `localhost:PORT`: a DNS-rebinding page cannot), a
+//! WebSocket must come from this server's `Origin`, and nothing is written
+//! to disk. The listener binds 127.0.0.1 only, on a port the kernel picks.
 
 mod pty;
 
@@ -17,7 +25,7 @@ use crate::context::Ctx;
 use crate::error::{CliError, Result};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -25,9 +33,8 @@ use keystone_channel::Channel;
 use keystone_registry::Sandbox;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 const INDEX: &str = include_str!("index.html");
 const CLIENT_JS: &str = include_str!("client.js");
@@ -35,38 +42,59 @@ const XTERM_JS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/webterm/xterm.
 const XTERM_CSS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/webterm/xterm.css"));
 const FIT_JS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/webterm/addon-fit.js"));
 
-/// The token file in the sandbox's state directory.
-pub const TOKEN_FILE: &str = "web-token";
+/// How long a printed link may wait for its browser.
+pub const TICKET_TTL: Duration = Duration::from_secs(120);
 
-/// The sandbox's web token: made once (32 random bytes, hex), then reused
-/// so a bookmarked URL keeps working; the file is (re)set to 0600.
-pub fn token(sandbox_dir: &Path) -> Result<String> {
-    let path = sandbox_dir.join(TOKEN_FILE);
-    let io = |e: std::io::Error| CliError::failed(format!("{}: {e}", path.display()));
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let text = text.trim().to_string();
-        if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-            return Ok(text);
-        }
-    }
+/// 32 random bytes, hex.
+fn secret() -> Result<String> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .map_err(|e| CliError::failed(format!("cannot read /dev/urandom: {e}")))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    std::fs::create_dir_all(sandbox_dir).map_err(io)?;
-    let tmp = sandbox_dir.join(format!(".{TOKEN_FILE}.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    f.write_all(token.as_bytes()).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    Ok(token)
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The one-time tickets handed out and the sessions they opened, in
+/// memory only (they die with the server).
+#[derive(Default)]
+struct Access {
+    tickets: Mutex<Vec<(String, Instant)>>,
+    sessions: Mutex<Vec<String>>,
+}
+
+impl Access {
+    /// A new ticket, valid for [`TICKET_TTL`] from `now`.
+    fn mint(&self, now: Instant) -> Result<String> {
+        let t = secret()?;
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        tickets.retain(|(_, expires)| *expires > now);
+        tickets.push((t.clone(), now + TICKET_TTL));
+        Ok(t)
+    }
+
+    /// Use `ticket` up: a new session's id if it was live, else None.
+    fn redeem(&self, ticket: &str, now: Instant) -> Option<String> {
+        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let at = tickets.iter().position(|(t, _)| same(t, ticket))?;
+        let (_, expires) = tickets.remove(at);
+        if expires <= now {
+            return None;
+        }
+        let id = secret().ok()?;
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(id.clone());
+        Some(id)
+    }
+
+    fn session(&self, id: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .fold(false, |found, s| found | same(s, id))
+    }
 }
 
 /// Constant-time, so the token cannot be guessed a byte at a time.
@@ -79,7 +107,8 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 struct Server {
-    token: String,
+    port: u16,
+    access: Access,
     title: String,
     channel: Channel,
     sandbox: Sandbox,
@@ -90,36 +119,122 @@ type Shared = Arc<Server>;
 type Params = Query<HashMap<String, String>>;
 
 impl Server {
-    fn authorized(&self, q: &HashMap<String, String>) -> bool {
-        q.get("token").is_some_and(|t| same(t, &self.token))
+    fn cookie_name(&self) -> String {
+        format!("keystone-web-{}", self.port)
+    }
+
+    /// `Host` names this server: anything else is another site's page
+    /// reaching it through a rebound name.
+    fn host_ok(&self, headers: &HeaderMap) -> bool {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        [
+            format!("127.0.0.1:{}", self.port),
+            format!("localhost:{}", self.port),
+        ]
+        .iter()
+        .any(|h| h == host)
+    }
+
+    /// `Origin` is this server's own (required for a WebSocket: browsers
+    /// always send it there; optional elsewhere, but never another's).
+    fn origin_ok(&self, headers: &HeaderMap, required: bool) -> bool {
+        match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            None => !required,
+            Some(origin) => [
+                format!("http://127.0.0.1:{}", self.port),
+                format!("http://localhost:{}", self.port),
+            ]
+            .iter()
+            .any(|o| o == origin),
+        }
+    }
+
+    /// The request's session cookie is one this server opened.
+    fn signed_in(&self, headers: &HeaderMap) -> bool {
+        let name = self.cookie_name();
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|kv| kv.trim().split_once('='))
+            .any(|(k, v)| k == name && self.access.session(v))
+    }
+
+    /// Host, Origin and session, for everything but the ticket's own load.
+    fn allowed(&self, headers: &HeaderMap, websocket: bool) -> bool {
+        self.host_ok(headers) && self.origin_ok(headers, websocket) && self.signed_in(headers)
     }
 }
 
-fn forbidden() -> Response {
+fn forbidden(why: &str) -> Response {
     (
         StatusCode::FORBIDDEN,
-        "403 Forbidden: this keystone web terminal needs its token; open the URL `keystone agent attach --web` printed\n",
+        [(header::CACHE_CONTROL, "no-store")],
+        format!("403 Forbidden: {why}\n"),
     )
         .into_response()
 }
 
-async fn index(State(s): State<Shared>, Query(q): Params) -> Response {
-    if !s.authorized(&q) {
-        return forbidden();
+const NOT_SIGNED_IN: &str = "this keystone web terminal opens only from the link `keystone agent attach --web` printed (each link works once; press Enter there for a new one)";
+
+async fn index(State(s): State<Shared>, Query(q): Params, headers: HeaderMap) -> Response {
+    if !s.host_ok(&headers) || !s.origin_ok(&headers, false) {
+        return forbidden("this keystone web terminal answers only to its own address");
     }
-    let page = INDEX
-        .replace("{{TOKEN}}", &s.token)
-        .replace("{{TITLE}}", &html_escape(&s.title));
-    ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response()
+    if let Some(ticket) = q.get("token") {
+        return match s.access.redeem(ticket, Instant::now()) {
+            Some(id) => (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::LOCATION, "/".to_string()),
+                    (header::CACHE_CONTROL, "no-store".to_string()),
+                    (
+                        header::SET_COOKIE,
+                        format!(
+                            "{}={id}; Path=/; HttpOnly; SameSite=Strict",
+                            s.cookie_name()
+                        ),
+                    ),
+                ],
+            )
+                .into_response(),
+            None => forbidden(
+                "this link was already used or has expired; press Enter in the terminal running `keystone agent attach --web` for a new one",
+            ),
+        };
+    }
+    if !s.signed_in(&headers) {
+        return forbidden(NOT_SIGNED_IN);
+    }
+    let page = INDEX.replace("{{TITLE}}", &html_escape(&s.title));
+    // Only this server's own scripts and socket; never inside a frame.
+    let policy = format!(
+        "default-src 'self'; style-src 'self' 'unsafe-inline'; connect-src 'self' ws://127.0.0.1:{0} ws://localhost:{0}; frame-ancestors 'none'",
+        s.port
+    );
+    (
+        [
+            (header::CACHE_CONTROL, "no-store".to_string()),
+            (header::REFERRER_POLICY, "no-referrer".to_string()),
+            (header::X_FRAME_OPTIONS, "DENY".to_string()),
+            (header::CONTENT_SECURITY_POLICY, policy),
+        ],
+        Html(page),
+    )
+        .into_response()
 }
 
 async fn asset(
     State(s): State<Shared>,
     UrlPath(name): UrlPath<String>,
-    Query(q): Params,
+    headers: HeaderMap,
 ) -> Response {
-    if !s.authorized(&q) {
-        return forbidden();
+    if !s.allowed(&headers, false) {
+        return forbidden(NOT_SIGNED_IN);
     }
     let (body, kind): (&'static [u8], &str) = match name.as_str() {
         "xterm.js" => (XTERM_JS, "text/javascript; charset=utf-8"),
@@ -131,9 +246,14 @@ async fn asset(
     ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
-async fn ws(State(s): State<Shared>, Query(q): Params, upgrade: WebSocketUpgrade) -> Response {
-    if !s.authorized(&q) {
-        return forbidden();
+async fn ws(
+    State(s): State<Shared>,
+    Query(q): Params,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if !s.allowed(&headers, true) {
+        return forbidden(NOT_SIGNED_IN);
     }
     let size = |k: &str, default: u16| {
         q.get(k)
@@ -243,34 +363,37 @@ fn open_browser(url: &str) -> bool {
 }
 
 /// Serves the worktree's session until Ctrl-C.
-pub fn serve(ctx: &Ctx, sb: &Sandbox, worktree: &str, channel: Channel) -> Result<i32> {
-    let token = token(&ctx.sandbox_dir(sb))?;
+pub fn serve(_ctx: &Ctx, sb: &Sandbox, worktree: &str, channel: Channel) -> Result<i32> {
     let session = crate::commands::worktree::session(sb, worktree);
     let mux = crate::session::Multiplexer::of(sb).name();
     let mux_keys = crate::session::Multiplexer::of(sb);
-    let server = Arc::new(Server {
-        token: token.clone(),
-        title: session.clone(),
-        channel,
-        sandbox: sb.clone(),
-        worktree: worktree.to_string(),
-    });
-    let app = Router::new()
-        .route("/", get(index))
-        .route("/assets/{name}", get(asset))
-        .route("/ws", get(ws))
-        .with_state(server);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| CliError::failed(format!("cannot start the web server: {e}")))?;
+    let sandbox = sb.clone();
+    let worktree = worktree.to_string();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .map_err(|e| CliError::failed(format!("cannot listen on 127.0.0.1: {e}")))?;
         let port = listener.local_addr()?.port();
-        let url = format!("http://127.0.0.1:{port}/?token={token}");
+        let server = Arc::new(Server {
+            port,
+            access: Access::default(),
+            title: session.clone(),
+            channel,
+            sandbox,
+            worktree,
+        });
+        let link = move |s: &Server| -> Result<String> {
+            Ok(format!(
+                "http://127.0.0.1:{port}/?token={}",
+                s.access.mint(Instant::now())?
+            ))
+        };
+        let url = link(&server)?;
         let how = if open_browser(&url) {
             "opened in your browser"
         } else {
@@ -278,10 +401,30 @@ pub fn serve(ctx: &Ctx, sb: &Sandbox, worktree: &str, channel: Channel) -> Resul
         };
         println!("web terminal for {mux} session {session}: {url}");
         println!(
-            "({how}; {keys} in the page detaches it; Ctrl-C stops serving, the session goes on)",
+            "({how}; the link works once, within {} s; Enter here prints a new one; {keys} in the page detaches it; Ctrl-C stops serving, the session goes on)",
+            TICKET_TTL.as_secs(),
             keys = mux_keys.detach_keys()
         );
         let _ = std::io::stdout().flush();
+        // Enter on the serving terminal: a fresh link for another browser.
+        let again = server.clone();
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            let mut line = String::new();
+            while stdin.read_line(&mut line).is_ok_and(|n| n > 0) {
+                line.clear();
+                match link(&again) {
+                    Ok(url) => println!("new link (works once): {url}"),
+                    Err(e) => eprintln!("{}", e.message),
+                }
+                let _ = std::io::stdout().flush();
+            }
+        });
+        let app = Router::new()
+            .route("/", get(index))
+            .route("/assets/{name}", get(asset))
+            .route("/ws", get(ws))
+            .with_state(server);
         tokio::select! {
             served = axum::serve(listener, app) => {
                 served.map_err(|e| CliError::failed(format!("web server: {e}")))?;
@@ -290,7 +433,8 @@ pub fn serve(ctx: &Ctx, sb: &Sandbox, worktree: &str, channel: Channel) -> Resul
         }
         Ok::<_, CliError>(())
     })?;
-    // Open browser clients' ssh processes end with their tasks.
+    // Open browser clients' ssh processes end with their tasks; the thread
+    // reading stdin ends with the process.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     Ok(0)
 }
@@ -300,21 +444,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_is_made_once_private_and_reused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let t = token(dir.path()).expect("token");
+    fn a_ticket_opens_one_session_once_and_only_in_time() {
+        let a = Access::default();
+        let now = Instant::now();
+        let t = a.mint(now).expect("ticket");
         assert_eq!(t.len(), 64);
-        let meta = std::fs::metadata(dir.path().join(TOKEN_FILE)).expect("file");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(token(dir.path()).expect("again"), t);
-        std::fs::set_permissions(
-            dir.path().join(TOKEN_FILE),
-            std::fs::Permissions::from_mode(0o644),
-        )
-        .expect("chmod");
-        token(dir.path()).expect("again");
-        let meta = std::fs::metadata(dir.path().join(TOKEN_FILE)).expect("file");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let id = a.redeem(&t, now).expect("a live ticket opens a session");
+        assert!(a.session(&id));
+        assert!(a.redeem(&t, now).is_none(), "a ticket works once");
+        assert!(!a.session(&t), "the ticket is no session");
+        assert!(!a.session("nope"));
+        let late = a.mint(now).expect("ticket");
+        assert!(
+            a.redeem(&late, now + TICKET_TTL).is_none(),
+            "an expired ticket opens nothing"
+        );
+        assert!(a.redeem(&late, now).is_none(), "and is gone");
     }
 
     #[test]

@@ -408,6 +408,18 @@ impl Host {
         cmd.spawn().expect("spawn keystone")
     }
 
+    /// Like [`Host::ks_spawn_env`], with a pipe for its standard input.
+    pub fn ks_spawn_stdin(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+        let mut cmd = self.command(&self.exe);
+        cmd.envs(env.iter().copied());
+        cmd.arg("agent")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().expect("spawn keystone")
+    }
+
     pub fn name(&self) -> String {
         self.project
             .file_name()

@@ -97,7 +97,10 @@ impl Drop for HostTerminal {
 /// `keystone agent attach --web` in the background; its URL from stdout.
 struct WebServer {
     child: Child,
+    /// The first link it printed.
     url: String,
+    /// What it prints after that, a line at a time.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for WebServer {
@@ -110,6 +113,18 @@ impl Drop for WebServer {
     }
 }
 
+/// The first `http://127.0.0.1:` URL in `line`.
+fn url_in(line: &str) -> Option<String> {
+    let at = line.find("http://127.0.0.1:")?;
+    Some(
+        line[at..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+    )
+}
+
 impl WebServer {
     fn start(h: &Host, extra: &[&str]) -> WebServer {
         Self::start_env(h, extra, &[])
@@ -120,7 +135,7 @@ impl WebServer {
     fn start_env(h: &Host, extra: &[&str], env: &[(&str, &str)]) -> WebServer {
         let mut args = vec!["attach", "--web"];
         args.extend_from_slice(extra);
-        let mut child = h.ks_spawn_env(&args, env);
+        let mut child = h.ks_spawn_stdin(&args, env);
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -134,13 +149,12 @@ impl WebServer {
             if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
                 seen.push_str(&line);
                 seen.push('\n');
-                if let Some(at) = line.find("http://127.0.0.1:") {
-                    let url = line[at..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
-                    return WebServer { child, url };
+                if let Some(url) = url_in(&line) {
+                    return WebServer {
+                        child,
+                        url,
+                        lines: rx,
+                    };
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -164,12 +178,27 @@ impl WebServer {
             .expect("port in URL")
     }
 
-    fn token(&self) -> String {
-        self.url
-            .split("token=")
+    fn token(url: &str) -> String {
+        url.split("token=")
             .nth(1)
             .expect("token in URL")
             .to_string()
+    }
+
+    /// Enter on the serving terminal: the fresh link it prints.
+    fn new_link(&mut self) -> String {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"\n").expect("enter");
+        stdin.flush().expect("flush");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                if let Some(url) = url_in(&line) {
+                    return url;
+                }
+            }
+        }
+        panic!("no new link after Enter");
     }
 
     /// Ctrl-C, as a user would; the exit status.
@@ -189,32 +218,59 @@ impl WebServer {
     }
 }
 
-/// The status line of a plain HTTP/1.1 GET to the server.
-fn http_status(port: u16, path: &str) -> String {
+/// A plain HTTP/1.1 GET to the server with `headers` (Host is
+/// `127.0.0.1:PORT` unless given): the whole response head.
+fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    text.lines().next().unwrap_or("").to_string()
+    let mut req = format!("GET {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let upgrade = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("upgrade"));
+    if !upgrade {
+        req.push_str("Connection: close\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("send");
+    let mut head = String::new();
+    let mut reader = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line == "\r\n" => break,
+            Ok(_) => head.push_str(&line),
+        }
+    }
+    head
+}
+
+/// The status line of a plain HTTP/1.1 GET to the server.
+fn http_status(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
+    http_get(port, path, headers)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
 }
 
 /// A WebSocket upgrade request's status line.
-fn ws_status(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-    .expect("send");
-    let mut line = String::new();
-    let _ = BufReader::new(s).read_line(&mut line);
-    line.trim().to_string()
+fn ws_status(port: u16, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut all = vec![
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    all.extend_from_slice(headers);
+    http_status(port, path, &all)
 }
 
 struct Driver {
@@ -305,35 +361,128 @@ pub fn web_terminal(h: Host) {
     require_browser();
     let name = h.name();
     h.start(&[]).ok();
-    let web = WebServer::start(&h, &[]);
+    let mut web = WebServer::start(&h, &[]);
     let port = web.port();
-    let token = web.token();
     assert!(web.url.starts_with("http://127.0.0.1:"), "{}", web.url);
-
-    // The token: 0600 in the sandbox's state directory, required everywhere.
-    let token_file = h.state_dir().join(format!("sandboxes/{name}/web-token"));
-    let meta = std::fs::metadata(&token_file).expect("token file");
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(
-        std::fs::read_to_string(&token_file).expect("token").trim(),
-        token
+    let ticket = WebServer::token(&web.url);
+    assert_eq!(ticket.len(), 64, "{}", web.url);
+    // No secret on disk: the ticket lives in the server only.
+    let sandbox_dir = h.state_dir().join(format!("sandboxes/{name}"));
+    let on_disk = std::fs::read_dir(&sandbox_dir)
+        .expect("sandbox dir")
+        .flatten()
+        .filter(|e| e.path().is_file())
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .contains(&ticket)
+        });
+    assert!(
+        !on_disk,
+        "the ticket is written in {}",
+        sandbox_dir.display()
     );
-    assert!(http_status(port, &format!("/?token={token}")).contains(" 200"));
+
+    // Host is checked first: a rebinding page's request is refused and
+    // does not use the ticket up.
+    let link = format!("/?token={ticket}");
+    for host in [
+        "evil.example:80",
+        &format!("evil.example:{port}"),
+        "127.0.0.1",
+    ] {
+        let status = http_status(port, &link, &[("Host", host)]);
+        assert!(status.contains(" 403"), "Host {host}: {status}");
+    }
+    let status = http_status(port, &link, &[("Origin", "http://evil.example")]);
+    assert!(status.contains(" 403"), "another Origin: {status}");
+    // The link works once: a session cookie, HttpOnly and SameSite=Strict,
+    // and a redirect that takes the ticket out of the address bar.
+    let head = http_get(port, &link, &[]);
+    assert!(head.starts_with("HTTP/1.1 303"), "{head}");
+    let cookie_line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie:\n{head}"));
+    assert!(
+        cookie_line.contains("HttpOnly") && cookie_line.contains("SameSite=Strict"),
+        "{cookie_line}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("location: /\r"),
+        "{head}"
+    );
+    let cookie = cookie_line
+        .split_once(':')
+        .map(|(_, v)| v.trim())
+        .and_then(|v| v.split(';').next())
+        .expect("cookie")
+        .to_string();
+    let status = http_status(port, &link, &[]);
+    assert!(
+        status.contains(" 403"),
+        "a used link opened again: {status}"
+    );
+    // The cookie opens the page and its assets, nothing else does.
+    let with = [("Cookie", cookie.as_str())];
+    assert!(http_status(port, "/", &with).contains(" 200"));
+    assert!(http_status(port, "/assets/xterm.js", &with).contains(" 200"));
     for path in [
         "/",
         "/?token=wrong",
         "/assets/xterm.js",
-        "/assets/xterm.js?token=nope",
+        &format!("/assets/xterm.js?token={ticket}"),
     ] {
-        let status = http_status(port, path);
+        let status = http_status(port, path, &[]);
         assert!(status.contains(" 403"), "{path}: {status}");
     }
-    let status = ws_status(port, "/ws?token=wrong");
+    let status = http_status(port, "/", &[("Cookie", "keystone-web-1=forged")]);
+    assert!(status.contains(" 403"), "a forged cookie: {status}");
+    let status = http_status(
+        port,
+        "/",
+        &[("Cookie", cookie.as_str()), ("Host", "evil.example")],
+    );
     assert!(
         status.contains(" 403"),
-        "websocket with a wrong token: {status}"
+        "the cookie under another Host: {status}"
     );
+    // The WebSocket: the cookie and this server's Origin, both required.
+    let origin = format!("http://127.0.0.1:{port}");
+    let status = ws_status(port, "/ws", &[("Origin", origin.as_str())]);
+    assert!(
+        status.contains(" 403"),
+        "websocket without the cookie: {status}"
+    );
+    let status = ws_status(port, "/ws", &[("Cookie", cookie.as_str())]);
+    assert!(
+        status.contains(" 403"),
+        "websocket without an Origin: {status}"
+    );
+    let status = ws_status(
+        port,
+        "/ws",
+        &[
+            ("Cookie", cookie.as_str()),
+            ("Origin", "http://evil.example"),
+        ],
+    );
+    assert!(
+        status.contains(" 403"),
+        "websocket from another Origin: {status}"
+    );
+    let status = ws_status(
+        port,
+        "/ws",
+        &[("Cookie", cookie.as_str()), ("Origin", origin.as_str())],
+    );
+    assert!(
+        status.contains(" 101"),
+        "websocket with cookie and Origin: {status}"
+    );
+    // The browser gets a link of its own (Enter on the serving terminal).
+    let browser_link = web.new_link();
+    assert_ne!(WebServer::token(&browser_link), ticket);
 
     let driver = Driver::start();
     let rt = tokio::runtime::Runtime::new().expect("tokio");
@@ -347,7 +496,9 @@ pub fn web_terminal(h: Host) {
         let body = c.source().await.unwrap_or_default();
         assert!(body.contains("403 Forbidden"), "{body}");
 
-        c.goto(&web.url).await.expect("goto");
+        c.goto(&browser_link).await.expect("goto");
+        let landed = c.current_url().await.expect("url").to_string();
+        assert!(!landed.contains("token="), "the ticket stayed in the address bar: {landed}");
         let prompt = format!("agent@{name}:/workspace");
         assert!(
             wait_text(&c, &prompt, Duration::from_secs(30)).await,
