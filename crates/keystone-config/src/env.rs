@@ -16,6 +16,7 @@ pub const CONFIG: &str = "KEYSTONE_AGENT_CONFIG";
 /// comma-separated values; booleans take `true`/`false`/`1`/`0`.
 pub const VARS: &[(&str, &str)] = &[
     ("defaults.memory", "KEYSTONE_AGENT_MEMORY"),
+    ("defaults.disk", "KEYSTONE_AGENT_DISK"),
     ("defaults.vcpus", "KEYSTONE_AGENT_VCPUS"),
     ("defaults.nested_virt", "KEYSTONE_AGENT_NESTED_VIRT"),
     ("defaults.network", "KEYSTONE_AGENT_NETWORK"),

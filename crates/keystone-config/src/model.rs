@@ -187,6 +187,8 @@ pub struct Defaults {
     pub memory: u32,
     /// Guest vCPUs (1..=256).
     pub vcpus: u32,
+    /// The container's writable disk in GB (the microVM's is its image's).
+    pub disk: u32,
     /// Pass nested virtualization through when the host allows it.
     pub nested_virt: bool,
     pub network: NetworkMode,
@@ -208,6 +210,7 @@ impl Default for Defaults {
         Defaults {
             memory: 8192,
             vcpus: 4,
+            disk: 16,
             nested_virt: true,
             network: NetworkMode::Nat,
             sync_mode: SyncMode::Manual,

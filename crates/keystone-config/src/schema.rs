@@ -332,6 +332,7 @@ const fn between(min: i128, max: i128) -> IntRule {
 pub(crate) static FIELDS: &[Field] = &[
     field!("defaults.memory" => defaults.memory, at_least(1024, " MB")),
     field!("defaults.vcpus" => defaults.vcpus, between(1, 256)),
+    field!("defaults.disk" => defaults.disk, between(1, 16384)),
     field!("defaults.nested_virt" => defaults.nested_virt, ()),
     field!("defaults.network" => defaults.network, ()),
     field!("defaults.sync_mode" => defaults.sync_mode, ()),

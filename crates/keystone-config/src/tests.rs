@@ -423,7 +423,7 @@ fn unknown_key_points_at_the_key_and_lists_allowed_keys() {
         message,
         format!(
             "{}:3:3: unknown key `memroy` in [defaults] (did you mean `memory`?); allowed keys are: \
-             memory, vcpus, nested_virt, network, sync_mode, sync_idle_seconds, env_files, persist, \
+             memory, vcpus, disk, nested_virt, network, sync_mode, sync_idle_seconds, env_files, persist, \
              artifacts, strict",
             path.display()
         )
@@ -956,6 +956,12 @@ fn every_validation_rule_accepts_and_rejects() {
             "vcpus must be between 1 and 256",
         ),
         (
+            "defaults.disk",
+            &["1", "16384"],
+            &["0", "16385", "-1"],
+            "disk must be between 1 and 16384",
+        ),
+        (
             "defaults.sync_idle_seconds",
             &["1", "86400"],
             &["0"],
@@ -1164,6 +1170,7 @@ fn every_validation_rule_accepts_and_rejects() {
     for key in [
         "defaults.memory",
         "defaults.vcpus",
+        "defaults.disk",
         "defaults.sync_idle_seconds",
         "defaults.env_files",
         "defaults.artifacts",
@@ -1242,7 +1249,7 @@ fn entries_list_every_leaf_key_of_config() {
         "",
         &mut expected,
     );
-    assert_eq!(expected.len(), 37);
+    assert_eq!(expected.len(), 38);
     listed.sort();
     expected.sort();
     assert_eq!(listed, expected);
@@ -1286,6 +1293,7 @@ fn rendered_entries_load_back_to_the_same_config() {
     let flags = vec![
         Flag::new("defaults.memory", "--memory", "2048"),
         Flag::new("defaults.vcpus", "--vcpus", "3"),
+        Flag::new("defaults.disk", "--disk", "32"),
         Flag::new("defaults.nested_virt", "--no-nested", "false"),
         Flag::new("defaults.network", "--network", "bridge"),
         Flag::new("defaults.sync_mode", "--sync-mode", "auto-idle"),

@@ -34,6 +34,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct Settings {
     pub memory_mb: u32,
     pub vcpus: u32,
+    /// The container's writable disk, in GB; records written before it
+    /// existed get the default.
+    #[serde(default = "default_disk_gb")]
+    pub disk_gb: u32,
     pub nested_virt: bool,
     pub network: String,
     pub sync_mode: String,
@@ -57,6 +61,10 @@ pub struct Settings {
     /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubeSettings>,
+}
+
+fn default_disk_gb() -> u32 {
+    16
 }
 
 fn default_multiplexer() -> String {
@@ -434,6 +442,7 @@ mod tests {
         Settings {
             kubernetes: None,
             memory_mb: 2048,
+            disk_gb: 16,
             vcpus: 1,
             nested_virt: false,
             network: "nat".into(),

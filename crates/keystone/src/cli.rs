@@ -127,6 +127,9 @@ pub struct StartArgs {
     /// Virtual CPUs [default: 4].
     #[arg(long)]
     pub vcpus: Option<u32>,
+    /// The container's writable disk in GB [default: 16].
+    #[arg(long)]
+    pub disk: Option<u32>,
     /// Do not pass hardware virtualization into the sandbox.
     #[arg(long)]
     pub no_nested: bool,

@@ -41,6 +41,11 @@ pub struct InitSpec {
     pub scratch: PathBuf,
     /// The guest's `/etc/keystone`: a per-start copy (see `copy_guest_keys`).
     pub keys: PathBuf,
+    /// The bounded layer's image (root only): mounted where the upper and
+    /// work directories' parent would be bound (see `layer`).
+    pub disk_image: Option<PathBuf>,
+    /// The layer's size: the volatile tmpfs's, when nothing is kept.
+    pub disk_gb: u32,
     /// Started by host root: the host ids of the sandbox's root. C binds
     /// the directories above into a staging tmpfs (see [`stage`]), then
     /// becomes these ids and creates the user namespace as them, so the
@@ -193,7 +198,7 @@ fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
         Some(_) => return Err("the upper and work directories must be siblings".into()),
         None => None,
     };
-    if let Some(d) = disk {
+    if let Some(d) = disk.filter(|_| spec.disk_image.is_none()) {
         sources.push(("disk", d));
     }
     let fds = sources
@@ -224,6 +229,19 @@ fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
     }
     for (_, fd) in fds {
         let _ = nix::unistd::close(fd);
+    }
+    if let (Some(image), Some((uid, gid))) = (&spec.disk_image, spec.stage) {
+        let target = stage.join("disk");
+        fs::create_dir(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        super::layer::mount(image, &target)?;
+        for d in ["upper", "work"] {
+            let dir = target.join(d);
+            if !dir.is_dir() {
+                fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+        }
     }
     let mut staged = spec.clone();
     staged.lower = stage.join("lower");
@@ -285,7 +303,7 @@ fn pid1(spec: &InitSpec) -> Result<(), String> {
                 &vol,
                 Some("tmpfs"),
                 MsFlags::empty(),
-                Some("mode=0755"),
+                Some(&format!("mode=0755,size={}g", spec.disk_gb)),
             )?;
             let (u, w) = (vol.join("upper"), vol.join("work"));
             fs::create_dir_all(&u).map_err(|e| e.to_string())?;

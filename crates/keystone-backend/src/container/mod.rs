@@ -20,6 +20,7 @@
 
 mod cgroup;
 mod harden;
+mod layer;
 pub use crate::idmap;
 mod init;
 mod shift;
@@ -282,6 +283,8 @@ impl Backend for ContainerBackend {
         // never the host's key directory (guest root could remount a bind
         // of it read-write and plant links the host then writes through).
         let keys = copy_guest_keys(&map, &inst.guest_dir, &scratch.join("keys"))?;
+        let mut notes = Vec::new();
+        let mut disk_image = None;
         let upper = if inst.settings.persist {
             let (u, w) = Self::upper(inst);
             // The upper layer belongs over the tree it was made on (see
@@ -291,18 +294,33 @@ impl Backend for ContainerBackend {
             if disk::recorded_for(inst)?.is_none() {
                 disk::record_for(inst, None)?;
             }
-            for d in [&u, &w] {
-                fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;
+            match layer::prepare(inst, map.is_root(), map.root_on_host())? {
+                layer::Layer::Bounded { image, gb } => {
+                    // upper/ and work/ are made inside the image once it
+                    // is mounted (init::stage).
+                    notes.push(format!("disk: {gb} GB"));
+                    disk_image = Some(image);
+                }
+                layer::Layer::Unbounded { reason } => {
+                    notes.push(format!("disk: not bounded ({reason})"));
+                    for d in [&u, &w] {
+                        fs::create_dir_all(d).map_err(BackendError::io(d.display().to_string()))?;
+                    }
+                    // A layer made on other host ids (before root's
+                    // sandboxes had a range of their own) is moved onto
+                    // this map's, once.
+                    shift::ensure_layer_on(&map, &inst.dir.join("disk"), &u, &w)?;
+                }
             }
-            // A layer made on other host ids (before root's sandboxes had
-            // a range of their own) is moved onto this map's, once.
-            shift::ensure_layer_on(&map, &inst.dir.join("disk"), &u, &w)?;
             Some((u, w))
         } else {
+            notes.push(format!(
+                "disk: {} GB in memory, not kept",
+                inst.settings.disk_gb
+            ));
             None
         };
 
-        let mut notes = Vec::new();
         let kvm = inst.settings.nested_virt && kvm_usable();
         notes.push(if kvm {
             "nested virtualization: on (/dev/kvm passed through)".to_string()
@@ -323,6 +341,8 @@ impl Backend for ContainerBackend {
             upper,
             scratch: scratch.clone(),
             keys: keys.clone(),
+            disk_image,
+            disk_gb: inst.settings.disk_gb,
             stage: map.is_root().then(|| map.root_on_host()),
             kvm,
             seccomp: harden::seccomp_program().map_err(BackendError::Failed)?,
@@ -554,10 +574,9 @@ impl Backend for ContainerBackend {
             .get("cgroup")
             .and_then(|v| serde_json::from_value::<Cgroup>(v.clone()).ok())
             .and_then(|cg| cg.memory_bytes());
-        let disk = inst.dir.join("disk/upper");
         Usage {
             memory_bytes,
-            disk_bytes: disk.exists().then(|| crate::dir_size(&disk)),
+            disk_bytes: layer::used_bytes(inst),
         }
     }
 }

@@ -23,6 +23,9 @@ fn flags(args: &StartArgs) -> Vec<Flag> {
     if let Some(v) = args.vcpus {
         f.push(Flag::new("defaults.vcpus", "--vcpus", v.to_string()));
     }
+    if let Some(d) = args.disk {
+        f.push(Flag::new("defaults.disk", "--disk", d.to_string()));
+    }
     if args.no_nested {
         f.push(Flag::new("defaults.nested_virt", "--no-nested", "false"));
     }
@@ -140,6 +143,7 @@ use one or the other",
     let settings = Settings {
         memory_mb: cfg.defaults.memory,
         vcpus: cfg.defaults.vcpus,
+        disk_gb: cfg.defaults.disk,
         nested_virt: cfg.defaults.nested_virt,
         network: cfg.defaults.network.to_string(),
         sync_mode: cfg.defaults.sync_mode.to_string(),

@@ -462,14 +462,44 @@ pub fn legacy_layer_survives_the_upgrade(h: Host) {
     h.sh("echo kept > unsynced.txt && git add unsynced.txt && git commit -qm 'not yet synced' && sudo -n install -m 4755 /bin/true /usr/local/bin/suid-probe");
     h.ks(&["stop"]).ok();
     let disk = h.state_dir().join("sandboxes").join(&name).join("disk");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(disk.join("idmap.json")).expect("record"))
-            .expect("json");
-    let (uid0, gid0) = (
-        record["uid"].as_u64().expect("uid") as u32,
-        record["gid"].as_u64().expect("gid") as u32,
+    // The layer as the old build kept it: a directory beside the disk's
+    // records, not an image.
+    let image = disk.join("layer.img");
+    let mnt = h.tmp.path().join("layer-mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect(args[0]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (image_s, mnt_s, disk_s) = (
+        image.display().to_string(),
+        mnt.display().to_string(),
+        disk.display().to_string(),
     );
-    assert!(uid0 > 65535 && gid0 > 65535, "{record}");
+    run(&["mount", "-o", "loop,ro", &image_s, &mnt_s]);
+    run(&[
+        "cp",
+        "-a",
+        &format!("{mnt_s}/upper"),
+        &format!("{mnt_s}/work"),
+        &disk_s,
+    ]);
+    run(&["umount", &mnt_s]);
+    std::fs::remove_file(&image).expect("rm image");
+    let root = std::fs::symlink_metadata(disk.join("upper")).expect("upper");
+    let (uid0, gid0) = (root.uid(), root.gid());
+    assert!(
+        uid0 > 65535 && gid0 > 65535,
+        "the layer is on host ids {uid0}:{gid0}"
+    );
+    let _ = std::fs::remove_file(disk.join("idmap.json"));
     // Put the layer back on the host's ids, as the old build left it.
     fn back(p: &std::path::Path, uid0: u32, gid0: u32) {
         let m = std::fs::symlink_metadata(p).expect("meta");
@@ -487,7 +517,6 @@ pub fn legacy_layer_survives_the_upgrade(h: Host) {
         }
     }
     back(&disk.join("upper"), uid0, gid0);
-    std::fs::remove_file(disk.join("idmap.json")).expect("rm record");
     let probe = disk.join("upper/usr/local/bin/suid-probe");
     assert_eq!(
         std::fs::metadata(&probe).expect("probe").uid(),
@@ -495,7 +524,9 @@ pub fn legacy_layer_survives_the_upgrade(h: Host) {
         "the layer is on host ids"
     );
 
-    h.start(&["--network", "none"]).ok();
+    let r = h.start(&["--network", "none"]);
+    r.ok();
+    assert!(r.text().contains("disk: not bounded"), "{}", r.text());
     assert_eq!(h.sh("git log -1 --format=%s").trim(), "not yet synced");
     assert_eq!(
         h.sh("cat unsynced.txt; stat -c %U:%G unsynced.txt")
@@ -512,4 +543,64 @@ pub fn legacy_layer_survives_the_upgrade(h: Host) {
     assert!(disk.join("idmap.json").exists());
     h.ks(&["sync"]).ok();
     assert_eq!(h.git(&["log", "-1", "--format=%s"]), "not yet synced");
+}
+
+/// Free bytes of the file system holding `path`, as `df` says.
+fn host_free(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .expect("df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df's figure")
+}
+
+/// The container's writable layer is bounded (root: an ext4 image of
+/// `--disk` GB): filling it fails inside with ENOSPC, the host loses at
+/// most that much space, keystone and the sandbox keep working, and what
+/// was written survives a restart.
+pub fn disk_is_bounded(h: Host) {
+    let r = h.start(&["--network", "none", "--disk", "1"]);
+    r.ok();
+    assert!(r.text().contains("disk: 1 GB"), "{}", r.text());
+    let size_mb: u64 = h
+        .sh("df -B1M --output=size / | tail -1")
+        .trim()
+        .parse()
+        .expect("df inside");
+    assert!(
+        (800..=1024).contains(&size_mb),
+        "the guest's / is {size_mb} MB"
+    );
+    h.sh("echo kept > /home/agent/kept.txt");
+    let state = h.state_dir();
+    let before = host_free(&state);
+    let r = h.ks(&[
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/home/agent/fill bs=1M count=1500 2>&1; sync",
+    ]);
+    assert!(
+        r.text().contains("No space left on device"),
+        "filling the disk did not fail inside:\n{}",
+        r.text()
+    );
+    let after = host_free(&state);
+    assert!(
+        before.saturating_sub(after) < 1_200_000_000,
+        "the host lost {} bytes",
+        before.saturating_sub(after)
+    );
+    // keystone and the sandbox still work, and the space comes back.
+    h.ks(&["list"]).ok();
+    assert_eq!(h.sh("rm /home/agent/fill && echo ok").trim(), "ok");
+    h.ks(&["stop"]).ok();
+    h.start(&["--network", "none", "--disk", "1"]).ok();
+    assert_eq!(h.sh("cat /home/agent/kept.txt").trim(), "kept");
 }

@@ -119,6 +119,12 @@ mod containment {
         ));
     }
 
+    /// The writable layer cannot fill the host's disk.
+    #[test]
+    fn disk_is_bounded_container() {
+        crate::attack::disk_is_bounded(Host::new("container", "disk-container"));
+    }
+
     /// Masks, locked mounts, the seccomp filter and the bounding set.
     #[test]
     fn kernel_surface_is_reduced_container() {
