@@ -16,6 +16,16 @@
 //! virtiofsd sandboxes itself in namespaces; run as a user it cannot
 //! change ids at all, so it runs without a sandbox and writes everything
 //! as that user, which is the same outcome.
+//!
+//! The repository's metadata stays out of the guest's reach: virtiofsd
+//! runs in a mount namespace of its own (for a user, inside a user
+//! namespace that maps only that user) where the project's `.git` and
+//! `.keystone` are bound read-only over themselves, so the guest reads the
+//! history (`git log`, `diff`, `status`) but can plant no hook, config,
+//! fsmonitor or ref that the user's next git command would act on. The
+//! agent works on the files; commits are made on the host. (The other
+//! choice, a guest-local `.git` over the host's brought home by `sync`,
+//! would give back the clone's workflow the share exists to avoid.)
 
 use super::proc::{self, Child};
 use crate::{BackendError, Instance};
@@ -105,6 +115,7 @@ pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, Bac
         .open(&log_path)
         .map_err(BackendError::io(log_path.display().to_string()))?;
     let as_root = nix::unistd::geteuid().is_root();
+    let protect = protected_paths(&inst.project)?;
     let mut cmd = Command::new(daemon);
     cmd.args(daemon_args(
         &inst.project,
@@ -117,6 +128,7 @@ pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, Bac
     .stderr(log)
     .env_clear()
     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    read_only_view(&mut cmd, protect, as_root);
     let mut child = proc::spawn("virtiofsd", cmd, &[])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
@@ -133,6 +145,135 @@ pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, Bac
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(child)
+}
+
+/// The project's `.git` and `.keystone`, as they are: a link would be
+/// followed by the bind (and points where the share does not reach), so
+/// it is refused.
+fn protected_paths(
+    project: &Path,
+) -> Result<Vec<(std::ffi::CString, libc::c_ulong)>, BackendError> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    for name in [".git", ".keystone"] {
+        let p = project.join(name);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(BackendError::Requirement(format!(
+                    "{} is a symbolic link: the live share keeps the repository's metadata read-only for the guest and cannot do that through a link; use the default clone workspace",
+                    p.display()
+                )))
+            }
+            Ok(_) => {
+                // A remount inside a user namespace must keep the flags the
+                // file system is mounted with.
+                use nix::sys::statvfs::FsFlags;
+                let f = nix::sys::statvfs::statvfs(&p)
+                    .map_err(|e| BackendError::Failed(format!("statvfs {}: {e}", p.display())))?
+                    .flags();
+                let mut keep = libc::MS_NOSUID | libc::MS_NODEV;
+                for (st, ms) in [
+                    (FsFlags::ST_NOEXEC, libc::MS_NOEXEC),
+                    (FsFlags::ST_NOATIME, libc::MS_NOATIME),
+                    (FsFlags::ST_NODIRATIME, libc::MS_NODIRATIME),
+                    (FsFlags::ST_RELATIME, libc::MS_RELATIME),
+                ] {
+                    if f.contains(st) {
+                        keep |= ms;
+                    }
+                }
+                let path = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+                    BackendError::Failed(format!("{}: a NUL in the path", p.display()))
+                })?;
+                out.push((path, keep));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Run virtiofsd where `paths` are read-only binds of themselves: in a
+/// mount namespace of its own (root), or in a user namespace that maps
+/// only the user and its group, with one (a user).
+fn read_only_view(
+    cmd: &mut Command,
+    paths: Vec<(std::ffi::CString, libc::c_ulong)>,
+    as_root: bool,
+) {
+    use std::os::unix::process::CommandExt;
+    // Prepared before the fork: pre_exec may only make system calls.
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let uid_map = format!("{uid} {uid} 1");
+    let gid_map = format!("{gid} {gid} 1");
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let (uid_file, gid_file, setgroups) = (
+        c("/proc/self/uid_map"),
+        c("/proc/self/gid_map"),
+        c("/proc/self/setgroups"),
+    );
+    let root = c("/");
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes system calls on data prepared above.
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            let write = |file: &std::ffi::CString, text: &[u8]| -> std::io::Result<()> {
+                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, text.as_ptr().cast(), text.len());
+                libc::close(fd);
+                if n == text.len() as isize {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            if as_root {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+            } else {
+                check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
+                write(&setgroups, b"deny")?;
+                write(&uid_file, uid_map.as_bytes())?;
+                write(&gid_file, gid_map.as_bytes())?;
+            }
+            check(libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for (p, keep) in &paths {
+                check(libc::mount(
+                    p.as_ptr(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    p.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
+                    std::ptr::null(),
+                ))?;
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -114,23 +114,91 @@ fn live_share_microvm() {
     std::fs::write(h.project.join("from-host.txt"), "from-host\n").expect("write");
     assert_eq!(h.sh("cat /workspace/from-host.txt"), "from-host\n");
 
-    // A commit inside lands in the host repository itself.
-    h.sh("cd /workspace && git add from-agent.txt && git -c user.name=A -c user.email=a@x commit -qm 'agent commit'");
-    let log = Command::new("git")
-        .args(["-c", "safe.directory=*", "log", "-1", "--format=%s"])
-        .current_dir(&h.project)
-        .output()
-        .expect("git log");
-    assert_eq!(String::from_utf8_lossy(&log.stdout).trim(), "agent commit");
-    let foreign = Command::new("find")
-        .arg(h.project.join(".git"))
-        .args(["-not", "-uid", &OWNER.to_string(), "-print", "-quit"])
-        .output()
-        .expect("find");
+    // The repository's metadata is read-only to the guest: it reads the
+    // history, but neither the agent nor guest root can plant a hook, a
+    // config or a ref there (the user's next git command would act on it),
+    // nor touch .keystone.
+    std::fs::create_dir_all(h.project.join(".keystone")).expect(".keystone");
+    std::fs::write(h.project.join(".keystone/agent.toml"), "[defaults]\n").expect("toml");
+    let snapshot = |dir: &std::path::Path| -> Vec<(String, Vec<u8>)> {
+        let out = Command::new("find")
+            .arg(dir)
+            .args(["-type", "f"])
+            .output()
+            .expect("find");
+        let mut files: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|f| {
+                let bytes = std::fs::read(&f).unwrap_or_default();
+                (f, bytes)
+            })
+            .collect()
+    };
+    let git_before = snapshot(&h.project.join(".git"));
+    let keystone_before = snapshot(&h.project.join(".keystone"));
+    let canary = h.tmp.path().join("share-hook-canary");
+    assert_eq!(
+        h.sh("cd /workspace && git log -1 --format=%s").trim(),
+        "initial commit"
+    );
+    let attempts = format!(
+        "cd /workspace; \
+         printf '#!/bin/sh\\ntouch {c}\\n' > .git/hooks/post-checkout && echo PLANTED-HOOK; \
+         git config core.fsmonitor 'touch {c}' && echo PLANTED-CONFIG; \
+         echo 0000000000000000000000000000000000000000 > .git/refs/heads/evil && echo PLANTED-REF; \
+         echo x > .keystone/agent.toml && echo PLANTED-KEYSTONE; \
+         git add from-agent.txt && git -c user.name=A -c user.email=a@x commit -qm 'agent commit' && echo COMMITTED; true",
+        c = canary.display()
+    );
+    for user in ["agent", "root"] {
+        let r = h.ks(&["exec", "--user", user, "--", "sh", "-c", &attempts]);
+        assert!(
+            !r.stdout.contains("PLANTED") && !r.stdout.contains("COMMITTED"),
+            "{user} wrote the repository's metadata through the share:\n{}",
+            r.text()
+        );
+        assert!(r.text().contains("Read-only file system"), "{}", r.text());
+    }
+    let root_remount = h.ks(&[
+        "exec", "--user", "root", "--", "sh", "-c",
+        "mount -o remount,rw /workspace 2>&1; echo x > /workspace/.git/hooks/post-checkout && echo PLANTED",
+    ]);
     assert!(
-        foreign.stdout.is_empty(),
-        "a .git file not owned by the project's owner: {}",
-        String::from_utf8_lossy(&foreign.stdout)
+        !root_remount.stdout.contains("PLANTED"),
+        "{}",
+        root_remount.text()
+    );
+    assert!(
+        snapshot(&h.project.join(".git")) == git_before,
+        "the host's .git changed"
+    );
+    assert!(
+        snapshot(&h.project.join(".keystone")) == keystone_before,
+        "the host's .keystone changed"
+    );
+    let checkout = Command::new("git")
+        .args([
+            "-c",
+            "safe.directory=*",
+            "checkout",
+            "-q",
+            "-b",
+            "after-share",
+        ])
+        .current_dir(&h.project)
+        .status()
+        .expect("git checkout");
+    assert!(checkout.success());
+    assert!(!canary.exists(), "a hook of the guest's ran on the host");
+    // The working tree stays the guest's to change.
+    assert_eq!(
+        h.sh("echo edit >> /workspace/README.md && echo ok").trim(),
+        "ok"
     );
 
     // Nothing to sync, no worktrees on the share.
