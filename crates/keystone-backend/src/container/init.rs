@@ -198,7 +198,21 @@ fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
         Some(_) => return Err("the upper and work directories must be siblings".into()),
         None => None,
     };
-    if let Some(d) = disk.filter(|_| spec.disk_image.is_none()) {
+    if let Some(d) = disk {
+        // A bounded layer: its image mounted over the disk directory, in
+        // this mount namespace only, before the directory is opened (the
+        // loop device holds the image, which the mount then hides).
+        if let (Some(image), Some((uid, gid))) = (&spec.disk_image, spec.stage) {
+            super::layer::mount(image, d)?;
+            for name in ["upper", "work"] {
+                let dir = d.join(name);
+                if !dir.is_dir() {
+                    fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+            }
+        }
         sources.push(("disk", d));
     }
     let fds = sources
@@ -229,19 +243,6 @@ fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
     }
     for (_, fd) in fds {
         let _ = nix::unistd::close(fd);
-    }
-    if let (Some(image), Some((uid, gid))) = (&spec.disk_image, spec.stage) {
-        let target = stage.join("disk");
-        fs::create_dir(&target).map_err(|e| format!("{}: {e}", target.display()))?;
-        super::layer::mount(image, &target)?;
-        for d in ["upper", "work"] {
-            let dir = target.join(d);
-            if !dir.is_dir() {
-                fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                std::os::unix::fs::lchown(&dir, Some(uid), Some(gid))
-                    .map_err(|e| format!("{}: {e}", dir.display()))?;
-            }
-        }
     }
     let mut staged = spec.clone();
     staged.lower = stage.join("lower");

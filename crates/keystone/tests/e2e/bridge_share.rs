@@ -70,6 +70,10 @@ fn live_share_microvm() {
         "[safe]\n\tdirectory = *\n",
     );
 
+    // A project file of the project's own (made read-only for the guest
+    // with .git; one the guest creates later is only ever trusted content).
+    std::fs::create_dir_all(h.project.join(".keystone")).expect(".keystone");
+    std::fs::write(h.project.join(".keystone/agent.toml"), "[defaults]\n").expect("toml");
     let r = h.start(&["--share"]);
     r.ok();
     assert!(
@@ -118,8 +122,6 @@ fn live_share_microvm() {
     // history, but neither the agent nor guest root can plant a hook, a
     // config or a ref there (the user's next git command would act on it),
     // nor touch .keystone.
-    std::fs::create_dir_all(h.project.join(".keystone")).expect(".keystone");
-    std::fs::write(h.project.join(".keystone/agent.toml"), "[defaults]\n").expect("toml");
     let snapshot = |dir: &std::path::Path| -> Vec<(String, Vec<u8>)> {
         let out = Command::new("find")
             .arg(dir)
