@@ -137,19 +137,41 @@ pub fn guest_root_is_not_host_root(h: Host) {
 
     // 3. A setuid file the guest leaves in its layer is not host root's.
     h.sh("sudo -n cp /bin/sh /usr/local/bin/rootsh && sudo -n chmod 4755 /usr/local/bin/rootsh");
-    let upper = h
-        .state_dir()
-        .join("sandboxes")
-        .join(&name)
-        .join("disk/upper");
-    let planted = upper.join("usr/local/bin/rootsh");
-    let meta = std::fs::symlink_metadata(&planted).expect("the planted file is in the upper layer");
-    use std::os::unix::fs::MetadataExt;
+    // On the host it is in the layer's image (root: a bounded disk, read
+    // with debugfs, which never mounts it) or in the upper directory.
+    let disk = h.state_dir().join("sandboxes").join(&name).join("disk");
+    let image = disk.join("layer.img");
+    let (mode, uid) = if image.exists() {
+        h.sh("sync");
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "stat /upper/usr/local/bin/rootsh"])
+            .arg(&image)
+            .output()
+            .expect("debugfs (apt-get install e2fsprogs)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |name: &str| {
+            text.split(name)
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("{name} in debugfs's answer:\n{text}"))
+                .to_string()
+        };
+        (
+            u32::from_str_radix(&field("Mode:"), 8).expect("mode"),
+            field("User:").parse::<u32>().expect("uid"),
+        )
+    } else {
+        use std::os::unix::fs::MetadataExt;
+        let planted = disk.join("upper/usr/local/bin/rootsh");
+        let meta =
+            std::fs::symlink_metadata(&planted).expect("the planted file is in the upper layer");
+        (meta.mode(), meta.uid())
+    };
     assert!(
-        meta.mode() & 0o4000 == 0 || meta.uid() != 0,
-        "a setuid-root file of the guest's is on the host: {}",
-        planted.display()
+        mode & 0o4000 != 0,
+        "the planted file lost its setuid bit: {mode:o}"
     );
+    assert_ne!(uid, 0, "a setuid-root file of the guest's is on the host");
 
     // 4. The key directory: guest root remounts it read-write and turns
     //    authorized_keys into a link to a host file; the next start must
