@@ -289,21 +289,39 @@ impl Git {
     }
 
     /// Move `branch` from `from` to `to` (a fast-forward) and update the
-    /// working tree; all or nothing.
+    /// working tree; all or nothing. `from: None` is the unborn branch of
+    /// a repository without commits: the move starts from the empty tree,
+    /// and the ref must still not exist when it is made.
     pub fn fast_forward(&self, branch: &str, from: Option<&str>, to: &str) -> Result<(), GitError> {
         // The host is on this branch (checked by the caller): a two-tree
-        // read-tree -u -m refuses to clobber local changes, and only then
-        // do we move the ref (guarded by its old value when there is one).
-        match from {
-            Some(f) => self.ok(&["read-tree", "-u", "-m", f, to])?,
-            None => self
-                .ok(&["read-tree", "-u", "-m", "HEAD", to])
-                .or_else(|_| self.ok(&["read-tree", "-u", to]))?,
+        // read-tree -u -m refuses to clobber local changes or untracked
+        // files in the way, and only then do we move the ref (guarded by
+        // its old value: "" is "must not exist").
+        let empty;
+        let start = match from {
+            Some(f) => f,
+            None => {
+                empty = self.empty_tree()?;
+                empty.as_str()
+            }
         };
+        self.ok(&["read-tree", "-u", "-m", start, to])?;
         let target = format!("refs/heads/{branch}");
-        let mut args = vec!["update-ref", "-m", "keystone sync", &target, to];
-        args.extend(from);
-        self.ok(&args).map(|_| ())
+        self.ok(&[
+            "update-ref",
+            "-m",
+            "keystone sync",
+            &target,
+            to,
+            from.unwrap_or(""),
+        ])
+        .map(|_| ())
+    }
+
+    /// The empty tree's id in this repository's hash.
+    fn empty_tree(&self) -> Result<String, GitError> {
+        self.ok(&["hash-object", "-t", "tree", "/dev/null"])
+            .map(|s| s.trim().to_string())
     }
 }
 
@@ -396,6 +414,68 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(dir.path().join("a")).expect("a"),
             "local\n"
+        );
+    }
+
+    /// A repository without commits, and a commit made in it without
+    /// touching any ref (as a fetch into refs/keystone/ leaves it).
+    fn unborn_with_a_loose_commit() -> (tempfile::TempDir, Git, String) {
+        let (src, src_git) = repo();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(dir.path())
+            .args(["init", "-q", "-b", "main"])
+            .status()
+            .expect("git")
+            .success();
+        assert!(ok);
+        let side = src_git.rev_parse("side").expect("rev").expect("side");
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(dir.path())
+            .args(["fetch", "-q"])
+            .arg(src.path())
+            .arg("side:refs/keystone/s/heads/main")
+            .status()
+            .expect("git")
+            .success();
+        assert!(ok);
+        let git = Git::open(dir.path());
+        (dir, git, side)
+    }
+
+    #[test]
+    fn an_unborn_branch_starts_at_the_commits() {
+        let (dir, git, side) = unborn_with_a_loose_commit();
+        assert_eq!(git.current_branch().expect("branch"), Some("main".into()));
+        assert_eq!(git.head().expect("head"), None);
+        git.fast_forward("main", None, &side).expect("ff");
+        assert_eq!(
+            git.rev_parse("refs/heads/main").expect("rev"),
+            Some(side.clone())
+        );
+        assert_eq!(git.head().expect("head"), Some(side));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b")).expect("b"),
+            "x\n"
+        );
+        assert!(!git.is_dirty().expect("status"), "the checkout is clean");
+    }
+
+    #[test]
+    fn an_unborn_branch_keeps_an_untracked_file_in_the_way() {
+        let (dir, git, side) = unborn_with_a_loose_commit();
+        std::fs::write(dir.path().join("b"), "mine\n").expect("write");
+        assert!(git.fast_forward("main", None, &side).is_err());
+        assert_eq!(git.rev_parse("refs/heads/main").expect("rev"), None);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b")).expect("b"),
+            "mine\n"
+        );
+        assert!(
+            !dir.path().join("a").exists(),
+            "nothing else was checked out"
         );
     }
 }

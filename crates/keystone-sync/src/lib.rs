@@ -318,6 +318,17 @@ pub fn sync(
         })
     };
     match plan {
+        // The host is on the branch, and it has no commit yet (a new
+        // repository): the branch starts at the sandbox's commits.
+        Plan::NewBranch if on_branch => {
+            git.fast_forward(&branch, None, &theirs).map_err(|e| {
+                SyncError::Refused(format!(
+                    "the host's {branch} has no commits yet, and the sandbox's would overwrite files there; \
+                     the host is unchanged and the sandbox's commits are kept at {kept}: \
+                     move those files away (or `git checkout {kept} -- .` to take the sandbox's), then sync again ({e})"
+                ))
+            })?;
+        }
         Plan::NewBranch => {}
         Plan::ToHost => {
             let o = ours.as_deref().unwrap_or_default();
@@ -347,6 +358,15 @@ pub fn sync(
             report.merge_commit = Some(merge.clone());
             report.to = merge;
         }
+    }
+    // What is reported is what the host's refs say now, not what was meant.
+    let now = git.rev_parse(&format!("refs/heads/{branch}"))?;
+    if now.as_deref() != Some(report.to.as_str()) {
+        return Err(SyncError::Refused(format!(
+            "the host's {branch} is at {} after the sync, not at {} as planned (a bug in keystone: please report it); the sandbox's commits are kept at {kept}",
+            now.as_deref().unwrap_or("no commit"),
+            report.to
+        )));
     }
     Ok(report)
 }

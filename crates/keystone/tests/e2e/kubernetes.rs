@@ -401,6 +401,10 @@ mod shared {
         scenarios::sync_hostile(host("hostile-kube", ""));
     }
     #[test]
+    fn unborn_branch() {
+        scenarios::unborn_branch(host("unborn-kube", ""));
+    }
+    #[test]
     fn env_files() {
         scenarios::env_files(host("envf-kube", ""));
     }

@@ -47,6 +47,10 @@ macro_rules! backend_suite {
                 scenarios::sync_hostile(Host::new($backend, concat!("hostile-", $backend)));
             }
             #[test]
+            fn unborn_branch() {
+                scenarios::unborn_branch(Host::new($backend, concat!("unborn-", $backend)));
+            }
+            #[test]
             fn env_files() {
                 scenarios::env_files(Host::new($backend, concat!("envf-", $backend)));
             }

@@ -1387,3 +1387,40 @@ pub fn memory_given_back(h: Host) {
         now >> 20
     );
 }
+
+/// A brand-new repository (no commit yet): the agent's first commit comes
+/// home onto the host's unborn branch, checked out, and the report is what
+/// git says afterwards.
+pub fn unborn_branch(h: Host) {
+    std::fs::remove_dir_all(h.project.join(".git")).expect("rm .git");
+    std::fs::remove_file(h.project.join("README.md")).expect("rm README");
+    h.git(&["init", "-q", "-b", "main"]);
+    h.git(&["config", "user.name", "Host Dev"]);
+    h.git(&["config", "user.email", "dev@host.example"]);
+    h.start(&[]).ok();
+    h.sh("cd /workspace && echo hello > hello.txt && git add hello.txt && git commit -qm 'first commit'");
+    let r = h.ks(&["sync"]);
+    r.ok();
+    let head = h.git(&["rev-parse", "HEAD"]);
+    assert_eq!(h.git(&["rev-parse", "refs/heads/main"]), head);
+    assert_eq!(h.git(&["log", "-1", "--format=%s"]), "first commit");
+    assert!(
+        r.text().contains(&head[..12]),
+        "the report does not name the commit the host is on ({head}):\n{}",
+        r.text()
+    );
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("hello.txt")).expect("the agent's file"),
+        "hello\n"
+    );
+    assert_eq!(
+        h.git(&["status", "--porcelain"]),
+        "",
+        "the checkout is clean"
+    );
+    // Nothing is left only in keystone's refs: destroy has nothing to
+    // guard (without a terminal its confirmation cancels: exit 5, not 2).
+    let name = h.name();
+    assert_eq!(h.status_json(&name)["pending_commits"], 0);
+    h.ks(&["destroy", &name]).code(5);
+}
