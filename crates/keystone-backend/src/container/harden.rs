@@ -16,7 +16,8 @@
 //! would reach a kernel-global knob are refused by the kernel itself, not
 //! by a path keystone forgot to mask.
 
-use nix::mount::{mount, MsFlags};
+use super::init::m;
+use nix::mount::MsFlags;
 use std::fs;
 use std::path::Path;
 
@@ -71,17 +72,6 @@ const KEPT_CAPS: &[u32] = &[
     29, // CAP_AUDIT_WRITE
     31, // CAP_SETFCAP
 ];
-
-fn m(
-    src: Option<&str>,
-    target: &Path,
-    fstype: Option<&str>,
-    flags: MsFlags,
-    data: Option<&str>,
-) -> Result<(), String> {
-    mount(src, target, fstype, flags, data)
-        .map_err(|e| format!("mount {} on {}: {e}", src.unwrap_or("-"), target.display()))
-}
 
 /// Per-network-namespace settings the guest cannot make itself once it
 /// lives in B (A owns the network namespace): ports below 1024 for its

@@ -184,13 +184,7 @@ fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
     use nix::sys::stat::Mode;
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| format!("cannot create a mount namespace: {e}"))?;
-    m(
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None,
-    )?;
+    private_mounts()?;
     let mut sources: Vec<(&str, &Path)> = vec![("lower", &spec.lower), ("run", &spec.scratch)];
     // overlay wants upper and work on one mount: their common parent.
     let disk = match &spec.upper {
@@ -260,12 +254,25 @@ fn stage(spec: &InitSpec) -> Result<InitSpec, String> {
     Ok(staged)
 }
 
+/// Make every mount of this (new) mount namespace private, so nothing
+/// done here propagates back to the host's.
+fn private_mounts() -> Result<(), String> {
+    m(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )
+}
+
 fn unreachable_exit() -> ! {
     // SAFETY: _exit in a forked child.
     unsafe { libc::_exit(127) }
 }
 
-fn m(
+/// `mount(2)`, with an error that names what was mounted where.
+pub(super) fn m(
     src: Option<&str>,
     target: &Path,
     fstype: Option<&str>,
@@ -286,13 +293,7 @@ fn m(
 fn pid1(spec: &InitSpec) -> Result<(), String> {
     // SAFETY: prctl only sets a flag on this task.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    m(
-        None,
-        Path::new("/"),
-        None,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None,
-    )?;
+    private_mounts()?;
 
     let root = spec.scratch.join("root");
     let (upper, work) = match &spec.upper {
