@@ -318,6 +318,60 @@ impl Git {
         .map(|_| ())
     }
 
+    /// The repository's working directory.
+    pub fn repo(&self) -> &Path {
+        &self.repo
+    }
+
+    /// Bytes the working tree gains at most by moving from `from` (None:
+    /// the empty tree) to `to`: the sizes of the files that differ, as
+    /// they are in `to`.
+    pub fn checkout_bytes(&self, from: Option<&str>, to: &str) -> Result<u64, GitError> {
+        let empty;
+        let start = match from {
+            Some(f) => f,
+            None => {
+                empty = self.empty_tree()?;
+                empty.as_str()
+            }
+        };
+        let changed: std::collections::BTreeSet<String> = self
+            .ok(&["diff", "--name-only", "--no-renames", start, to])?
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let mut total = 0u64;
+        for line in self
+            .ok(&["ls-tree", "-r", "-l", "--full-tree", to])?
+            .lines()
+        {
+            // "<mode> blob <id> <size>\t<path>"
+            let Some((meta, path)) = line.split_once('\t') else {
+                continue;
+            };
+            if changed.contains(path) {
+                total += meta
+                    .split_whitespace()
+                    .nth(3)
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Bytes free for this user on the repository's file system.
+    pub fn free_bytes(&self) -> Result<u64, GitError> {
+        let st = nix::sys::statvfs::statvfs(&self.repo).map_err(|e| GitError::Failed {
+            args: "statvfs".into(),
+            stderr: e.to_string(),
+        })?;
+        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+    }
+
     /// The empty tree's id in this repository's hash.
     fn empty_tree(&self) -> Result<String, GitError> {
         self.ok(&["hash-object", "-t", "tree", "/dev/null"])

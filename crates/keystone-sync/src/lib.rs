@@ -34,6 +34,15 @@ pub enum SyncError {
     /// Histories cannot be reconciled (exit code 3); host untouched.
     #[error("{0}")]
     Conflict(String),
+    /// The host's file system is full (exit code 3); host untouched.
+    #[error("{0}")]
+    NoSpace(String),
+}
+
+/// What git says when a write fails for want of space.
+fn out_of_space(e: &GitError) -> bool {
+    matches!(e, GitError::Failed { stderr, .. }
+        if stderr.contains("No space left on device") || stderr.contains("Disk quota exceeded"))
 }
 
 /// What a sync moved, for the report and `--json`.
@@ -150,11 +159,14 @@ pub fn fetch(
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .filter(|b| !b.is_empty())
     });
+    // --atomic: every ref of the fetch moves, or none (a fetch that runs
+    // out of space part-way moves nothing).
     git.remote_op(
         channel,
         &[
             "fetch",
             "--quiet",
+            "--atomic",
             "--no-tags",
             "--no-write-fetch-head",
             "--no-recurse-submodules",
@@ -162,7 +174,19 @@ pub fn fetch(
             &url,
             &format!("+refs/heads/*:{prefix}*"),
         ],
-    )?;
+    )
+    .map_err(|e| {
+        if out_of_space(&e) {
+            SyncError::NoSpace(format!(
+                "the host's disk is full: the sandbox's commits could not be brought into {}; \
+                 nothing changed on the host (branches, index and working tree are as they were); \
+                 free some space and sync again",
+                git.repo().display()
+            ))
+        } else {
+            e.into()
+        }
+    })?;
     let refs = git.refs_under(&prefix)?;
     let current = current.join().ok().flatten();
     Ok((refs, current))
@@ -277,6 +301,28 @@ pub fn sync(
     }
     if dry_run {
         return Ok(report);
+    }
+    // The working tree must take the new files: checked before anything
+    // moves, since a checkout that runs out of space part-way would leave
+    // a half-written tree.
+    let target = match &plan {
+        Plan::ToSandbox => None,
+        Plan::NewBranch if !on_branch => Some((None, theirs.clone())),
+        Plan::NewBranch | Plan::ToHost | Plan::Merge(_) => Some((ours.clone(), theirs.clone())),
+    };
+    if let Some((from, to)) = target {
+        let need = git.checkout_bytes(from.as_deref(), &to)?;
+        let free = git.free_bytes()?;
+        // Room for the files, and a margin for the index and git's own
+        // temporary files.
+        if need.saturating_add(need / 10).saturating_add(4 << 20) > free {
+            return Err(SyncError::NoSpace(format!(
+                "the host's disk is too full for the sandbox's {branch}: its files need about {} MB and {} MB are free; \
+                 nothing changed on the host (the sandbox's commits are kept at {kept}); free some space and sync again",
+                need >> 20,
+                free >> 20
+            )));
+        }
     }
 
     // Move the host to the branch (it is clean when we must switch).

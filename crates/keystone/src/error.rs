@@ -117,7 +117,7 @@ impl From<keystone_sync::SyncError> for CliError {
             S::Git(g) => g.into(),
             S::Channel(c) => c.into(),
             S::NoChanges { .. } | S::Refused(_) => CliError::state(e.to_string()),
-            S::Conflict(_) => CliError::failed(e.to_string()),
+            S::Conflict(_) | S::NoSpace(_) => CliError::failed(e.to_string()),
         }
     }
 }

@@ -104,6 +104,17 @@ macro_rules! backend_suite {
 
 backend_suite!(container, "container");
 
+/// What sync does about the host's own state (host-side: one backend).
+mod sync_host {
+    use crate::harness::Host;
+
+    /// The host's disk fills during a sync.
+    #[test]
+    fn out_of_disk_container() {
+        crate::scenarios::sync_out_of_disk(Host::new("container", "nospace-container"));
+    }
+}
+
 /// The attack suite (attack.rs) on the backends each attack applies to.
 mod containment {
     use crate::harness::Host;

@@ -1424,3 +1424,113 @@ pub fn unborn_branch(h: Host) {
     assert_eq!(h.status_json(&name)["pending_commits"], 0);
     h.ks(&["destroy", &name]).code(5);
 }
+
+/// Every file under `dir` (links as their targets), with its bytes,
+/// skipping the subtrees named in `skip`.
+fn tree_bytes(dir: &std::path::Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(dir).expect("beneath").display().to_string();
+            if skip
+                .iter()
+                .any(|s| rel == *s || rel.starts_with(&format!("{s}/")))
+            {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(&p).expect("meta");
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.file_type().is_symlink() {
+                out.push((
+                    rel,
+                    std::fs::read_link(&p)
+                        .expect("link")
+                        .display()
+                        .to_string()
+                        .into_bytes(),
+                ));
+            } else {
+                out.push((rel, std::fs::read(&p).expect("read")));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The host runs out of disk during a sync: a clear error (exit 3), and
+/// the host's branches, index and working tree as they were; with room
+/// again, the same sync brings the commits. The host repository is moved
+/// onto a small file system of its own (a tmpfs with a size).
+pub fn sync_out_of_disk(h: Host) {
+    h.start(&["--network", "none"]).ok();
+    // 40 MB that does not compress.
+    h.sh("cd /workspace && head -c 40000000 /dev/urandom > big.bin && git add big.bin && git commit -qm 'a big file'");
+    let project = h.project.clone();
+    let aside = h.tmp.path().join("project-aside");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect(args[0]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (p, a) = (project.display().to_string(), aside.display().to_string());
+    run(&["cp", "-a", &p, &a]);
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", &self.0])
+                .status();
+        }
+    }
+    // 1. Too small for the objects: the fetch itself fails.
+    run(&["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", &p]);
+    let _unmount = Unmount(p.clone());
+    run(&["cp", "-a", &format!("{a}/."), &p]);
+    let before = tree_bytes(&project, &[]);
+    let r = h.ks(&["sync"]);
+    r.code(3);
+    assert!(r.stderr.contains("disk is full"), "{}", r.text());
+    assert!(
+        tree_bytes(&project, &[]) == before,
+        "a failed fetch changed the host repository"
+    );
+    // 2. Room for the objects, not for the files: refused before the
+    //    working tree moves.
+    run(&["mount", "-o", "remount,size=60m", &p]);
+    let kept = ["big.bin"];
+    let before = tree_bytes(
+        &project,
+        &[".git/objects", ".git/refs/keystone", ".git/packed-refs"],
+    );
+    let r = h.ks(&["sync"]);
+    r.code(3);
+    assert!(r.stderr.contains("too full"), "{}", r.text());
+    assert!(
+        tree_bytes(
+            &project,
+            &[".git/objects", ".git/refs/keystone", ".git/packed-refs"]
+        ) == before,
+        "a refused sync changed the host's branches, index or working tree"
+    );
+    assert!(!project.join(kept[0]).exists());
+    // 3. With room, the same sync works.
+    run(&["mount", "-o", "remount,size=200m", &p]);
+    h.ks(&["sync"]).ok();
+    assert_eq!(h.git(&["log", "-1", "--format=%s"]), "a big file");
+    assert_eq!(
+        std::fs::metadata(project.join("big.bin"))
+            .expect("big.bin")
+            .len(),
+        40_000_000
+    );
+}
