@@ -318,6 +318,17 @@ impl Git {
         .map(|_| ())
     }
 
+    /// A path inside the repository's git directory (`git rev-parse
+    /// --git-path`), absolute.
+    pub fn git_path(&self, name: &str) -> Result<PathBuf, GitError> {
+        let p = PathBuf::from(self.ok(&["rev-parse", "--git-path", name])?);
+        Ok(if p.is_absolute() {
+            p
+        } else {
+            self.repo.join(p)
+        })
+    }
+
     /// The repository's working directory.
     pub fn repo(&self) -> &Path {
         &self.repo
@@ -531,5 +542,17 @@ mod tests {
             !dir.path().join("a").exists(),
             "nothing else was checked out"
         );
+    }
+
+    #[test]
+    fn checkout_bytes_counts_the_files_that_change() {
+        let (_dir, git) = repo();
+        let main = git.rev_parse("main").expect("rev").expect("main");
+        let side = git.rev_parse("side").expect("rev").expect("side");
+        // a becomes "1\n2\n" (4 bytes), b "x\n" (2): 6.
+        assert_eq!(git.checkout_bytes(Some(&main), &side).expect("bytes"), 6);
+        assert_eq!(git.checkout_bytes(Some(&side), &side).expect("bytes"), 0);
+        assert_eq!(git.checkout_bytes(None, &side).expect("bytes"), 6);
+        assert!(git.free_bytes().expect("free") > 0);
     }
 }

@@ -160,7 +160,19 @@ pub fn fetch(
             .filter(|b| !b.is_empty())
     });
     // --atomic: every ref of the fetch moves, or none (a fetch that runs
-    // out of space part-way moves nothing).
+    // out of space part-way moves nothing). The pack it was writing is
+    // left behind by git then, and removed here.
+    let pack_dir = git.git_path("objects/pack")?;
+    let temporary = |dir: &Path| -> std::collections::BTreeSet<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tmp_"))
+            .map(|e| e.path())
+            .collect()
+    };
+    let temporary_before = temporary(&pack_dir);
     git.remote_op(
         channel,
         &[
@@ -177,6 +189,9 @@ pub fn fetch(
     )
     .map_err(|e| {
         if out_of_space(&e) {
+            for left in temporary(&pack_dir).difference(&temporary_before) {
+                let _ = std::fs::remove_file(left);
+            }
             SyncError::NoSpace(format!(
                 "the host's disk is full: the sandbox's commits could not be brought into {}; \
                  nothing changed on the host (branches, index and working tree are as they were); \
