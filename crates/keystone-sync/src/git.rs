@@ -297,14 +297,8 @@ impl Git {
         // read-tree -u -m refuses to clobber local changes or untracked
         // files in the way, and only then do we move the ref (guarded by
         // its old value: "" is "must not exist").
-        let empty;
-        let start = match from {
-            Some(f) => f,
-            None => {
-                empty = self.empty_tree()?;
-                empty.as_str()
-            }
-        };
+        let start = self.tree_or_empty(from)?;
+        let start = start.as_str();
         self.ok(&["read-tree", "-u", "-m", start, to])?;
         let target = format!("refs/heads/{branch}");
         self.ok(&[
@@ -338,14 +332,8 @@ impl Git {
     /// the empty tree) to `to`: the sizes of the files that differ, as
     /// they are in `to`.
     pub fn checkout_bytes(&self, from: Option<&str>, to: &str) -> Result<u64, GitError> {
-        let empty;
-        let start = match from {
-            Some(f) => f,
-            None => {
-                empty = self.empty_tree()?;
-                empty.as_str()
-            }
-        };
+        let start = self.tree_or_empty(from)?;
+        let start = start.as_str();
         let changed: std::collections::BTreeSet<String> = self
             .ok(&["diff", "--name-only", "--no-renames", start, to])?
             .lines()
@@ -381,6 +369,14 @@ impl Git {
             stderr: e.to_string(),
         })?;
         Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+    }
+
+    /// `from`, or the empty tree when there is none (an unborn branch).
+    fn tree_or_empty(&self, from: Option<&str>) -> Result<String, GitError> {
+        match from {
+            Some(f) => Ok(f.to_string()),
+            None => self.empty_tree(),
+        }
     }
 
     /// The empty tree's id in this repository's hash.

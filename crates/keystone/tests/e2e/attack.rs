@@ -37,6 +37,22 @@ fn host_ids(pid: &str) -> (u32, u32) {
     (field("Uid:"), field("Gid:"))
 }
 
+/// The host file `path` still holds `before`; if not, it is put back
+/// before the test fails, naming `what` changed it.
+#[track_caller]
+fn unchanged_or_restored(path: &str, before: &str, what: &str, r: &crate::harness::Run) {
+    let after = std::fs::read_to_string(path).expect(path);
+    if after != before {
+        let _ = std::fs::write(path, before);
+    }
+    assert_eq!(
+        after,
+        before,
+        "{what} changed the host's {path}:\n{}",
+        r.text()
+    );
+}
+
 /// Guest root is never host root, and the guest's users are no host
 /// users: a host-global sysctl cannot be written, processes run on
 /// unprivileged host ids, a setuid file the guest leaves in its layer is
@@ -59,17 +75,7 @@ pub fn guest_root_is_not_host_root(h: Host) {
         "-c",
         &format!("echo '{canary}' | sudo -n tee {core_pattern}"),
     ]);
-    let after = std::fs::read_to_string(core_pattern).expect("core_pattern");
-    if after != before {
-        // Put the host back before failing.
-        let _ = std::fs::write(core_pattern, &before);
-    }
-    assert_eq!(
-        after,
-        before,
-        "guest root wrote the host's {core_pattern}:\n{}",
-        r.text()
-    );
+    unchanged_or_restored(core_pattern, &before, "guest root's write", &r);
     assert_ne!(r.code, Some(0), "the write was not refused:\n{}", r.text());
     // Nor by mounting a /proc or /sys of its own.
     let r = h.ks(&[
@@ -81,16 +87,7 @@ pub fn guest_root_is_not_host_root(h: Host) {
             "sudo -n mkdir -p /mnt/p && sudo -n mount -t proc proc /mnt/p && echo '{canary}' | sudo -n tee /mnt/p/sys/kernel/core_pattern"
         ),
     ]);
-    let after = std::fs::read_to_string(core_pattern).expect("core_pattern");
-    if after != before {
-        let _ = std::fs::write(core_pattern, &before);
-    }
-    assert_eq!(
-        after,
-        before,
-        "a fresh proc mount wrote the host's sysctl:\n{}",
-        r.text()
-    );
+    unchanged_or_restored(core_pattern, &before, "a fresh proc mount", &r);
 
     // 2. The guest's root and agent are unprivileged host ids, and no
     //    real host user.
@@ -489,17 +486,7 @@ pub fn legacy_layer_survives_the_upgrade(h: Host) {
     let image = disk.join("layer.img");
     let mnt = h.tmp.path().join("layer-mnt");
     std::fs::create_dir_all(&mnt).expect("mnt");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .expect(args[0]);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = crate::harness::run_ok;
     let (image_s, mnt_s, disk_s) = (
         image.display().to_string(),
         mnt.display().to_string(),

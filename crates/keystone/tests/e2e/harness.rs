@@ -495,3 +495,18 @@ pub fn top_processes_matching(needle: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Run a host command (`args[0]` and its arguments); fail the test with
+/// its stderr unless it succeeds.
+#[track_caller]
+pub fn run_ok(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect(args[0]);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

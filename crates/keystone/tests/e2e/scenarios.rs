@@ -1484,17 +1484,7 @@ pub fn sync_out_of_disk(h: Host) {
     h.sh("cd /workspace && head -c 40000000 /dev/urandom > big.bin && git add big.bin && git commit -qm 'a big file'");
     let project = h.project.clone();
     let aside = h.tmp.path().join("project-aside");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .expect(args[0]);
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = crate::harness::run_ok;
     let (p, a) = (project.display().to_string(), aside.display().to_string());
     run(&["cp", "-a", &p, &a]);
     struct Unmount(String);
