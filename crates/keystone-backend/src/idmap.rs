@@ -169,16 +169,28 @@ impl IdMap {
 
 /// The name of keystone's entry in /etc/subuid and /etc/subgid.
 pub const RANGE_OWNER: &str = "keystone";
+/// The entry whose ids root's QEMU processes run as, one per sandbox.
+pub const VM_RANGE_OWNER: &str = "keystone-vm";
 
 /// Where root's containers map their ids: the `keystone` range of
 /// /etc/subuid and /etc/subgid, added (the same start in both, above every
 /// range already there, 65536-aligned) when either file has none.
 pub fn container_range() -> Result<(u32, u32), BackendError> {
+    reserved_range(RANGE_OWNER)
+}
+
+/// The host ids root's QEMU processes are dropped to: the `keystone-vm`
+/// range, reserved the same way so no user or container is ever given
+/// them.
+pub fn vm_range() -> Result<(u32, u32), BackendError> {
+    reserved_range(VM_RANGE_OWNER)
+}
+
+fn reserved_range(owner: &str) -> Result<(u32, u32), BackendError> {
     let files = ["/etc/subuid", "/etc/subgid"];
     let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
     let found = |text: &str| {
-        parse_subid(text, RANGE_OWNER, u32::MAX)
-            .filter(|&(start, count)| start > 0 && count >= SIZE)
+        parse_subid(text, owner, u32::MAX).filter(|&(start, count)| start > 0 && count >= SIZE)
     };
     if let (Some((u, _)), Some((g, _))) = (found(&read(files[0])), found(&read(files[1]))) {
         return Ok((u, g));
@@ -207,7 +219,8 @@ pub fn container_range() -> Result<(u32, u32), BackendError> {
             .or_else(|_| std::fs::OpenOptions::new().create(true).append(true).open(file))
             .map_err(|e| {
                 BackendError::Requirement(format!(
-                    "containers run by root map their ids onto a range of their own, and {file} has none for {RANGE_OWNER:?}                      and cannot be written ({e}); add the line `{RANGE_OWNER}:{start}:{SIZE}` to /etc/subuid and /etc/subgid"
+                    "keystone run by root keeps its sandboxes on host ids of their own, and {file} has none for {owner:?} \
+and cannot be written ({e}); add the line `{owner}:{start}:{SIZE}` to /etc/subuid and /etc/subgid"
                 ))
             })?;
         let sep = if text.is_empty() || text.ends_with('\n') {
@@ -215,9 +228,9 @@ pub fn container_range() -> Result<(u32, u32), BackendError> {
         } else {
             "\n"
         };
-        f.write_all(format!("{sep}{RANGE_OWNER}:{start}:{SIZE}\n").as_bytes())
+        f.write_all(format!("{sep}{owner}:{start}:{SIZE}\n").as_bytes())
             .map_err(BackendError::io(*file))?;
-        tracing::info!(file, start, "added keystone's subordinate id range");
+        tracing::info!(file, owner, start, "added keystone's subordinate id range");
         ids[i] = start;
     }
     Ok((ids[0], ids[1]))

@@ -2,18 +2,24 @@
 //! bridge the user names (`[backend.microvm] bridge`), so the sandbox is a
 //! machine on that network and takes its address by DHCP there.
 //!
-//! A tap on a bridge needs CAP_NET_ADMIN. As root, QEMU opens the tap
-//! itself (`-netdev tap`, a non-persistent device that disappears with the
-//! QEMU process, so nothing can leak) and the supervisor enslaves it to the
-//! bridge. As a user, the one standard way is QEMU's setuid
-//! `qemu-bridge-helper` with the bridge allowed in `/etc/qemu/bridge.conf`;
-//! where that is not set up, `start` says exactly what is missing.
+//! A tap on a bridge needs CAP_NET_ADMIN, which QEMU never has (it runs
+//! on an id of its own, `super::jail`, and may not spawn a helper under
+//! its seccomp filter). So the supervisor opens the tap and hands QEMU the
+//! descriptor (`-netdev tap,fd=N`). As root it opens a non-persistent
+//! device, which disappears when the last descriptor closes, so nothing
+//! can leak, and enslaves it to the bridge. As a user, the one standard
+//! way is QEMU's setuid `qemu-bridge-helper` with the bridge allowed in
+//! `/etc/qemu/bridge.conf`: the supervisor runs it, as QEMU would, and
+//! receives the tap over a socketpair; where that is not set up, `start`
+//! says exactly what is missing.
 
 use crate::{BackendError, Instance};
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 pub const HELPER: &str = "/usr/lib/qemu/qemu-bridge-helper";
 const HELPER_ACL: &str = "/etc/qemu/bridge.conf";
@@ -21,9 +27,9 @@ const HELPER_ACL: &str = "/etc/qemu/bridge.conf";
 /// How eth1 reaches the bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attach {
-    /// Root: QEMU opens the tap `tap`; we add it to `bridge`.
+    /// Root: we open the tap `tap` and add it to `bridge`.
     Tap { tap: String, bridge: String },
-    /// A user: QEMU runs the setuid helper, which does both.
+    /// A user: the setuid helper does both and sends us the tap.
     Helper { bridge: String, helper: PathBuf },
 }
 
@@ -59,18 +65,102 @@ pub fn plan(inst: &Instance) -> Result<Attach, BackendError> {
 }
 
 /// QEMU's `-netdev` for eth1.
-pub fn netdev(attach: &Attach) -> String {
+pub fn netdev(tap: RawFd) -> String {
+    format!("tap,id=nat,fd={tap}")
+}
+
+/// The tap for eth1, for QEMU to inherit.
+pub fn open_tap(attach: &Attach) -> Result<OwnedFd, BackendError> {
     match attach {
-        Attach::Tap { tap, .. } => {
-            format!("tap,id=nat,ifname={tap},script=no,downscript=no")
-        }
-        Attach::Helper { bridge, helper } => {
-            format!("bridge,id=nat,br={bridge},helper={}", helper.display())
-        }
+        Attach::Tap { tap, .. } => open_named_tap(tap),
+        Attach::Helper { bridge, helper } => tap_from_helper(helper, bridge),
     }
 }
 
-/// After QEMU has created the tap: put it on the bridge and bring it up.
+/// TUNSETIFF on /dev/net/tun, as QEMU's `tap_open` does: a tap without
+/// packet information, with virtio-net headers.
+fn open_named_tap(name: &str) -> Result<OwnedFd, BackendError> {
+    let tun = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(BackendError::io("/dev/net/tun"))?;
+    // SAFETY: ifreq is plain old data, valid when zeroed.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(BackendError::Failed(format!("bad tap name {name:?}")));
+    }
+    for (d, b) in req.ifr_name.iter_mut().zip(bytes) {
+        *d = *b as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which lives across the
+    // call, on a descriptor we own.
+    let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if r != 0 {
+        return Err(BackendError::Failed(format!(
+            "cannot create tap {name}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(tun.into())
+}
+
+/// Run `qemu-bridge-helper --use-vnet --br=BRIDGE --fd=N` and take the tap
+/// it sends back over the socketpair (one byte with SCM_RIGHTS).
+fn tap_from_helper(helper: &Path, bridge: &str) -> Result<OwnedFd, BackendError> {
+    use nix::sys::socket::{
+        recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    };
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    let mut cmd = Command::new(helper);
+    cmd.arg("--use-vnet")
+        .arg(format!("--br={bridge}"))
+        .arg(format!("--fd={}", theirs.as_raw_fd()))
+        .stdin(std::process::Stdio::null())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    let mut child = super::proc::spawn("qemu-bridge-helper", cmd, &[theirs.as_raw_fd()])?;
+    drop(theirs);
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let received = recvmsg::<()>(
+        ours.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| BackendError::Failed(format!("{}: {e}", helper.display())))
+    .and_then(|msg| {
+        msg.cmsgs()
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", helper.display())))?
+            .find_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                BackendError::Failed(format!(
+                    "{} sent no tap for bridge {bridge} (is it allowed in {HELPER_ACL}?)",
+                    helper.display()
+                ))
+            })
+    });
+    if !child.wait_exit(Duration::from_secs(10)) {
+        child.kill();
+    }
+    // SAFETY: SCM_RIGHTS gave us a new descriptor that nothing else owns.
+    received.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// After the tap is open: put it on the bridge and bring it up.
 pub fn enslave(attach: &Attach) -> Result<(), BackendError> {
     let Attach::Tap { tap, bridge } = attach else {
         return Ok(());
@@ -88,7 +178,7 @@ pub fn enslave(attach: &Attach) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// The tap QEMU opened, if it still exists (it must not after teardown).
+/// The tap we opened, if it still exists (it must not after teardown).
 pub fn leftover(attach: &Attach) -> Option<String> {
     match attach {
         Attach::Tap { tap, .. } => crate::hostbridge::link_exists(tap).then(|| tap.clone()),
@@ -125,18 +215,6 @@ mod tests {
 
     #[test]
     fn netdevs() {
-        let tap = Attach::Tap {
-            tap: "kst-1".into(),
-            bridge: "br0".into(),
-        };
-        assert_eq!(
-            netdev(&tap),
-            "tap,id=nat,ifname=kst-1,script=no,downscript=no"
-        );
-        let h = Attach::Helper {
-            bridge: "br0".into(),
-            helper: PathBuf::from(HELPER),
-        };
-        assert!(netdev(&h).starts_with("bridge,id=nat,br=br0,helper="));
+        assert_eq!(netdev(9), "tap,id=nat,fd=9");
     }
 }

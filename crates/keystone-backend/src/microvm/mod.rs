@@ -41,6 +41,7 @@
 
 pub mod accel;
 mod bridge;
+mod jail;
 mod proc;
 pub mod qemu;
 mod qmp;
@@ -60,7 +61,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -242,6 +243,51 @@ impl MicrovmBackend {
         }
         fs::rename(&tmp, &art.dir).map_err(BackendError::io(art.dir.display().to_string()))?;
         Ok(())
+    }
+}
+
+/// The descriptors of one QEMU start that are made again on a retry:
+/// the QMP listener, the boot log, the virtiofs connection, the tap.
+struct Links {
+    qmp: std::os::unix::net::UnixListener,
+    console: fs::File,
+    share: Option<std::os::unix::net::UnixStream>,
+    tap: Option<std::os::fd::OwnedFd>,
+}
+
+impl Links {
+    fn open(
+        qmp: &Path,
+        console: &Path,
+        share: Option<&Path>,
+        bridge: Option<&bridge::Attach>,
+    ) -> Result<Links, BackendError> {
+        let _ = fs::remove_file(qmp);
+        let qmp_listener = std::os::unix::net::UnixListener::bind(qmp)
+            .map_err(BackendError::io(format!("bind {}", qmp.display())))?;
+        let console_file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(console)
+            .map_err(BackendError::io(console.display().to_string()))?;
+        // virtiofsd serves the one connection it accepts: this one,
+        // passed on to QEMU.
+        let share = share
+            .map(|p| {
+                std::os::unix::net::UnixStream::connect(p)
+                    .map_err(BackendError::io(format!("connect {}", p.display())))
+            })
+            .transpose()?;
+        let tap = bridge.map(bridge::open_tap).transpose()?;
+        Ok(Links {
+            qmp: qmp_listener,
+            console: console_file,
+            share,
+            tap,
+        })
     }
 }
 
@@ -612,13 +658,27 @@ impl Backend for MicrovmBackend {
         let (choice, host_nested) = host_acceleration();
         let (nested_flag, nested_line) =
             accel::nested_decision(inst.settings.nested_virt, choice.accel, &host_nested);
-        let notes = vec![choice.reason.clone(), nested_line];
+        let mut notes = vec![choice.reason.clone(), nested_line];
+        let jail = jail::for_qemu(&inst.dir, choice.accel)?;
+        notes.extend(jail.note.clone());
 
         let qmp_path = run_dir.join("qmp.sock");
         let _ = fs::remove_file(&qmp_path);
         let boot_log = inst.log_dir().join("boot.log");
         let qemu_log_path = inst.log_dir().join("qemu.log");
         let qemu_log = log_file(&qemu_log_path)?;
+        // What QEMU reads and writes, opened here (see `qemu::Fds`).
+        let open_ro =
+            |p: &Path| fs::File::open(p).map_err(BackendError::io(p.display().to_string()));
+        let kernel_file = open_ro(&art.kernel())?;
+        let base_file = open_ro(&art.rootfs())?;
+        let disk_file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&disk)
+            .map_err(BackendError::io(disk.display().to_string()))?;
+        let config_file = open_ro(&config)?;
 
         // A port that is free now; whoever binds it is checked below, and
         // a lost race is retried with another.
@@ -664,10 +724,34 @@ impl Backend for MicrovmBackend {
                 },
                 None => None,
             };
-            let uplink = match (&nat_fd, &bridge_plan) {
+            let links = Links::open(
+                &qmp_path,
+                &boot_log,
+                virtiofsd.as_ref().map(|_| share_socket.as_path()),
+                bridge_plan.as_ref(),
+            );
+            let links = match links {
+                Ok(l) => l,
+                Err(e) => {
+                    for mut c in passt.into_iter().chain(virtiofsd) {
+                        c.kill();
+                    }
+                    return Err(e);
+                }
+            };
+            let uplink = match (&nat_fd, &links.tap) {
                 (Some(fd), _) => Some(format!("socket,id=nat,fd={}", fd.as_raw_fd())),
-                (None, Some(plan)) => Some(bridge::netdev(plan)),
+                (None, Some(tap)) => Some(bridge::netdev(tap.as_raw_fd())),
                 (None, None) => None,
+            };
+            let fds = qemu::Fds {
+                kernel: kernel_file.as_raw_fd(),
+                base: base_file.as_raw_fd(),
+                disk: disk_file.as_raw_fd(),
+                config: config_file.as_raw_fd(),
+                console: links.console.as_raw_fd(),
+                qmp: links.qmp.as_raw_fd(),
+                share: links.share.as_ref().map(|s| s.as_raw_fd()),
             };
             let spec = VmSpec {
                 name: inst.name.clone(),
@@ -675,14 +759,9 @@ impl Backend for MicrovmBackend {
                 nested_flag,
                 memory_mb: inst.settings.memory_mb,
                 vcpus: inst.settings.vcpus,
-                kernel: art.kernel(),
-                disk: disk.clone(),
-                config: config.clone(),
+                fds,
                 ssh_port: port,
                 uplink,
-                share_socket: virtiofsd.as_ref().map(|_| share_socket.clone()),
-                qmp: qmp_path.clone(),
-                console_log: boot_log.clone(),
                 bios: Path::new(QBOOT).exists().then(|| PathBuf::from(QBOOT)),
             };
             let mut cmd = Command::new("qemu-system-x86_64");
@@ -693,12 +772,10 @@ impl Backend for MicrovmBackend {
                 .env_clear()
                 .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
             tracing::info!(args = ?spec.args(), "starting qemu");
-            let keep: Vec<_> = nat_fd
-                .as_ref()
-                .map(|fd| fd.as_raw_fd())
-                .into_iter()
-                .collect();
-            let qemu = match proc::spawn("qemu", cmd, &keep) {
+            let mut keep = fds.all();
+            keep.extend(nat_fd.as_ref().map(|fd| fd.as_raw_fd()));
+            keep.extend(links.tap.as_ref().map(|fd| fd.as_raw_fd()));
+            let qemu = match proc::spawn_as("qemu", cmd, &keep, jail.creds.clone()) {
                 Ok(q) => q,
                 Err(e) => {
                     for mut c in passt.into_iter().chain(virtiofsd) {
@@ -707,7 +784,10 @@ impl Backend for MicrovmBackend {
                     return Err(e);
                 }
             };
+            // QEMU holds its own copies: a QMP client must see the socket
+            // refused once QEMU is gone, and the tap vanish with it.
             drop(nat_fd);
+            drop(links);
             let mut vm = Vm {
                 qemu,
                 passt,
@@ -822,6 +902,9 @@ impl Backend for MicrovmBackend {
             }
         }
         runtime.insert("ssh_port".into(), serde_json::json!(vm.port));
+        if let Some(c) = &jail.creds {
+            runtime.insert("qemu_uid".into(), serde_json::json!(c.uid));
+        }
         runtime.insert("accel".into(), serde_json::json!(choice.accel.as_str()));
         runtime.insert("nested".into(), serde_json::json!(nested_flag.is_some()));
         runtime.insert(

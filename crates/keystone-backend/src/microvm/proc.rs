@@ -51,18 +51,58 @@ pub fn pidfd_signal(fd: &OwnedFd, sig: Signal) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The host identity a child is dropped to before it execs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (e.g. the group that may open /dev/kvm).
+    pub groups: Vec<u32>,
+}
+
 /// Spawn `cmd` as a supervised child: own process group, SIGKILL when the
 /// supervisor dies, default signal mask, `keep` descriptors inherited.
-pub fn spawn(name: &'static str, mut cmd: Command, keep: &[RawFd]) -> Result<Child, BackendError> {
+pub fn spawn(name: &'static str, cmd: Command, keep: &[RawFd]) -> Result<Child, BackendError> {
+    spawn_as(name, cmd, keep, None)
+}
+
+/// [`spawn`], with the child dropped to `creds` (groups, then gid, then
+/// uid) before it execs.
+pub fn spawn_as(
+    name: &'static str,
+    mut cmd: Command,
+    keep: &[RawFd],
+    creds: Option<Creds>,
+) -> Result<Child, BackendError> {
     let keep = keep.to_vec();
+    let parent = std::process::id() as libc::pid_t;
+    let groups: Vec<libc::gid_t> = creds.as_ref().map(|c| c.groups.clone()).unwrap_or_default();
     // SAFETY: pre_exec runs in the forked child before exec; setpgid,
-    // prctl, fcntl and sigprocmask are async-signal-safe.
+    // setgroups, setresgid, setresuid, prctl, getppid, fcntl and
+    // sigprocmask are async-signal-safe, and `groups` was allocated
+    // before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if let Some(c) = &creds {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setresgid(c.gid, c.gid, c.gid) != 0
+                    || libc::setresuid(c.uid, c.uid, c.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After the credentials: a change of ids clears the death
+            // signal. Then the parent check, for a supervisor that died
+            // before the signal was armed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             for fd in &keep {
                 libc::fcntl(*fd, libc::F_SETFD, 0);
             }

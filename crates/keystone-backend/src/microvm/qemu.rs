@@ -1,6 +1,7 @@
 //! The QEMU command line, built without doing any I/O so it can be tested.
 
 use super::accel::Accel;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 /// The guest's address on its host-only link (eth0): QEMU user networking
@@ -21,23 +22,56 @@ pub struct VmSpec {
     pub nested_flag: Option<&'static str>,
     pub memory_mb: u32,
     pub vcpus: u32,
-    pub kernel: PathBuf,
     /// qboot when QEMU ships it: under TCG a second faster than SeaBIOS.
     pub bios: Option<PathBuf>,
-    /// The sandbox's qcow2 overlay on the image's ext4.
-    pub disk: PathBuf,
-    /// The per-boot configuration, a tar archive read by the guest's init.
-    pub config: PathBuf,
+    /// Everything of the sandbox's that QEMU touches, as descriptors.
+    pub fds: Fds,
     /// Host port on 127.0.0.1 forwarded to the guest's sshd.
     pub ssh_port: u16,
     /// The guest's way out (eth1), a `-netdev` value with `id=nat`:
     /// passt over a socketpair with `--network nat`, a tap on a host
-    /// bridge with `--network bridge`, none with `--network none`.
+    /// bridge with `--network bridge`, none with `--network none`; a
+    /// descriptor either way.
     pub uplink: Option<String>,
-    /// With the live share: virtiofsd's vhost-user socket.
-    pub share_socket: Option<PathBuf>,
-    pub qmp: PathBuf,
-    pub console_log: PathBuf,
+}
+
+/// The descriptors QEMU inherits, opened by the supervisor. QEMU never
+/// opens a path of the sandbox's: dropped to an id of its own
+/// (`super::jail`), it could not, and the qcow2 header's backing path is
+/// overridden, so a disk cannot point QEMU at another file.
+#[derive(Clone, Copy, Debug)]
+pub struct Fds {
+    /// The guest kernel, read-only (reopened as `/proc/self/fd/N`: QEMU
+    /// reads `-kernel` with plain `fopen`).
+    pub kernel: RawFd,
+    /// The image's ext4, read-only: the root disk's backing file.
+    pub base: RawFd,
+    /// The sandbox's qcow2 overlay, read-write.
+    pub disk: RawFd,
+    /// The per-boot configuration, a tar archive read by the guest's init.
+    pub config: RawFd,
+    /// The boot log, write-only.
+    pub console: RawFd,
+    /// A listening Unix socket for QMP.
+    pub qmp: RawFd,
+    /// With the live share: a connection to virtiofsd's vhost-user socket.
+    pub share: Option<RawFd>,
+}
+
+impl Fds {
+    /// Every descriptor, for the child to inherit.
+    pub fn all(&self) -> Vec<RawFd> {
+        let mut v = vec![
+            self.kernel,
+            self.base,
+            self.disk,
+            self.config,
+            self.console,
+            self.qmp,
+        ];
+        v.extend(self.share);
+        v
+    }
 }
 
 /// The cap on TCG's translated-code cache, in MiB (see `VmSpec::args`).
@@ -128,7 +162,7 @@ impl VmSpec {
             "-smp",
             &self.vcpus.to_string(),
         ]);
-        if self.share_socket.is_some() {
+        if self.fds.share.is_some() {
             // vhost-user (virtiofsd) maps the guest's memory: it must be
             // shared memory, not QEMU's private anonymous mapping.
             push(&[
@@ -141,25 +175,34 @@ impl VmSpec {
                 "node,memdev=mem",
             ]);
         }
-        push(&["-kernel", &self.kernel.display().to_string()]);
+        let f = &self.fds;
+        // fd sets 1-4: base, disk, config, console (`/dev/fdset/N`).
+        for (set, fd) in [(1, f.base), (2, f.disk), (3, f.config), (4, f.console)] {
+            push(&["-add-fd", &format!("fd={fd},set={set}")]);
+        }
+        push(&["-kernel", &format!("/proc/self/fd/{}", f.kernel)]);
         push(&["-append", &kernel_cmdline()]);
         // The root is the only NVMe drive (nvme0n1, mounted by the kernel);
         // the configuration the only virtio disk (vda, read by the init).
+        // Nodes named here, the backing one too, so the overlay's header
+        // names no file QEMU opens.
         push(&[
-            "-drive",
-            &format!(
-                "file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback",
-                qemu_path(&self.disk)
-            ),
+            "-blockdev",
+            "driver=file,node-name=base-file,filename=/dev/fdset/1,read-only=on",
+            "-blockdev",
+            "driver=raw,node-name=base,file=base-file,read-only=on",
+            "-blockdev",
+            "driver=file,node-name=root-file,filename=/dev/fdset/2,discard=unmap,cache.direct=off",
+            "-blockdev",
+            "driver=qcow2,node-name=root,file=root-file,backing=base,discard=unmap",
             "-device",
             "nvme,serial=keystone-root,drive=root",
         ]);
         push(&[
-            "-drive",
-            &format!(
-                "file={},format=raw,if=none,id=config,readonly=on",
-                qemu_path(&self.config)
-            ),
+            "-blockdev",
+            "driver=file,node-name=config-file,filename=/dev/fdset/3,read-only=on",
+            "-blockdev",
+            "driver=raw,node-name=config,file=config-file,read-only=on",
             "-device",
             "virtio-blk-pci,drive=config",
         ]);
@@ -175,10 +218,10 @@ impl VmSpec {
         if let Some(uplink) = &self.uplink {
             push(&["-netdev", uplink, "-device", "virtio-net-pci,netdev=nat"]);
         }
-        if let Some(socket) = &self.share_socket {
+        if let Some(fd) = self.fds.share {
             push(&[
                 "-chardev",
-                &format!("socket,id=share,path={}", qemu_path(socket)),
+                &format!("socket,id=share,fd={fd}"),
                 "-device",
                 &format!("vhost-user-fs-pci,chardev=share,tag={}", super::share::TAG),
             ]);
@@ -190,21 +233,18 @@ impl VmSpec {
         push(&["-device", "virtio-balloon-pci,free-page-reporting=on"]);
         push(&[
             "-chardev",
-            &format!("file,id=console,path={}", qemu_path(&self.console_log)),
+            "file,id=console,path=/dev/fdset/4",
             "-serial",
             "chardev:console",
         ]);
         push(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", qemu_path(&self.qmp)),
+            "-chardev",
+            &format!("socket,id=qmp,fd={},server=on,wait=off", f.qmp),
+            "-mon",
+            "chardev=qmp,mode=control",
         ]);
         a
     }
-}
-
-/// QEMU splits option values at commas; a literal comma is doubled.
-fn qemu_path(p: &std::path::Path) -> String {
-    p.display().to_string().replace(',', ",,")
 }
 
 #[cfg(test)]
@@ -219,15 +259,18 @@ mod tests {
             nested_flag,
             memory_mb: 2048,
             vcpus: 2,
-            kernel: "/c/vmlinuz".into(),
             bios: None,
-            disk: "/s/disk/root.qcow2".into(),
-            config: "/s/run/config,1.tar".into(),
+            fds: Fds {
+                kernel: 10,
+                base: 11,
+                disk: 12,
+                config: 13,
+                console: 14,
+                qmp: 15,
+                share: None,
+            },
             ssh_port: 40123,
             uplink,
-            share_socket: None,
-            qmp: "/s/run/qmp.sock".into(),
-            console_log: "/s/logs/boot.log".into(),
         }
     }
 
@@ -267,14 +310,32 @@ mod tests {
         let a = spec(Accel::Tcg, None, Some(7)).args();
         assert_eq!(after(&a, "-m"), ["2048"]);
         assert_eq!(after(&a, "-smp"), ["2"]);
-        let drives = after(&a, "-drive");
-        assert!(drives[0].starts_with("file=/s/disk/root.qcow2,format=qcow2"));
-        assert!(
-            drives[1].starts_with("file=/s/run/config,,1.tar,format=raw"),
-            "{}",
-            drives[1]
+        assert_eq!(
+            after(&a, "-add-fd"),
+            ["fd=11,set=1", "fd=12,set=2", "fd=13,set=3", "fd=14,set=4"]
         );
-        assert!(drives[1].contains("readonly=on"));
+        assert_eq!(after(&a, "-kernel"), ["/proc/self/fd/10"]);
+        let nodes = after(&a, "-blockdev");
+        assert!(nodes[1].contains("node-name=base,") && nodes[1].contains("read-only=on"));
+        assert!(
+            nodes[3].contains("driver=qcow2") && nodes[3].contains("backing=base"),
+            "the backing file is ours, never the header's: {}",
+            nodes[3]
+        );
+        assert!(nodes[4].contains("filename=/dev/fdset/3,read-only=on"));
+        assert!(after(&a, "-drive").is_empty(), "no drive opened by path");
+        assert_eq!(
+            after(&a, "-chardev"),
+            [
+                "file,id=console,path=/dev/fdset/4",
+                "socket,id=qmp,fd=15,server=on,wait=off"
+            ]
+        );
+        assert!(
+            !a.iter()
+                .any(|x| x.starts_with('/') && !x.starts_with("/proc/self/fd/")),
+            "QEMU is given no path: {a:?}"
+        );
         let nets = after(&a, "-netdev");
         assert!(
             nets[0].starts_with("user,id=ctl,restrict=on"),
@@ -301,14 +362,15 @@ mod tests {
     fn share_needs_shared_memory_and_a_vhost_user_device() {
         let mut s = spec(Accel::Tcg, None, None);
         assert!(after(&s.args(), "-object").is_empty());
-        s.share_socket = Some("/s/run/virtiofs.sock".into());
+        s.fds.share = Some(16);
         let a = s.args();
         assert_eq!(
             after(&a, "-object"),
             ["memory-backend-memfd,id=mem,size=2048M,share=on"]
         );
         assert_eq!(after(&a, "-numa"), ["node,memdev=mem"]);
-        assert!(after(&a, "-chardev").contains(&"socket,id=share,path=/s/run/virtiofs.sock"));
+        assert!(after(&a, "-chardev").contains(&"socket,id=share,fd=16"));
+        assert!(s.fds.all().contains(&16));
         assert!(after(&a, "-device").contains(&"vhost-user-fs-pci,chardev=share,tag=workspace"));
     }
 

@@ -613,3 +613,116 @@ pub fn disk_is_bounded(h: Host) {
     h.start(&["--network", "none", "--disk", "1"]).ok();
     assert_eq!(h.sh("cat /home/agent/kept.txt").trim(), "kept");
 }
+
+/// The first `keystone-vm` entry of a subordinate id file: (start, count).
+fn vm_range(file: &str) -> (u32, u32) {
+    let text = std::fs::read_to_string(file).expect(file);
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next()? == "keystone-vm").then_some(())?;
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .unwrap_or_else(|| panic!("{file} has no keystone-vm range:\n{text}"))
+}
+
+/// QEMU is the host process a guest that escapes its kernel takes over;
+/// run by root, it holds no host power: its ids are one sandbox's own
+/// from the `keystone-vm` range, with no capabilities and no groups, and
+/// with those ids a root canary, the sandbox's disk, the project's `.git`
+/// and the supervisor are out of reach. (On a build that leaves QEMU
+/// root, its uid is 0 and the canary is read.)
+pub fn qemu_holds_no_host_powers(h: Host) {
+    h.start(&[]).ok();
+    assert_eq!(h.sh("echo up").trim(), "up", "the guest booted");
+    let sandbox_dir = h.state_dir().join("sandboxes").join(h.name());
+    let rec = h.record(&h.name()).expect("record");
+    let runtime = &rec["runtime"];
+    let pid = runtime["qemu"]["pid"]
+        .as_i64()
+        .expect("qemu pid")
+        .to_string();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let (uid_start, uid_count) = vm_range("/etc/subuid");
+    let (gid_start, gid_count) = vm_range("/etc/subgid");
+    let uids: Vec<u32> = field("Uid:")
+        .iter()
+        .map(|v| v.parse().expect("uid"))
+        .collect();
+    let gids: Vec<u32> = field("Gid:")
+        .iter()
+        .map(|v| v.parse().expect("gid"))
+        .collect();
+    let uid = uids[0];
+    let gid = gids[0];
+    assert!(
+        uids.iter().all(|u| *u == uid) && (uid_start..uid_start + uid_count).contains(&uid),
+        "QEMU's uids {uids:?} are not one id of the keystone-vm range {uid_start}+{uid_count}"
+    );
+    assert!(
+        gids.iter().all(|g| *g == gid) && (gid_start..gid_start + gid_count).contains(&gid),
+        "QEMU's gids {gids:?} are not one id of the keystone-vm range {gid_start}+{gid_count}"
+    );
+    assert_eq!(runtime["qemu_uid"].as_u64(), Some(u64::from(uid)));
+    assert!(field("Groups:").is_empty(), "groups {:?}", field("Groups:"));
+    for cap in ["CapEff:", "CapPrm:"] {
+        assert_eq!(field(cap), ["0000000000000000"], "{cap} of QEMU");
+    }
+    // With QEMU's ids, what a guest that took QEMU over could reach.
+    let canary = h.state_dir().join("canary-for-qemu");
+    std::fs::write(&canary, "CANARY-QEMU").expect("canary");
+    let disk = sandbox_dir.join("disk");
+    let hook = h.project.join(".git/hooks/post-checkout");
+    let supervisor = rec["owner"]["pid"].as_i64().expect("supervisor pid");
+    let script = format!(
+        "cat {canary} 2>&1; ls {disk} 2>&1; echo '#!/bin/sh' > {hook} 2>&1; kill -0 {supervisor} 2>&1; \
+         kill -0 1 2>&1; cat /proc/{supervisor}/environ 2>&1 | head -c 64; echo; echo done",
+        canary = canary.display(),
+        disk = disk.display(),
+        hook = hook.display(),
+    );
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={gid}"),
+        "--clear-groups",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let r = crate::harness::run_bounded(cmd, Duration::from_secs(20));
+    let out = r.text();
+    assert!(out.contains("done"), "{out}");
+    assert!(
+        !out.contains("CANARY-QEMU"),
+        "QEMU's ids read a root file:\n{out}"
+    );
+    assert!(
+        !hook.exists(),
+        "QEMU's ids wrote a hook into the project:\n{out}"
+    );
+    assert_eq!(
+        out.matches("Permission denied").count() + out.matches("Operation not permitted").count(),
+        6,
+        "every reach is refused:\n{out}"
+    );
+    let _ = std::fs::remove_file(&canary);
+    // The sandbox works under the drop: a commit comes home.
+    h.sh(
+        "cd /workspace && echo jailed > jailed.txt && git add jailed.txt && git commit -qm jailed",
+    );
+    h.ks(&["sync"]).ok();
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("jailed.txt")).expect("synced"),
+        "jailed\n"
+    );
+}

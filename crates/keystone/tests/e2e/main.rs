@@ -145,6 +145,12 @@ mod containment {
     fn kernel_surface_is_reduced_container() {
         crate::attack::kernel_surface_is_reduced(Host::new("container", "atk-kern-container"));
     }
+
+    /// Root's QEMU runs on an id of its own, with descriptors only.
+    #[test]
+    fn qemu_holds_no_host_powers_microvm() {
+        crate::attack::qemu_holds_no_host_powers(Host::new("microvm", "atk-qemu-microvm"));
+    }
 }
 
 /// Zellij instead of tmux (its build from crates.io is cached with the images).
