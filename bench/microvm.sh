@@ -54,18 +54,28 @@ for _ in $(seq "$N"); do
 done
 
 # The floor: same command line, init=/bin/false, a scratch overlay, no QMP.
+# QEMU is handed descriptors, not paths (qemu::Fds); the floor opens the
+# same files by path instead.
+base=$(qemu-img info --output=json "$XDG_STATE_HOME/keystone/sandboxes/bench/disk/root.qcow2" | jq -r '."backing-filename"')
+kernel=$(dirname "$base")/vmlinuz
+: > "$work/floor-config.raw"
 floor_args=()
+skip=0
 for a in "${args[@]:1}"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
     case "$a" in
+        -add-fd) skip=1; continue ;;
+        /proc/self/fd/*) a=$kernel ;;
         *init=/usr/local/sbin/keystone-init*) a=${a/init=\/usr\/local\/sbin\/keystone-init/init=\/bin\/false} ;;
-        file=*root.qcow2,*) a="file=$work/floor.qcow2,${a#*,}" ;;
-        unix:*qmp.sock*) a="unix:$work/floor-qmp.sock,server=on,wait=off" ;;
+        *filename=/dev/fdset/1,*) a=${a/\/dev\/fdset\/1/$base} ;;
+        *filename=/dev/fdset/2,*) a=${a/\/dev\/fdset\/2/$work\/floor.qcow2} ;;
+        *filename=/dev/fdset/3,*) a=${a/\/dev\/fdset\/3/$work\/floor-config.raw} ;;
         file,id=console,path=*) a="file,id=console,path=$work/floor-boot.log" ;;
+        socket,id=qmp,*) a="socket,id=qmp,path=$work/floor-qmp.sock,server=on,wait=off" ;;
         user,id=ctl,*) a="user,id=ctl,restrict=on" ;;
     esac
     floor_args+=("$a")
 done
-base=$(qemu-img info --output=json "$XDG_STATE_HOME/keystone/sandboxes/bench/disk/root.qcow2" | jq -r '."backing-filename"')
 fl=()
 for _ in $(seq "$N"); do
     qemu-img create -q -f qcow2 -F raw -b "$base" "$work/floor.qcow2"

@@ -43,6 +43,10 @@ fn base(dir: &Path) -> Command {
         cmd.env(k, v);
     }
     cmd.env("GIT_TERMINAL_PROMPT", "0");
+    // No opportunistic index refresh by `status` and the like: a sync that
+    // changes nothing leaves the index's bytes alone, and never contends
+    // with the user's own git for the lock.
+    cmd.env("GIT_OPTIONAL_LOCKS", "0");
     cmd.arg("-C").arg(dir);
     cmd.args(SAFE);
     cmd.stdin(Stdio::null());
@@ -312,6 +316,65 @@ impl Git {
         .map(|_| ())
     }
 
+    /// A git operation this work tree is in the middle of (it would be
+    /// corrupted by a branch moving under it), as the command that ends
+    /// it: `git merge --abort` and the like.
+    pub fn operation_in_progress(&self) -> Result<Option<(&'static str, &'static str)>, GitError> {
+        const STATES: [(&str, &str, &str); 7] = [
+            (
+                "rebase-merge",
+                "a rebase",
+                "git rebase --continue or --abort",
+            ),
+            (
+                "rebase-apply",
+                "a rebase or am",
+                "git rebase --abort or git am --abort",
+            ),
+            ("MERGE_HEAD", "a merge", "git merge --continue or --abort"),
+            (
+                "CHERRY_PICK_HEAD",
+                "a cherry-pick",
+                "git cherry-pick --continue or --abort",
+            ),
+            (
+                "REVERT_HEAD",
+                "a revert",
+                "git revert --continue or --abort",
+            ),
+            ("BISECT_LOG", "a bisect", "git bisect reset"),
+            (
+                "sequencer",
+                "a cherry-pick or revert series",
+                "git cherry-pick --abort or git revert --abort",
+            ),
+        ];
+        for (file, what, end) in STATES {
+            if self.git_path(file)?.symlink_metadata().is_ok() {
+                return Ok(Some((what, end)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The linked work tree (not this one) that has `branch` checked out.
+    pub fn worktree_on(&self, branch: &str) -> Result<Option<PathBuf>, GitError> {
+        let here = Self::toplevel(&self.repo)?;
+        let list = self.ok(&["worktree", "list", "--porcelain"])?;
+        let want = format!("branch refs/heads/{branch}");
+        let mut path = None;
+        for line in list.lines() {
+            if let Some(p) = line.strip_prefix("worktree ") {
+                path = Some(PathBuf::from(p));
+            } else if line == want {
+                if let Some(p) = path.take().filter(|p| *p != here) {
+                    return Ok(Some(p));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// A path inside the repository's git directory (`git rev-parse
     /// --git-path`), absolute.
     pub fn git_path(&self, name: &str) -> Result<PathBuf, GitError> {
@@ -550,5 +613,63 @@ mod tests {
         assert_eq!(git.checkout_bytes(Some(&side), &side).expect("bytes"), 0);
         assert_eq!(git.checkout_bytes(None, &side).expect("bytes"), 6);
         assert!(git.free_bytes().expect("free") > 0);
+    }
+
+    fn git_in(dir: &Path, args: &[&str]) -> bool {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@e"])
+            .args(args)
+            .output()
+            .expect("git")
+            .status
+            .success()
+    }
+
+    #[test]
+    fn an_operation_in_progress_is_named_with_its_way_out() {
+        let (dir, git) = repo();
+        assert_eq!(git.operation_in_progress().expect("state"), None);
+        // main and side both change `a`: the merge stops in conflict.
+        std::fs::write(dir.path().join("a"), "1\nmain\n").expect("write");
+        assert!(git_in(dir.path(), &["commit", "-qam", "main"]));
+        assert!(!git_in(dir.path(), &["merge", "-q", "side"]));
+        let (what, end) = git
+            .operation_in_progress()
+            .expect("state")
+            .expect("merging");
+        assert_eq!(what, "a merge");
+        assert!(end.contains("--abort"));
+        assert!(git_in(dir.path(), &["merge", "--abort"]));
+        assert!(git_in(dir.path(), &["bisect", "start"]));
+        assert_eq!(
+            git.operation_in_progress().expect("state").map(|s| s.0),
+            Some("a bisect")
+        );
+    }
+
+    #[test]
+    fn the_work_tree_of_a_branch_is_found_but_not_this_one() {
+        let (dir, git) = repo();
+        assert_eq!(git.worktree_on("main").expect("list"), None, "main is here");
+        assert_eq!(git.worktree_on("side").expect("list"), None);
+        let wt = dir.path().join("wt");
+        assert!(git_in(
+            dir.path(),
+            &["worktree", "add", "-q", wt.to_str().expect("utf8"), "side"]
+        ));
+        let found = git.worktree_on("side").expect("list").expect("linked");
+        assert_eq!(
+            found.canonicalize().expect("c"),
+            wt.canonicalize().expect("c")
+        );
+        assert_eq!(
+            Git::open(&wt)
+                .worktree_on("main")
+                .expect("list")
+                .map(|p| p.canonicalize().expect("c")),
+            Some(dir.path().canonicalize().expect("c"))
+        );
     }
 }

@@ -81,7 +81,10 @@ pub fn push_initial(git: &Git, channel: &Channel) -> Result<Option<String>, Sync
     let branch = git.current_branch()?;
     let (name, email) = git.identity();
     let mut script = String::from(
-        "set -e; cd /workspace; git init -q; git config receive.denyCurrentBranch updateInstead; ",
+        // shallowUpdate: a shallow host clone pushes its shallow history
+        // (the workspace becomes shallow at the same commits).
+        "set -e; cd /workspace; git init -q; git config receive.denyCurrentBranch updateInstead; \
+         git config receive.shallowUpdate true; ",
     );
     if let Some(b) = &branch {
         script.push_str(&format!(
@@ -240,6 +243,38 @@ pub fn sync(
         )));
     };
     let kept = format!("{}{branch}", private_prefix(sandbox));
+    // The branch checked out in a linked work tree of its own: that is
+    // where it moves (git would refuse to check it out here too).
+    let linked;
+    let git = match git.current_branch()? {
+        Some(b) if b == branch => git,
+        _ => match git.worktree_on(&branch)? {
+            Some(tree) => {
+                linked = Git::open(&tree);
+                &linked
+            }
+            None => git,
+        },
+    };
+    // Nothing moves under a git operation in progress, or beside another
+    // git process (checked again by git itself as it takes the lock).
+    if let Some((what, end)) = git.operation_in_progress()? {
+        return Err(SyncError::Refused(format!(
+            "{} is in the middle of {what}; finish it or abort it ({end}), then sync again; \
+             nothing changed on the host (the sandbox's commits are at {kept})",
+            git.repo().display()
+        )));
+    }
+    let lock = git.git_path("index.lock")?;
+    if lock.symlink_metadata().is_ok() {
+        return Err(SyncError::Refused(format!(
+            "{} exists: another git process is running in {}, or one crashed; \
+             when none is running, remove the file and sync again; nothing changed on the host \
+             (the sandbox's commits are at {kept})",
+            lock.display(),
+            git.repo().display()
+        )));
+    }
     let host_branch = git.current_branch()?;
     let on_branch = host_branch.as_deref() == Some(branch.as_str());
     if !on_branch && git.is_dirty()? {
@@ -393,8 +428,13 @@ pub fn sync(
         Plan::NewBranch => {}
         Plan::ToHost => {
             let o = ours.as_deref().unwrap_or_default();
-            git.fast_forward(&branch, Some(o), &theirs)
-                .map_err(|e| undo_switch(e.into()))?;
+            git.fast_forward(&branch, Some(o), &theirs).map_err(|e| {
+                undo_switch(SyncError::Conflict(format!(
+                    "the sandbox's commits on {branch} change files that have uncommitted changes (or untracked files in the way) on the host; \
+                     the host is unchanged and the sandbox's commits are kept at {kept}: \
+                     commit or stash them and sync again ({e})"
+                )))
+            })?;
         }
         Plan::ToSandbox => {
             push_to_sandbox(ours.as_deref().unwrap_or_default(), &theirs).map_err(undo_switch)?;

@@ -9,6 +9,7 @@ mod harness;
 mod kubernetes;
 mod proxy;
 mod scenarios;
+mod sync_matrix;
 mod web;
 
 /// The same scenarios for every local backend.
@@ -112,6 +113,19 @@ mod sync_host {
     #[test]
     fn out_of_disk_container() {
         crate::scenarios::sync_out_of_disk(Host::new("container", "nospace-container"));
+    }
+
+    /// Every state a host repository is really in, with new commits in the
+    /// sandbox or on both sides (sync_matrix.rs prints the table).
+    #[test]
+    fn state_matrix_container() {
+        crate::sync_matrix::state_matrix(Host::new("container", "matrix-container"));
+    }
+
+    /// A shallow host clone starts a sandbox and takes its commits back.
+    #[test]
+    fn shallow_clone_container() {
+        crate::sync_matrix::shallow_clone(Host::new("container", "shallow-src"));
     }
 }
 

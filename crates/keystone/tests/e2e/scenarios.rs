@@ -1440,7 +1440,7 @@ pub fn unborn_branch(h: Host) {
 
 /// Every file under `dir` (links as their targets), with its bytes,
 /// skipping the subtrees named in `skip`.
-fn tree_bytes(dir: &std::path::Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> {
+pub fn tree_bytes(dir: &std::path::Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
