@@ -29,6 +29,8 @@ const SAFE: &[&str] = &[
     "-c",
     "transfer.fsckObjects=true",
     "-c",
+    "submodule.recurse=false",
+    "-c",
     "protocol.allow=never",
     "-c",
     "protocol.ssh.allow=always",
@@ -51,6 +53,22 @@ fn base(dir: &Path) -> Command {
     cmd.args(SAFE);
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// `p` with `.` and `..` components resolved as text, no link followed.
+pub(crate) fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl Git {
@@ -373,6 +391,66 @@ impl Git {
             }
         }
         Ok(None)
+    }
+
+    /// The repository's (common) git directory, absolute.
+    pub fn common_dir(&self) -> Result<PathBuf, GitError> {
+        let p = PathBuf::from(self.ok(&["rev-parse", "--git-common-dir"])?);
+        Ok(if p.is_absolute() {
+            p
+        } else {
+            self.repo.join(p)
+        })
+    }
+
+    /// The names `submodule.<name>.url` has in the config file `file`
+    /// (the repository's own config, never `.gitmodules`).
+    pub fn submodule_names(&self, file: &Path) -> Result<Vec<String>, GitError> {
+        if !file.is_file() {
+            return Ok(Vec::new());
+        }
+        let file = file.display().to_string();
+        let out = self.output(&[
+            "config",
+            "-f",
+            &file,
+            "--name-only",
+            "--get-regexp",
+            r"^submodule\..*\.url$",
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|k| k.strip_prefix("submodule.")?.strip_suffix(".url"))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Where the submodule whose git directory is `gitdir` is checked out
+    /// (its `core.worktree`, relative to `gitdir`), as a lexical path.
+    pub fn submodule_worktree(&self, gitdir: &Path) -> Result<Option<PathBuf>, GitError> {
+        let file = gitdir.join("config").display().to_string();
+        let out = self.output(&["config", "-f", &file, "--get", "core.worktree"])?;
+        let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || value.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(lexical(&gitdir.join(value))))
+    }
+
+    /// The commit a gitlink at `path` records in `commit`.
+    pub fn gitlink(&self, commit: &str, path: &str) -> Result<Option<String>, GitError> {
+        let line = self.ok(&["ls-tree", commit, "--", path])?;
+        let mut f = line.split_whitespace();
+        Ok(match (f.next(), f.next(), f.next()) {
+            (Some("160000"), Some("commit"), Some(sha)) => Some(sha.to_string()),
+            _ => None,
+        })
+    }
+
+    /// Check out `commit` on a detached HEAD (a submodule's way).
+    pub fn checkout_detached(&self, commit: &str) -> Result<(), GitError> {
+        self.ok(&["checkout", "-q", "--detach", commit, "--"])
+            .map(|_| ())
     }
 
     /// A path inside the repository's git directory (`git rev-parse

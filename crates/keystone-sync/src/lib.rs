@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod env_files;
 mod git;
+pub mod submodules;
 
 pub use git::{Git, GitError};
 
@@ -66,6 +67,9 @@ pub struct Report {
     /// The merge commit made when both sides had new commits.
     pub merge_commit: Option<String>,
     pub dry_run: bool,
+    /// What happened to the host's submodules (`submodules::follow`), and
+    /// any that could not be fetched.
+    pub submodules: Vec<String>,
 }
 
 /// The private namespace for a sandbox's branches in the host repository.
@@ -228,6 +232,7 @@ pub fn sync(
     dry_run: bool,
 ) -> Result<Report, SyncError> {
     let (refs, current) = fetch(git, channel, sandbox)?;
+    let submodule_notes = submodules::fetch(git, channel, sandbox)?;
     let branch = match branch.map(str::to_string).or(current) {
         Some(b) => b,
         None => {
@@ -245,6 +250,7 @@ pub fn sync(
     let kept = format!("{}{branch}", private_prefix(sandbox));
     // The branch checked out in a linked work tree of its own: that is
     // where it moves (git would refuse to check it out here too).
+    let main_tree = git;
     let linked;
     let git = match git.current_branch()? {
         Some(b) if b == branch => git,
@@ -317,6 +323,7 @@ pub fn sync(
         switched_from: if on_branch { None } else { host_branch.clone() },
         created_branch: ours.is_none(),
         dry_run,
+        submodules: submodule_notes,
         ..Report::default()
     };
     let fill_incoming =
@@ -375,6 +382,8 @@ pub fn sync(
         }
     }
 
+    // Where the checkout was, for the submodules to follow.
+    let head_before = git.head()?;
     // Move the host to the branch (it is clean when we must switch).
     if !on_branch {
         match &ours {
@@ -393,6 +402,8 @@ pub fn sync(
     };
     let url = channel.git_url("/workspace");
     let push_to_sandbox = |commit: &str, expect: &str| -> Result<(), SyncError> {
+        // The submodule commits the host's commits record, first.
+        submodules::push_host_commits(git, channel)?;
         // Only a fast-forward of what we fetched: if the agent committed
         // meanwhile, the lease fails and nothing is overwritten.
         git.remote_op(
@@ -469,6 +480,18 @@ pub fn sync(
             report.to
         )));
     }
+    // The host's submodule checkouts follow a checkout that moved (those of
+    // the main work tree: a linked one has its own, not handled here).
+    let moved = head_before.as_deref() != Some(report.to.as_str());
+    if moved && std::ptr::eq(git, main_tree) {
+        let top = Git::toplevel(git.repo())?;
+        report.submodules.extend(submodules::follow(
+            git,
+            &top,
+            head_before.as_deref(),
+            &report.to,
+        )?);
+    }
     Ok(report)
 }
 
@@ -494,7 +517,7 @@ pub fn forget(git: &Git, sandbox: &str) -> Result<(), SyncError> {
 }
 
 /// Single-quote for the guest's sh.
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

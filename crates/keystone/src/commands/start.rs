@@ -509,6 +509,9 @@ fn bring_up(
     if !sb.workspace_ready && !sb.settings.is_share() {
         let t = Instant::now();
         keystone_sync::push_initial(git, &channel)?;
+        if let Some(line) = keystone_sync::submodules::push_initial(git, &channel)? {
+            ui::warn(&line);
+        }
         tracing::info!(elapsed = ?t.elapsed(), "pushed the repository into /workspace");
         ctx.registry.update_one(&sandbox.name, |sb| {
             sb.workspace_ready = true;

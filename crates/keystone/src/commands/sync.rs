@@ -140,4 +140,7 @@ pub fn print_report(r: &Report, json: bool) {
             .unwrap_or_else(|| "(new branch)".into()),
         short(&r.to)
     );
+    for line in &r.submodules {
+        println!("  {}", crate::ui::escape_controls(line));
+    }
 }

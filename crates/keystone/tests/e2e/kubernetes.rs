@@ -405,6 +405,10 @@ mod shared {
         scenarios::unborn_branch(host("unborn-kube", ""));
     }
     #[test]
+    fn submodules() {
+        scenarios::submodules(host("sub-kube", ""));
+    }
+    #[test]
     fn env_files() {
         scenarios::env_files(host("envf-kube", ""));
     }

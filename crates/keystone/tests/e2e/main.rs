@@ -96,6 +96,10 @@ macro_rules! backend_suite {
                 scenarios::disk_base(Host::new($backend, concat!("base-", $backend)));
             }
             #[test]
+            fn submodules() {
+                scenarios::submodules(Host::new($backend, concat!("sub-", $backend)));
+            }
+            #[test]
             fn destroy_guards() {
                 scenarios::destroy_guards(Host::new($backend, concat!("guard-", $backend)));
             }

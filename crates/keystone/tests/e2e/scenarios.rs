@@ -1537,3 +1537,167 @@ pub fn sync_out_of_disk(h: Host) {
         40_000_000
     );
 }
+
+/// A repository with a nested submodule: it arrives whole (the sandbox
+/// builds from both levels with no network), an agent's commit inside the
+/// submodule comes home and the host's checkout follows it, a host commit
+/// in the submodule goes in, and the sandbox's `.gitmodules` (a URL turned
+/// to a canary repository, a submodule of its own) drives nothing on the
+/// host.
+pub fn submodules(h: Host) {
+    let tmp = h.tmp.path();
+    let git_at = |dir: &std::path::Path, args: &[&str]| -> String {
+        let mut cmd = std::process::Command::new("git");
+        cmd.arg("-C")
+            .arg(dir)
+            .args(["-c", "protocol.file.allow=always"])
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "Host Dev")
+            .env("GIT_AUTHOR_EMAIL", "dev@host.example")
+            .env("GIT_COMMITTER_NAME", "Host Dev")
+            .env("GIT_COMMITTER_EMAIL", "dev@host.example");
+        let r = crate::harness::run_bounded(cmd, Duration::from_secs(60));
+        assert_eq!(
+            r.code,
+            Some(0),
+            "git {args:?} in {}:\n{}",
+            dir.display(),
+            r.text()
+        );
+        r.stdout.trim().to_string()
+    };
+    let repo = |name: &str, file: &str, text: &str| -> std::path::PathBuf {
+        let dir = tmp.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        git_at(&dir, &["init", "-q", "-b", "main"]);
+        std::fs::write(dir.join(file), text).expect("write");
+        git_at(&dir, &["add", "."]);
+        git_at(&dir, &["commit", "-qm", &format!("{name} one")]);
+        dir
+    };
+    let _nested = repo("nested", "n.txt", "nested\n");
+    let lib = repo("lib", "l.txt", "lib\n");
+    git_at(
+        &lib,
+        &["submodule", "add", "-q", "../nested", "deps/nested"],
+    );
+    git_at(&lib, &["commit", "-qm", "lib uses nested"]);
+    let canary = repo("canary", "c.txt", "canary\n");
+    let canary_sha = git_at(&canary, &["rev-parse", "HEAD"]);
+    let p = h.project.clone();
+    git_at(
+        &p,
+        &[
+            "submodule",
+            "add",
+            "-q",
+            &lib.display().to_string(),
+            "vendor/lib",
+        ],
+    );
+    git_at(&p, &["submodule", "update", "--init", "--recursive", "-q"]);
+    h.write(
+        &p.join("build.sh"),
+        "cat vendor/lib/l.txt vendor/lib/deps/nested/n.txt > out.txt\n",
+    );
+    git_at(&p, &["add", "-A"]);
+    git_at(&p, &["commit", "-qm", "vendor lib"]);
+    let config_before = std::fs::read(p.join(".git/config")).expect("config");
+    let modules = |dir: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let modules_before = modules(&p.join(".git/modules/vendor"));
+
+    h.start(&["--network", "none"]).ok();
+    // Whole inside, both levels, with no network: the build reads them.
+    let status = h.sh("cd /workspace && git submodule status --recursive");
+    assert!(
+        status.lines().count() == 2 && !status.lines().any(|l| l.starts_with('-')),
+        "both submodules are checked out inside:\n{status}"
+    );
+    assert_eq!(
+        h.sh("cd /workspace && sh build.sh && cat out.txt"),
+        "lib\nnested\n"
+    );
+    assert_eq!(
+        h.sh("cd /workspace && git submodule update --init --recursive && echo ok")
+            .trim(),
+        "ok"
+    );
+    // The agent commits in the submodule and records it; the same commit
+    // points `.gitmodules` at the canary and adds a submodule of its own.
+    let inside = h.sh(&format!(
+        "cd /workspace/vendor/lib && git checkout -q -B main && echo agent >> l.txt && \
+         git commit -qam 'agent in lib' && git rev-parse HEAD && cd /workspace && \
+         git config -f .gitmodules submodule.vendor/lib.url {canary} && \
+         git config -f .gitmodules submodule.evil.path evil && \
+         git config -f .gitmodules submodule.evil.url {canary} && \
+         git update-index --add --cacheinfo 160000,{canary_sha},evil && \
+         git add .gitmodules vendor/lib && git commit -qm 'bump lib'",
+        canary = canary.display()
+    ));
+    let agent_lib = inside.trim().to_string();
+    let r = h.ks(&["sync"]);
+    r.ok();
+    assert!(
+        r.stdout.contains("submodule vendor/lib:"),
+        "the report says what the submodule did:\n{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["log", "-1", "--format=%s"]), "bump lib");
+    let host_lib = p.join("vendor/lib");
+    assert_eq!(git_at(&host_lib, &["rev-parse", "HEAD"]), agent_lib);
+    assert_eq!(
+        std::fs::read_to_string(host_lib.join("l.txt")).expect("l.txt"),
+        "lib\nagent\n"
+    );
+    assert_eq!(
+        h.git(&["status", "--porcelain", "--untracked-files=no"]),
+        ""
+    );
+    // Nothing of the sandbox's `.gitmodules` acted on the host.
+    assert_eq!(
+        std::fs::read(p.join(".git/config")).expect("config"),
+        config_before,
+        "the host's .git/config changed"
+    );
+    assert_eq!(modules(&p.join(".git/modules/vendor")), modules_before);
+    assert!(
+        !p.join(".git/modules/evil").exists(),
+        "the sandbox's submodule was cloned"
+    );
+    for dir in [p.clone(), host_lib.clone()] {
+        let mut cmd = std::process::Command::new("git");
+        cmd.arg("-C")
+            .arg(&dir)
+            .args(["cat-file", "-e", &canary_sha]);
+        let r = crate::harness::run_bounded(cmd, Duration::from_secs(30));
+        assert_ne!(
+            r.code,
+            Some(0),
+            "the canary's commit reached {}",
+            dir.display()
+        );
+    }
+    // A host commit in the submodule goes in with the superproject's.
+    std::fs::write(host_lib.join("host.txt"), "from the host\n").expect("write");
+    git_at(&host_lib, &["add", "host.txt"]);
+    git_at(&host_lib, &["commit", "-qm", "host in lib"]);
+    git_at(&p, &["add", "vendor/lib"]);
+    git_at(&p, &["commit", "-qm", "host bumps lib"]);
+    h.ks(&["sync"]).ok();
+    assert_eq!(
+        h.sh(
+            "cd /workspace && git submodule update --recursive --quiet && cat vendor/lib/host.txt"
+        ),
+        "from the host\n"
+    );
+}
