@@ -12,13 +12,19 @@
 //! its own sandbox's descriptors and nothing else, and a second sandbox's
 //! QEMU is another uid, which can neither signal nor trace it.
 //!
-//! Not done: a chroot. QEMU loads its shared libraries and option ROMs
-//! after exec, and `-chroot` needs CAP_SYS_CHROOT after the drop (or a
-//! QEMU still root when its seccomp filter goes on, which
-//! `elevateprivileges=deny` forbids); the uid leaves it only what any
-//! local user may read (docs/SECURITY.md).
+//! Instead of a chroot (QEMU loads its shared libraries and option ROMs
+//! after exec, and `-chroot` needs a QEMU still root when its seccomp
+//! filter goes on, which `elevateprivileges=deny` forbids), QEMU gets a
+//! mount namespace of its own in which the places that hold people's and
+//! programs' data (`/home`, `/root`, `/tmp`, `/var`, `/run`, `/srv`,
+//! `/mnt`, `/media`, `/opt`, and keystone's state directory wherever it
+//! is) are empty read-only file systems ([`hide_host_files`]): what it
+//! can still see is the installed system (`/usr`, `/etc`), and of that
+//! only what any local user may read.
 //!
-//! Run by a user, QEMU runs as that user, as before.
+//! Run by a user, QEMU runs as that user, in a user namespace that maps
+//! only that user, with the same places hidden: a QEMU taken over by its
+//! guest does not see the user's home.
 
 use super::accel::Accel;
 use super::proc::Creds;
@@ -71,6 +77,29 @@ give it to group kvm with mode 0660 (udev's default) and QEMU runs on an id of i
         }),
         note: None,
     })
+}
+
+/// Where people's and programs' data live: hidden from QEMU, which needs
+/// none of it (everything of the sandbox's is a descriptor).
+const HIDDEN: [&str; 9] = [
+    "/home", "/root", "/tmp", "/var", "/run", "/srv", "/mnt", "/media", "/opt",
+];
+
+/// QEMU's view of the host's files (see the module's comment); `dir` is
+/// the sandbox's directory, whose state directory is hidden too.
+pub fn hide_host_files(dir: &Path) -> Result<super::view::View, BackendError> {
+    let mut view = super::view::View::default();
+    for d in HIDDEN {
+        view.hide(Path::new(d))?;
+    }
+    // The sandboxes' directory (`<state>/sandboxes`), wherever it is.
+    if let Some(all) = dir
+        .parent()
+        .filter(|p| !HIDDEN.iter().any(|h| p.starts_with(h)))
+    {
+        view.hide(all)?;
+    }
+    Ok(view)
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -46,6 +46,7 @@ mod proc;
 pub mod qemu;
 mod qmp;
 mod share;
+mod view;
 
 use crate::disk::{self, FileIdentity};
 use crate::idmap::{self, IdMap};
@@ -775,6 +776,7 @@ impl Backend for MicrovmBackend {
             let mut keep = fds.all();
             keep.extend(nat_fd.as_ref().map(|fd| fd.as_raw_fd()));
             keep.extend(links.tap.as_ref().map(|fd| fd.as_raw_fd()));
+            jail::hide_host_files(&inst.dir)?.apply(&mut cmd);
             let qemu = match proc::spawn_as("qemu", cmd, &keep, jail.creds.clone()) {
                 Ok(q) => q,
                 Err(e) => {

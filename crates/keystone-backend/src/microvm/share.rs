@@ -28,6 +28,7 @@
 //! would give back the clone's workflow the share exists to avoid.)
 
 use super::proc::{self, Child};
+use super::view::View;
 use crate::{BackendError, Instance};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -128,7 +129,9 @@ pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, Bac
     .stderr(log)
     .env_clear()
     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    read_only_view(&mut cmd, protect, as_root);
+    // Read-only `.git` and `.keystone`: in a mount namespace of its own
+    // (root), in a user namespace mapping only the user (a user).
+    protect.apply(&mut cmd);
     let mut child = proc::spawn("virtiofsd", cmd, &[])?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
@@ -150,11 +153,8 @@ pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, Bac
 /// The project's `.git` and `.keystone`, as they are: a link would be
 /// followed by the bind (and points where the share does not reach), so
 /// it is refused.
-fn protected_paths(
-    project: &Path,
-) -> Result<Vec<(std::ffi::CString, libc::c_ulong)>, BackendError> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut out = Vec::new();
+fn protected_paths(project: &Path) -> Result<View, BackendError> {
+    let mut out = View::default();
     for name in [".git", ".keystone"] {
         let p = project.join(name);
         match fs::symlink_metadata(&p) {
@@ -182,98 +182,12 @@ fn protected_paths(
                         keep |= ms;
                     }
                 }
-                let path = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-                    BackendError::Failed(format!("{}: a NUL in the path", p.display()))
-                })?;
-                out.push((path, keep));
+                out.read_only(&p, keep)?;
             }
             Err(_) => {}
         }
     }
     Ok(out)
-}
-
-/// Run virtiofsd where `paths` are read-only binds of themselves: in a
-/// mount namespace of its own (root), or in a user namespace that maps
-/// only the user and its group, with one (a user).
-fn read_only_view(
-    cmd: &mut Command,
-    paths: Vec<(std::ffi::CString, libc::c_ulong)>,
-    as_root: bool,
-) {
-    use std::os::unix::process::CommandExt;
-    // Prepared before the fork: pre_exec may only make system calls.
-    let (uid, gid) = (
-        nix::unistd::getuid().as_raw(),
-        nix::unistd::getgid().as_raw(),
-    );
-    let uid_map = format!("{uid} {uid} 1");
-    let gid_map = format!("{gid} {gid} 1");
-    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-    let (uid_file, gid_file, setgroups) = (
-        c("/proc/self/uid_map"),
-        c("/proc/self/gid_map"),
-        c("/proc/self/setgroups"),
-    );
-    let root = c("/");
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes system calls on data prepared above.
-    unsafe {
-        cmd.pre_exec(move || {
-            let check = |rc: libc::c_int| {
-                if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
-            let write = |file: &std::ffi::CString, text: &[u8]| -> std::io::Result<()> {
-                let fd = libc::open(file.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let n = libc::write(fd, text.as_ptr().cast(), text.len());
-                libc::close(fd);
-                if n == text.len() as isize {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            };
-            if as_root {
-                check(libc::unshare(libc::CLONE_NEWNS))?;
-            } else {
-                check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
-                write(&setgroups, b"deny")?;
-                write(&uid_file, uid_map.as_bytes())?;
-                write(&gid_file, gid_map.as_bytes())?;
-            }
-            check(libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
-            for (p, keep) in &paths {
-                check(libc::mount(
-                    p.as_ptr(),
-                    p.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ))?;
-                check(libc::mount(
-                    std::ptr::null(),
-                    p.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
-                    std::ptr::null(),
-                ))?;
-            }
-            Ok(())
-        });
-    }
 }
 
 #[cfg(test)]

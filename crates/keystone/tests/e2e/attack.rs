@@ -630,8 +630,10 @@ fn vm_range(file: &str) -> (u32, u32) {
 /// run by root, it holds no host power: its ids are one sandbox's own
 /// from the `keystone-vm` range, with no capabilities and no groups, and
 /// with those ids a root canary, the sandbox's disk, the project's `.git`
-/// and the supervisor are out of reach. (On a build that leaves QEMU
-/// root, its uid is 0 and the canary is read.)
+/// and the supervisor are out of reach; in its own view of the file
+/// system, a world-readable canary in /tmp and the sandboxes' directory
+/// are not there. (On a build that leaves QEMU root, its uid is 0 and the
+/// canary is read; without the view, the /tmp canary is.)
 pub fn qemu_holds_no_host_powers(h: Host) {
     h.start(&[]).ok();
     assert_eq!(h.sh("echo up").trim(), "up", "the guest booted");
@@ -716,6 +718,43 @@ pub fn qemu_holds_no_host_powers(h: Host) {
         "every reach is refused:\n{out}"
     );
     let _ = std::fs::remove_file(&canary);
+    // What any local user may read is hidden too: a world-readable canary
+    // in /tmp and the sandboxes' directory are not in QEMU's view.
+    let open_canary = tempfile::Builder::new()
+        .prefix("ks-canary-qemu-")
+        .tempfile_in("/tmp")
+        .expect("canary");
+    std::fs::write(open_canary.path(), "CANARY-QEMU-TMP").expect("write");
+    std::fs::set_permissions(
+        open_canary.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.args([
+        &format!("--target={pid}"),
+        "--mount",
+        &format!("--setuid={uid}"),
+        &format!("--setgid={gid}"),
+        "sh",
+        "-c",
+        &format!(
+            "cat {} 2>&1; ls -A /home /root /tmp {} 2>&1; echo done",
+            open_canary.path().display(),
+            sandbox_dir.parent().expect("sandboxes").display()
+        ),
+    ]);
+    let r = crate::harness::run_bounded(cmd, Duration::from_secs(20));
+    let out = r.text();
+    assert!(out.trim_end().ends_with("done"), "{out}");
+    assert!(
+        !out.contains("CANARY-QEMU-TMP") && out.contains("No such file"),
+        "QEMU's view has the host's /tmp:\n{out}"
+    );
+    assert!(
+        !out.contains(&h.name()),
+        "QEMU's view lists the sandboxes:\n{out}"
+    );
     // The sandbox works under the drop: a commit comes home.
     h.sh(
         "cd /workspace && echo jailed > jailed.txt && git add jailed.txt && git commit -qm jailed",
