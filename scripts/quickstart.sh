@@ -4,6 +4,12 @@
 #
 #   ./scripts/quickstart.sh [PATH-TO-GIT-REPO]
 set -euo pipefail
+# A relative repository path is the caller's, not the checkout's.
+repo=${1:-}
+case "$repo" in
+    "" | /*) ;;
+    *) repo=$PWD/$repo ;;
+esac
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
@@ -11,7 +17,6 @@ root=$(pwd)
 cargo build --release --locked -p keystone
 keystone="$root/target/release/keystone"
 
-repo=${1:-}
 if [ -z "$repo" ]; then
     repo=$(mktemp -d /tmp/keystone-demo.XXXXXX)/demo
     mkdir -p "$repo"

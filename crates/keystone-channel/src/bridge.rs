@@ -57,11 +57,31 @@ pub fn stdio_to_unix(socket: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// After a failed accept: wait a little when the cause is a resource that
+/// frees itself (descriptors, memory), not at all otherwise.
+pub fn accept_backoff(e: &io::Error) {
+    let exhausted = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if exhausted {
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Accept connections on `listener` forever, connecting each to `target`
 /// (from the current network namespace) and pumping both ways.
 pub fn serve_relay(listener: UnixListener, target: SocketAddr) -> io::Result<()> {
     for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning (the
+                // proxy's accept loop does the same).
+                accept_backoff(&e);
+                continue;
+            }
+        };
         thread::spawn(move || {
             let Ok(upstream) = TcpStream::connect(target) else {
                 return;

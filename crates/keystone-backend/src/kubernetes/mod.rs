@@ -573,8 +573,14 @@ fn probe(socket: &Path) -> bool {
 /// port-forward to the pod's sshd.
 async fn serve(listener: tokio::net::UnixListener, pods: Api<Pod>, pod: String) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let mut conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept on the sandbox's socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let pods = pods.clone();
         let pod = pod.clone();
