@@ -113,6 +113,29 @@ impl Git {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Fetch `refspecs` from the sandbox's repository at `url`: objects and
+    /// the refs named, nothing else (no tags, no FETCH_HEAD, no
+    /// submodules), all refs or none (`--atomic`), stale ones pruned.
+    pub fn fetch_from_sandbox(
+        &self,
+        channel: &Channel,
+        url: &str,
+        refspecs: &[String],
+    ) -> Result<String, GitError> {
+        let mut args = vec![
+            "fetch",
+            "--quiet",
+            "--atomic",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--no-recurse-submodules",
+            "--prune",
+            url,
+        ];
+        args.extend(refspecs.iter().map(String::as_str));
+        self.remote_op(channel, &args)
+    }
+
     /// Run a git command that talks to the sandbox through its channel.
     pub fn remote_op(&self, channel: &Channel, args: &[&str]) -> Result<String, GitError> {
         channel.write_config().map_err(|e| GitError::Failed {

@@ -180,35 +180,22 @@ pub fn fetch(
             .collect()
     };
     let temporary_before = temporary(&pack_dir);
-    git.remote_op(
-        channel,
-        &[
-            "fetch",
-            "--quiet",
-            "--atomic",
-            "--no-tags",
-            "--no-write-fetch-head",
-            "--no-recurse-submodules",
-            "--prune",
-            &url,
-            &format!("+refs/heads/*:{prefix}*"),
-        ],
-    )
-    .map_err(|e| {
-        if out_of_space(&e) {
-            for left in temporary(&pack_dir).difference(&temporary_before) {
-                let _ = std::fs::remove_file(left);
-            }
-            SyncError::NoSpace(format!(
-                "the host's disk is full: the sandbox's commits could not be brought into {}; \
+    git.fetch_from_sandbox(channel, &url, &[format!("+refs/heads/*:{prefix}*")])
+        .map_err(|e| {
+            if out_of_space(&e) {
+                for left in temporary(&pack_dir).difference(&temporary_before) {
+                    let _ = std::fs::remove_file(left);
+                }
+                SyncError::NoSpace(format!(
+                    "the host's disk is full: the sandbox's commits could not be brought into {}; \
                  nothing changed on the host (branches, index and working tree are as they were); \
                  free some space and sync again",
-                git.repo().display()
-            ))
-        } else {
-            e.into()
-        }
-    })?;
+                    git.repo().display()
+                ))
+            } else {
+                e.into()
+            }
+        })?;
     let refs = git.refs_under(&prefix)?;
     let current = current.join().ok().flatten();
     Ok((refs, current))
@@ -484,13 +471,17 @@ pub fn sync(
     // the main work tree: a linked one has its own, not handled here).
     let moved = head_before.as_deref() != Some(report.to.as_str());
     if moved && std::ptr::eq(git, main_tree) {
-        let top = Git::toplevel(git.repo())?;
-        report.submodules.extend(submodules::follow(
-            git,
-            &top,
-            head_before.as_deref(),
-            &report.to,
-        )?);
+        // The branch has moved: a failure here is reported beside it, not
+        // as the sync's.
+        let followed = Git::toplevel(git.repo())
+            .map_err(SyncError::from)
+            .and_then(|top| submodules::follow(git, &top, head_before.as_deref(), &report.to));
+        match followed {
+            Ok(lines) => report.submodules.extend(lines),
+            Err(e) => report.submodules.push(format!(
+                "the submodules' checkouts were not updated ({e}); `git submodule update` does it"
+            )),
+        }
     }
     Ok(report)
 }

@@ -178,19 +178,12 @@ pub fn fetch(git: &Git, channel: &Channel, sandbox: &str) -> Result<Vec<String>,
         let sub = Git::open(&s.gitdir);
         let url = channel.git_url(&guest_dir(&s));
         let prefix = format!("refs/keystone/{sandbox}/");
-        let r = sub.remote_op(
+        let r = sub.fetch_from_sandbox(
             channel,
+            &url,
             &[
-                "fetch",
-                "--quiet",
-                "--atomic",
-                "--no-tags",
-                "--no-write-fetch-head",
-                "--no-recurse-submodules",
-                "--prune",
-                &url,
-                &format!("+refs/heads/*:{prefix}heads/*"),
-                &format!("+HEAD:{prefix}HEAD"),
+                format!("+refs/heads/*:{prefix}heads/*"),
+                format!("+HEAD:{prefix}HEAD"),
             ],
         );
         if let Err(e) = r {
