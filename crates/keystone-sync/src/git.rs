@@ -390,8 +390,11 @@ impl Git {
                 "git cherry-pick --abort or git revert --abort",
             ),
         ];
+        // All of them live in this work tree's own git directory: one git
+        // process, not one per file (this runs on every sync).
+        let dir = PathBuf::from(self.ok(&["rev-parse", "--absolute-git-dir"])?);
         for (file, what, end) in STATES {
-            if self.git_path(file)?.symlink_metadata().is_ok() {
+            if dir.join(file).symlink_metadata().is_ok() {
                 return Ok(Some((what, end)));
             }
         }
