@@ -19,6 +19,7 @@
 
 pub mod container;
 pub mod disk;
+pub mod fault;
 pub mod hostbridge;
 pub mod idmap;
 pub mod kubernetes;
