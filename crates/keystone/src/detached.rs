@@ -32,6 +32,9 @@ const PASSED_ENV: &[&str] = &[
     "RUST_BACKTRACE",
     // The Kubernetes backend finds the cluster as kubectl does.
     "KUBECONFIG",
+    // The leak tests' fault points (keystone_backend::fault; read only by
+    // debug builds).
+    "KEYSTONE_FAULT",
 ];
 
 /// What a daemon said about its start-up.
