@@ -27,6 +27,29 @@ pub fn point(name: &'static str) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// Holds the supervisor after a run that failed at an injected fault,
+/// before it reports the failure or exits, for `KEYSTONE_FAULT_HOLD_MS`
+/// (debug builds only). The leak tests look at what is left during the
+/// hold: the backend's own teardown must have removed everything by then,
+/// before the supervisor's death signals and the CLI's clean-up could.
+pub fn hold_after_failure() {
+    #[cfg(debug_assertions)]
+    if std::env::var_os(VAR).is_some() {
+        if let Some(ms) = std::env::var(HOLD_VAR)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            eprintln!("{HOLD_MESSAGE} ({ms} ms)");
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+    }
+}
+
+/// How long the supervisor holds after an injected fault.
+pub const HOLD_VAR: &str = "KEYSTONE_FAULT_HOLD_MS";
+/// What the supervisor logs when the hold begins.
+pub const HOLD_MESSAGE: &str = "supervisor: holding after an injected fault";
+
 #[cfg(all(test, debug_assertions))]
 mod tests {
     #[test]

@@ -24,6 +24,7 @@ pub mod hostbridge;
 pub mod idmap;
 pub mod kubernetes;
 pub mod microvm;
+mod plumbing;
 mod signals;
 
 pub use signals::{unblock_all, StopRequest, STOP_FORCE, STOP_GRACEFUL};
@@ -93,16 +94,47 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// Something the host lacks (a tool, a permission): exit 4.
     #[error("{0}")]
     Requirement(String),
+    /// The guest was started but its sshd never answered.
+    #[error("{0}")]
+    NoAnswer(String),
+    /// Teardown could not remove everything; each item says what is left.
+    #[error("teardown left {}", .0.join(", "))]
+    Leftovers(Vec<String>),
+    /// An error, and the teardown after it that failed too: both are
+    /// kept, the cause first.
+    #[error("{error}; and {cleanup}")]
+    WithCleanup {
+        error: Box<BackendError>,
+        cleanup: Box<BackendError>,
+    },
     #[error("{0}")]
     Failed(String),
 }
 
 impl BackendError {
+    /// This error, with the failure of the cleanup that followed it.
+    pub fn with_cleanup(self, cleanup: BackendError) -> BackendError {
+        BackendError::WithCleanup {
+            error: Box::new(self),
+            cleanup: Box::new(cleanup),
+        }
+    }
+
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackendError {
         let context = context.into();
         move |source| BackendError::Io { context, source }
+    }
+}
+
+impl From<keystone_process::SpawnError> for BackendError {
+    fn from(e: keystone_process::SpawnError) -> Self {
+        BackendError::Io {
+            context: format!("cannot start {}", e.name),
+            source: e.source,
+        }
     }
 }
 

@@ -85,5 +85,5 @@ impl Signals {
 
 /// Restore the default signal mask in a child before it execs.
 pub fn unblock_all() {
-    let _ = SigSet::all().thread_unblock();
+    keystone_process::unblock_all_signals();
 }

@@ -4,18 +4,16 @@
 use crate::guest;
 use crate::recipe::VARIANT;
 use crate::{ImageError, Progress, Recipe};
-use nix::errno::Errno;
+use keystone_process::Spawn;
 use nix::fcntl::OFlag;
-use nix::sys::signal::{killpg, Signal};
-use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -163,62 +161,6 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// A child in its own process group. Dropping it before [`Supervised::finish`]
-/// stops the whole group: SIGTERM first, which mmdebstrap handles by
-/// unmounting and deleting its temporary chroot, SIGKILL after
-/// [`TERM_GRACE`].
-struct Supervised {
-    child: Child,
-    pgid: Pid,
-    reaped: bool,
-}
-
-impl Supervised {
-    /// Whether the leader has exited, without reaping it: while it is an
-    /// unreaped zombie its pid, and so the group id, cannot be reused, which
-    /// makes `killpg` afterwards safe.
-    fn leader_exited(&self, block: bool) -> bool {
-        let mut flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
-        if !block {
-            flags |= WaitPidFlag::WNOHANG;
-        }
-        loop {
-            match waitid(Id::Pid(self.pgid), flags) {
-                Ok(WaitStatus::StillAlive) => return false,
-                Ok(_) => return true,
-                Err(Errno::EINTR) => continue,
-                // ECHILD: already reaped, nothing left to wait for.
-                Err(_) => return true,
-            }
-        }
-    }
-
-    /// Waits for the leader, kills anything it left behind in its group, and
-    /// reaps it.
-    fn finish(mut self) -> std::io::Result<ExitStatus> {
-        self.leader_exited(true);
-        let _ = killpg(self.pgid, Signal::SIGKILL);
-        let status = self.child.wait();
-        self.reaped = true;
-        status
-    }
-}
-
-impl Drop for Supervised {
-    fn drop(&mut self) {
-        if self.reaped {
-            return;
-        }
-        let _ = killpg(self.pgid, Signal::SIGTERM);
-        let deadline = Instant::now() + TERM_GRACE;
-        while !self.leader_exited(false) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = killpg(self.pgid, Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
 /// Runs mmdebstrap, streaming its merged stdout and stderr to `progress` and
 /// the log file.
 fn run(
@@ -247,8 +189,7 @@ fn run(
         .env("LC_ALL", "C.UTF-8")
         .stdin(Stdio::null())
         .stdout(Stdio::from(write_end))
-        .stderr(Stdio::from(write_end2))
-        .process_group(0);
+        .stderr(Stdio::from(write_end2));
     // mmdebstrap finds chroot, apt and its helpers through PATH; TMPDIR is
     // where it puts the temporary chroot, which a user with a small /tmp
     // points elsewhere on purpose. We do not point it into our own build
@@ -260,38 +201,21 @@ fn run(
             command.env(key, value);
         }
     }
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (prctl, getppid, _exit); it touches
-    // no memory the parent's other threads could have left locked.
-    unsafe {
-        command.pre_exec(move || {
-            // If we die without dropping the child (SIGKILL, abort), tell
-            // mmdebstrap as Ctrl-C would, so it unmounts and cleans up.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
     tracing::debug!(program = %program.display(), args = %shell_quote(args), "starting mmdebstrap");
-    let child = command.spawn().map_err(|source| ImageError::Spawn {
-        command: program.display().to_string(),
-        source,
-    })?;
-    // Drop our copies of the write end (inside `command`), or the reader
-    // would never see end-of-file.
-    drop(command);
-    let pgid = Pid::from_raw(child.id() as i32);
-    let supervised = Supervised {
-        child,
-        pgid,
-        reaped: false,
-    };
+    // If we die without dropping it (SIGKILL, abort), mmdebstrap is told
+    // as Ctrl-C would, so it unmounts and cleans up; dropped before it
+    // finishes (an error, Ctrl-C), its group gets SIGTERM, then SIGKILL
+    // after TERM_GRACE.
+    let mut supervised = Spawn::new("mmdebstrap", command)
+        .death_signal(Signal::SIGTERM)
+        .stop_grace(TERM_GRACE)
+        .start()
+        .map_err(|e| ImageError::Spawn {
+            command: program.display().to_string(),
+            source: e.source,
+        })?;
+    // `start` dropped the command, and with it our copies of the pipe's
+    // write end: the reader sees end-of-file when the group is gone.
 
     let (tx, rx) = mpsc::channel::<String>();
     let reader = File::from(read_end);
@@ -341,28 +265,30 @@ fn run(
                 Some(deadline) if Instant::now() >= deadline => break,
                 Some(_) => {}
                 None => {
-                    if supervised.leader_exited(false) {
+                    // Reaping it kills what it left in its group.
+                    if supervised.try_reap() {
                         drain_deadline = Some(Instant::now() + Duration::from_secs(2));
                     }
                 }
             },
         }
     }
-    let status = supervised
-        .finish()
-        .map_err(|e| ImageError::io("wait for", program, e))?;
+    let status = supervised.wait();
     // Lines that arrived between the last receive and the group kill.
     while let Ok(line) = rx.try_recv() {
         handle_line(line);
     }
     let _ = log.flush();
 
-    if status.success() {
-        return Ok(());
-    }
+    let status = match status {
+        Some(WaitStatus::Exited(_, 0)) => return Ok(()),
+        Some(WaitStatus::Exited(_, code)) => format!("exit status: {code}"),
+        Some(WaitStatus::Signaled(_, signal, _)) => format!("killed by {signal}"),
+        other => format!("{other:?}"),
+    };
     Err(ImageError::BuildFailed {
         id: id.to_owned(),
-        status: status.to_string(),
+        status,
         tail: Vec::from(tail).join("\n"),
         log: log_path.to_owned(),
     })
@@ -517,32 +443,6 @@ mod tests {
             std::fs::read_to_string(&log).expect("log").lines().count(),
             51
         );
-    }
-
-    #[test]
-    fn dropping_a_supervised_child_stops_its_whole_group() {
-        let child = Command::new("sh")
-            .args(["-c", "sleep 600 & sleep 600"])
-            .process_group(0)
-            .spawn()
-            .expect("spawn");
-        let pgid = Pid::from_raw(child.id() as i32);
-        thread::sleep(Duration::from_millis(200));
-        assert!(killpg(pgid, None).is_ok(), "group is running");
-        let started = Instant::now();
-        drop(Supervised {
-            child,
-            pgid,
-            reaped: false,
-        });
-        assert!(started.elapsed() < TERM_GRACE, "SIGTERM was enough");
-        // The background sleep was reparented, not reaped by us; give init
-        // a moment to reap it.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while killpg(pgid, None).is_ok() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(killpg(pgid, None), Err(Errno::ESRCH), "no process left");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub use name::{derive_name, validate_name, NameError};
 pub use process::ProcessId;
 pub use state::State;
 
+pub use keystone_config::{Multiplexer, NetworkMode, ShareProto, SyncMode, WorkspaceMode};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -29,7 +30,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Settings frozen into a sandbox when it is (re)started.
+/// Settings frozen into a sandbox when it is (re)started. The modes are
+/// the configuration's own enums, stored in their configuration spelling,
+/// so a record reads the same as the file it came from and no backend
+/// compares strings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Settings {
     pub memory_mb: u32,
@@ -39,25 +43,26 @@ pub struct Settings {
     #[serde(default = "default_disk_gb")]
     pub disk_gb: u32,
     pub nested_virt: bool,
-    pub network: String,
-    pub sync_mode: String,
+    pub network: NetworkMode,
+    pub sync_mode: SyncMode,
     pub persist: bool,
     /// Id of the guest image the sandbox runs.
     pub image: String,
-    /// What `/workspace` is: "clone" (the pushed copy, synced by the
-    /// host) or "share" (the project directory itself, shared live).
+    /// What `/workspace` is: the pushed copy, synced by the host, or the
+    /// project directory itself, shared live.
     #[serde(default = "default_workspace")]
-    pub workspace: String,
-    /// The live share's protocol ("virtiofs" | "9p"), with "share".
-    #[serde(default)]
-    pub share_proto: String,
+    pub workspace: WorkspaceMode,
+    /// The live share's protocol, with `WorkspaceMode::Share`; records
+    /// written before it existed have an empty string, read as virtiofs.
+    #[serde(default = "default_share_proto", deserialize_with = "share_proto")]
+    pub share_proto: ShareProto,
     /// The host bridge, with `network = "bridge"`.
     #[serde(default)]
     pub bridge: String,
-    /// The terminal multiplexer holding its sessions (`tmux`, `zellij`);
-    /// records written before it existed were tmux.
+    /// The terminal multiplexer holding its sessions; records written
+    /// before it existed were tmux.
     #[serde(default = "default_multiplexer")]
-    pub multiplexer: String,
+    pub multiplexer: Multiplexer,
     /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubeSettings>,
@@ -67,8 +72,24 @@ fn default_disk_gb() -> u32 {
     16
 }
 
-fn default_multiplexer() -> String {
-    "tmux".into()
+fn default_multiplexer() -> Multiplexer {
+    Multiplexer::Tmux
+}
+
+fn default_workspace() -> WorkspaceMode {
+    WorkspaceMode::Clone
+}
+
+fn default_share_proto() -> ShareProto {
+    ShareProto::Virtiofs
+}
+
+fn share_proto<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ShareProto, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(default_share_proto());
+    }
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 /// Where and how a Kubernetes sandbox runs.
@@ -85,14 +106,10 @@ pub struct KubeSettings {
     pub pull_policy: String,
 }
 
-fn default_workspace() -> String {
-    "clone".into()
-}
-
 impl Settings {
     /// Whether `/workspace` is the project directory itself (no sync).
     pub fn is_share(&self) -> bool {
-        self.workspace == "share"
+        self.workspace == WorkspaceMode::Share
     }
 }
 
@@ -445,15 +462,53 @@ mod tests {
             disk_gb: 16,
             vcpus: 1,
             nested_virt: false,
-            network: "nat".into(),
-            sync_mode: "manual".into(),
+            network: NetworkMode::Nat,
+            sync_mode: SyncMode::Manual,
             persist: true,
             image: "minimal-x".into(),
-            workspace: "clone".into(),
-            share_proto: String::new(),
+            workspace: WorkspaceMode::Clone,
+            share_proto: ShareProto::Virtiofs,
             bridge: String::new(),
-            multiplexer: "tmux".into(),
+            multiplexer: Multiplexer::Tmux,
         }
+    }
+
+    #[test]
+    fn records_of_earlier_versions_read_as_typed_settings() {
+        // As written before the workspace, share protocol and multiplexer
+        // existed, and with the empty protocol of a clone workspace.
+        let old: Settings = serde_json::from_str(
+            r#"{"memory_mb":2048,"vcpus":1,"nested_virt":false,"network":"bridge",
+                "sync_mode":"auto-idle","persist":true,"image":"minimal-x"}"#,
+        )
+        .expect("old record");
+        assert_eq!(old.network, NetworkMode::Bridge);
+        assert_eq!(old.sync_mode, SyncMode::AutoIdle);
+        assert_eq!(old.workspace, WorkspaceMode::Clone);
+        assert_eq!(old.share_proto, ShareProto::Virtiofs);
+        assert_eq!(old.multiplexer, Multiplexer::Tmux);
+        let empty: Settings = serde_json::from_str(
+            r#"{"memory_mb":2048,"vcpus":1,"nested_virt":false,"network":"nat",
+                "sync_mode":"manual","persist":true,"image":"x","workspace":"share",
+                "share_proto":"","multiplexer":"zellij"}"#,
+        )
+        .expect("empty protocol");
+        assert!(empty.is_share());
+        assert_eq!(empty.share_proto, ShareProto::Virtiofs);
+        assert_eq!(empty.multiplexer, Multiplexer::Zellij);
+        // Written in the configuration's spelling, as before.
+        let text = serde_json::to_string(&empty).expect("serialize");
+        assert!(
+            text.contains(r#""sync_mode":"manual""#)
+                && text.contains(r#""share_proto":"virtiofs""#),
+            "{text}"
+        );
+        // A value no version wrote is an error, not a silent default.
+        let bad = serde_json::from_str::<Settings>(
+            r#"{"memory_mb":1,"vcpus":1,"nested_virt":false,"network":"wifi",
+                "sync_mode":"manual","persist":true,"image":"x"}"#,
+        );
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -35,6 +35,7 @@ const PASSED_ENV: &[&str] = &[
     // The leak tests' fault points (keystone_backend::fault; read only by
     // debug builds).
     "KEYSTONE_FAULT",
+    "KEYSTONE_FAULT_HOLD_MS",
 ];
 
 /// What a daemon said about its start-up.

@@ -8,41 +8,37 @@
 //! image carries Zellij only when it was chosen), so a later change of the
 //! configuration never points a running sandbox at a program it lacks.
 
+pub use keystone_registry::Multiplexer;
 use keystone_registry::Sandbox;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Multiplexer {
-    Tmux,
-    Zellij,
+/// The sandbox's multiplexer, as recorded when it started.
+pub fn of(sb: &Sandbox) -> Multiplexer {
+    sb.settings.multiplexer
 }
 
 fn q(s: &str) -> String {
     shell_words::quote(s).into_owned()
 }
 
-impl Multiplexer {
-    /// The sandbox's multiplexer, as recorded when it started.
-    pub fn of(sb: &Sandbox) -> Multiplexer {
-        Multiplexer::from_name(&sb.settings.multiplexer)
-    }
+/// The guest shell snippets of a multiplexer (the configuration's enum,
+/// recorded in the sandbox's settings).
+pub trait Scripts: Copy {
+    /// The program's name, as the configuration spells it.
+    fn name(self) -> &'static str;
+    fn detach_keys(self) -> &'static str;
+    fn attach_script(self, session: &str, dir: &str) -> String;
+    fn list_script(self) -> &'static str;
+    fn kill_script(self, session: &str) -> String;
+    fn run_in_script(self, session: &str, dir: &str, command: &str) -> String;
+}
 
-    pub fn from_name(name: &str) -> Multiplexer {
-        if name == "zellij" {
-            Multiplexer::Zellij
-        } else {
-            Multiplexer::Tmux
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Multiplexer::Tmux => "tmux",
-            Multiplexer::Zellij => "zellij",
-        }
+impl Scripts for Multiplexer {
+    fn name(self) -> &'static str {
+        self.as_str()
     }
 
     /// The keys that detach a client, for messages.
-    pub fn detach_keys(self) -> &'static str {
+    fn detach_keys(self) -> &'static str {
         match self {
             Multiplexer::Tmux => "Ctrl-b d",
             Multiplexer::Zellij => "Ctrl-o d",
@@ -52,7 +48,7 @@ impl Multiplexer {
     /// Replaces the guest shell with a client attached to `session`,
     /// creating the session in `dir` first when it does not exist. Several
     /// clients (terminals, browsers) attach to the same session.
-    pub fn attach_script(self, session: &str, dir: &str) -> String {
+    fn attach_script(self, session: &str, dir: &str) -> String {
         match self {
             // -u: the client speaks UTF-8 whatever the guest's locale says.
             Multiplexer::Tmux => format!(
@@ -71,7 +67,7 @@ impl Multiplexer {
     }
 
     /// Prints one line `<session> <attached clients>` per running session.
-    pub fn list_script(self) -> &'static str {
+    fn list_script(self) -> &'static str {
         match self {
             Multiplexer::Tmux => {
                 "tmux list-sessions -F '#{session_name} #{session_attached}' 2>/dev/null || true"
@@ -86,7 +82,7 @@ impl Multiplexer {
     }
 
     /// Ends `session` if it runs; never fails.
-    pub fn kill_script(self, session: &str) -> String {
+    fn kill_script(self, session: &str) -> String {
         match self {
             Multiplexer::Tmux => format!("tmux kill-session -t {} 2>/dev/null || true", q(session)),
             Multiplexer::Zellij => format!(
@@ -98,7 +94,7 @@ impl Multiplexer {
 
     /// Runs `command` in `session` (a new window/pane when it exists, else
     /// a new detached session in `dir`).
-    pub fn run_in_script(self, session: &str, dir: &str, command: &str) -> String {
+    fn run_in_script(self, session: &str, dir: &str, command: &str) -> String {
         match self {
             Multiplexer::Tmux => format!(
                 "s={s}; c={c}; if tmux has-session -t \"=$s\" 2>/dev/null; then tmux new-window -t \"=$s:\" -c {d} \"$c\"; \
@@ -149,8 +145,6 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        assert_eq!(Multiplexer::from_name("zellij"), Multiplexer::Zellij);
-        assert_eq!(Multiplexer::from_name("tmux"), Multiplexer::Tmux);
         assert_eq!(Multiplexer::Zellij.name(), "zellij");
     }
 }

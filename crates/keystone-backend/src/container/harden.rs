@@ -180,8 +180,10 @@ pub fn enter_guest_namespace() -> Result<(), String> {
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         nix::unistd::ForkResult::Child => {
             drop(w);
-            // SAFETY: prctl only sets a flag on this task.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+            if keystone_process::arm_death_signal(nix::sys::signal::Signal::SIGKILL, me).is_err() {
+                // SAFETY: _exit in a forked child.
+                unsafe { libc::_exit(1) }
+            }
             let mut b = [0u8; 1];
             let ok = nix::unistd::read(r.as_raw_fd(), &mut b) == Ok(1)
                 && fs::write(format!("/proc/{me}/uid_map"), &uid_map).is_ok()

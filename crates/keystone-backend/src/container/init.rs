@@ -19,9 +19,11 @@
 //! takes the whole sandbox down: C dies, G (PID 1) dies, and the kernel
 //! kills every process in its PID namespace.
 
+use super::handshake::{Channel, Msg, Received};
 use super::harden;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::Signal;
 use nix::unistd::{chdir, pivot_root, sethostname};
 use std::ffi::CString;
 use std::fs;
@@ -59,26 +61,22 @@ pub struct InitSpec {
     pub resolv: String,
     pub argv: Vec<CString>,
     pub env: Vec<CString>,
+    /// The supervisor's pid: C's parent, checked after each arming of
+    /// C's death signal (a subreaper, not pid 1, may adopt an orphan).
+    pub supervisor: nix::unistd::Pid,
 }
 
 /// Body of C: never returns.
-pub fn child(
-    spec: &InitSpec,
-    sync_up: OwnedFd,
-    sync_down: OwnedFd,
-    pid_out: OwnedFd,
-    err_out: OwnedFd,
-) -> ! {
+pub fn child(spec: &InitSpec, chan: Channel) -> ! {
     let fail = |msg: String| -> ! {
-        let _ = nix::unistd::write(&err_out, msg.as_bytes());
+        let _ = chan.send(&Msg::Failed(msg));
         // SAFETY: _exit in a forked child never runs destructors of the
         // parent's state.
         unsafe { libc::_exit(1) }
     };
-    // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag on this task.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    if nix::unistd::getppid().as_raw() == 1 {
-        fail("supervisor exited during start".into());
+    // Exits at once if the supervisor is already gone.
+    if let Err(e) = keystone_process::arm_death_signal(Signal::SIGKILL, spec.supervisor) {
+        fail(format!("death signal: {e}"));
     }
     let _ = nix::unistd::setsid();
     let staged;
@@ -101,15 +99,11 @@ pub fn child(
         // did not die in between), and make it dumpable, so that helpers
         // running as these same ids (pasta) may open its namespaces
         // before the init's exec would have.
-        // SAFETY: prctl with PR_SET_PDEATHSIG / PR_SET_DUMPABLE only sets
-        // flags on this task.
-        unsafe {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            libc::prctl(libc::PR_SET_DUMPABLE, 1);
+        if let Err(e) = keystone_process::arm_death_signal(Signal::SIGKILL, spec.supervisor) {
+            fail(format!("death signal: {e}"));
         }
-        if nix::unistd::getppid().as_raw() == 1 {
-            fail("supervisor exited during start".into());
-        }
+        // SAFETY: prctl with PR_SET_DUMPABLE only sets a flag on this task.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
         &staged
     } else {
         spec
@@ -118,13 +112,12 @@ pub fn child(
         fail(format!("cannot create a user namespace: {e}"));
     }
     // Tell the supervisor to write our id maps, and wait until it has.
-    let _ = nix::unistd::write(&sync_up, b"u");
-    let mut b = [0u8; 1];
-    if nix::unistd::read(sync_down.as_raw_fd(), &mut b) != Ok(1) {
+    if let Err(e) = chan.send(&Msg::UserNamespace) {
+        fail(e);
+    }
+    if chan.recv() != Received::Msg(Msg::IdsMapped) {
         fail("supervisor did not map ids".into());
     }
-    drop(sync_up);
-    drop(sync_down);
     let root = nix::unistd::Uid::from_raw(0);
     let rootg = nix::unistd::Gid::from_raw(0);
     if let Err(e) =
@@ -142,20 +135,22 @@ pub fn child(
     if let Err(e) = unshare(flags) {
         fail(format!("cannot create namespaces: {e}"));
     }
+    // G's parent, C, is outside G's PID namespace: G watches it through
+    // a pidfd rather than getppid.
+    let me = keystone_process::pidfd_open(nix::unistd::getpid().as_raw())
+        .unwrap_or_else(|e| fail(format!("pidfd_open: {e}")));
     // SAFETY: still single-threaded; G only uses prepared data.
     match unsafe { nix::unistd::fork() } {
         Err(e) => fail(format!("fork: {e}")),
         Ok(nix::unistd::ForkResult::Child) => {
-            drop(pid_out);
-            if let Err(msg) = pid1(spec) {
+            if let Err(msg) = pid1(spec, &me) {
                 fail(msg);
             }
             unreachable_exit()
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
-            let _ = nix::unistd::write(&pid_out, &child.as_raw().to_ne_bytes());
-            drop(pid_out);
-            drop(err_out);
+            let _ = chan.send(&Msg::Pid1(child.as_raw()));
+            drop(chan);
             let code = match nix::sys::wait::waitpid(child, None) {
                 Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
                 Ok(nix::sys::wait::WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
@@ -290,9 +285,9 @@ pub(super) fn m(
 }
 
 /// Body of G, PID 1 of the sandbox: set up the root and exec the init.
-fn pid1(spec: &InitSpec) -> Result<(), String> {
-    // SAFETY: prctl only sets a flag on this task.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+fn pid1(spec: &InitSpec, parent: &OwnedFd) -> Result<(), String> {
+    keystone_process::arm_death_signal_on(Signal::SIGKILL, parent)
+        .map_err(|e| format!("death signal: {e}"))?;
     private_mounts()?;
 
     let root = spec.scratch.join("root");

@@ -19,6 +19,7 @@
 //! (`shift.rs`).
 
 mod cgroup;
+mod handshake;
 mod harden;
 mod layer;
 pub use crate::idmap;
@@ -29,19 +30,21 @@ pub use cgroup::version as cgroup_version;
 
 use crate::disk;
 use crate::signals::{Signals, StopRequest, Wake};
-use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
+use crate::{
+    fault, plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
+};
 use cgroup::Cgroup;
+use handshake::{Msg, Received};
 use idmap::IdMap;
-use keystone_registry::ProcessId;
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use keystone_process::{Spawn, Supervised};
+use keystone_registry::{NetworkMode, ProcessId};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -180,14 +183,14 @@ impl Backend for ContainerBackend {
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
         let map = IdMap::for_container()?;
         require_tool("tar", "tar", "it unpacks the image")?;
-        if inst.settings.network == "nat" {
+        if inst.settings.network == NetworkMode::Nat {
             require_tool(
                 "pasta",
                 "passt",
                 "--network nat needs it; or use --network none",
             )?;
         }
-        if inst.settings.network == "nat"
+        if inst.settings.network == NetworkMode::Nat
             && !map.is_root()
             && nix::unistd::access(
                 "/dev/net/tun",
@@ -201,7 +204,7 @@ impl Backend for ContainerBackend {
                     .into(),
             ));
         }
-        if inst.settings.network == "bridge" {
+        if inst.settings.network == NetworkMode::Bridge {
             crate::hostbridge::named_bridge(inst)?;
             if !map.is_root() {
                 return Err(BackendError::Requirement(
@@ -350,7 +353,8 @@ impl Backend for ContainerBackend {
                 "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
                 inst.name
             ),
-            resolv: resolv_conf(&inst.settings.network),
+            resolv: plumbing::resolv_conf(inst.settings.network == NetworkMode::Nat),
+            supervisor: nix::unistd::getpid(),
             argv: cstrings(&[
                 "/usr/bin/tini",
                 "-s",
@@ -369,165 +373,77 @@ impl Backend for ContainerBackend {
             ]),
         };
 
-        let log = open_log(&inst.log_dir().join("container.log"))?;
-        let (up_r, up_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (down_r, down_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (pid_r, pid_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let log = plumbing::open_log(&inst.log_dir().join("container.log"))?;
+        let (ours, theirs) = handshake::pair()?;
 
         // SAFETY: the supervisor is single-threaded here; the child only
         // uses data prepared above.
         let c = match unsafe { nix::unistd::fork() }? {
             nix::unistd::ForkResult::Child => {
-                drop((up_r, down_w, pid_r, err_r));
-                redirect_stdio(&log);
-                init::child(&spec, up_w, down_r, pid_w, err_w)
+                drop(ours);
+                plumbing::redirect_stdio(&log);
+                init::child(&spec, theirs)
             }
             nix::unistd::ForkResult::Parent { child } => child,
         };
-        drop((up_w, down_r, pid_w, err_w));
+        drop(theirs);
         let mut guard = Teardown {
-            c,
+            c: Supervised::adopt("init", c)?,
             g: None,
             helpers: Vec::new(),
             cgroup: cg.clone(),
             socket: inst.socket.clone(),
+            chan: ours,
+            done: false,
         };
-
-        // Limits apply from the very first instruction of the sandbox.
-        if let Err(e) = cg.add(c.as_raw()) {
-            return Err(guard.fail(format!("cannot join cgroup: {e}"), &err_r));
-        }
-        let mut b = [0u8; 1];
-        if nix::unistd::read(up_r.as_raw_fd(), &mut b) != Ok(1) {
-            return Err(guard.fail(
-                "sandbox process exited before creating its user namespace".into(),
-                &err_r,
-            ));
-        }
-        if let Err(e) = map.apply(c.as_raw()) {
-            return Err(guard.fail(format!("cannot map ids: {e}"), &err_r));
-        }
-        let _ = nix::unistd::write(&down_w, b"g");
-        drop(down_w);
-        let mut pidbuf = [0u8; 4];
-        if read_exact_fd(&pid_r, &mut pidbuf).is_err() {
-            return Err(guard.fail("sandbox failed to start".into(), &err_r));
-        }
-        let g = Pid::from_raw(i32::from_ne_bytes(pidbuf));
-        guard.g = Some(g);
-        let g_id = ProcessId::of(g.as_raw());
-
-        // The relay: bound on the host, then moved into the sandbox's
-        // namespaces, so the host needs no port at all.
-        let _ = fs::remove_file(&inst.socket);
-        let listener = std::os::unix::net::UnixListener::bind(&inst.socket)
-            .map_err(BackendError::io(format!("bind {}", inst.socket.display())))?;
-        // SAFETY: single-threaded; the child only setns()es and serves.
-        let relay = match unsafe { nix::unistd::fork() }? {
-            nix::unistd::ForkResult::Child => {
-                redirect_stdio(&log);
-                relay_child(c, listener)
-            }
-            nix::unistd::ForkResult::Parent { child } => child,
-        };
-        drop(listener);
-        guard.helpers.push(relay);
-
-        if inst.settings.network == "nat" {
-            match spawn_pasta(c, &log, &map) {
-                Ok(p) => {
-                    guard.helpers.push(p);
-                    // As root, pasta runs on the range's ids, and that change
-                    // of ids clears its death signal: in the sandbox's cgroup
-                    // it goes with the sandbox however the supervisor ends
-                    // (teardown, or the reap after a SIGKILL).
-                    if map.is_root() {
-                        if let Err(e) = cg.add(p.as_raw()) {
-                            return Err(guard.fail(format!("pasta: {e}"), &err_r));
-                        }
-                    }
-                }
-                Err(e) => return Err(guard.fail(e, &err_r)),
-            }
-        }
-        if inst.settings.network == "bridge" {
-            match attach_bridge(inst, c, g, &log) {
-                Ok(p) => guard.helpers.push(p),
-                Err(e) => return Err(guard.fail(e, &err_r)),
-            }
-        }
-
-        // Ready when the guest's sshd answers through the relay.
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
-                waitpid(c, Some(WaitPidFlag::WNOHANG))
-            {
-                guard.c_reaped();
-                return Err(guard.fail("the sandbox's init exited during start".into(), &err_r));
-            }
-            if probe(&inst.socket) {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(guard.fail(
-                    format!(
-                        "the guest's sshd did not answer within {}s",
-                        READY_TIMEOUT.as_secs()
-                    ),
-                    &err_r,
-                ));
-            }
-            if let Wake::Stop(_) = signals.wait(Duration::from_millis(50)) {
-                guard.stop(&mut signals, StopRequest::Force);
+        // From here on every early return tears the sandbox down and
+        // verifies it (`Teardown::fail`); the guard's drop is the backstop.
+        let started = start(inst, &map, &cg, &log, &mut guard, &mut signals);
+        let g = match started {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                guard.teardown(&mut signals, StopRequest::Force)?;
                 return Ok(Ended::Stopped);
             }
-        }
+            Err(e) => return Err(guard.fail(&mut signals, e)),
+        };
 
         let mut runtime = BTreeMap::new();
-        if let Some(id) = g_id {
+        if let Some(id) = ProcessId::of(g.as_raw()) {
             runtime.insert("init".into(), serde_json::json!(id));
         }
         runtime.insert("cgroup".into(), serde_json::json!(cg));
         let helpers: Vec<_> = guard
             .helpers
             .iter()
-            .filter_map(|p| ProcessId::of(p.as_raw()))
+            .filter_map(|p| ProcessId::of(p.pid().as_raw()))
             .collect();
         runtime.insert("helpers".into(), serde_json::json!(helpers));
         if let Err(e) = on_ready(&Running { runtime, notes }) {
-            guard.stop(&mut signals, StopRequest::Force);
-            return Err(BackendError::Failed(e));
+            return Err(guard.fail(&mut signals, BackendError::Failed(e)));
         }
 
         // Run until asked to stop or the guest goes down by itself.
         loop {
             match signals.wait(Duration::from_secs(5)) {
                 Wake::Stop(kind) => {
-                    guard.stop(&mut signals, kind);
-                    return guard.verify().map(|_| Ended::Stopped);
+                    guard.teardown(&mut signals, kind)?;
+                    return Ok(Ended::Stopped);
                 }
                 Wake::Child | Wake::Timeout => {
-                    if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
-                        waitpid(c, Some(WaitPidFlag::WNOHANG))
-                    {
-                        guard.c_reaped();
-                        guard.stop(&mut signals, StopRequest::Force);
-                        guard.verify()?;
+                    if guard.c.try_reap() {
+                        guard.teardown(&mut signals, StopRequest::Force)?;
                         return Ok(Ended::Exited("the guest's init exited".into()));
                     }
                     // A helper (relay, pasta) that dies makes the sandbox
                     // unreachable or offline: stop rather than limp on.
-                    for h in guard.helpers.clone() {
-                        if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
-                            waitpid(h, Some(WaitPidFlag::WNOHANG))
-                        {
-                            guard.helpers.retain(|p| *p != h);
-                            guard.stop(&mut signals, StopRequest::Force);
-                            guard.verify()?;
-                            return Ok(Ended::Exited(format!("helper process {h} exited")));
-                        }
+                    if let Some(name) = guard
+                        .helpers
+                        .iter_mut()
+                        .find_map(|h| h.try_reap().then(|| h.name()))
+                    {
+                        guard.teardown(&mut signals, StopRequest::Force)?;
+                        return Ok(Ended::Exited(format!("helper process {name} exited")));
                     }
                 }
             }
@@ -586,74 +502,163 @@ pub fn init_alive(runtime: &BTreeMap<String, serde_json::Value>) -> bool {
     runtime_pid(runtime, "init").is_some_and(|p| p.is_alive())
 }
 
+/// Start-up after C exists: its cgroup and id maps, G, the relay, the
+/// network, and the wait for the guest's sshd. `None` when asked to stop
+/// meanwhile. An error return leaves the teardown to the caller.
+fn start(
+    inst: &Instance,
+    map: &IdMap,
+    cg: &Cgroup,
+    log: &fs::File,
+    guard: &mut Teardown,
+    signals: &mut Signals,
+) -> Result<Option<Pid>, BackendError> {
+    let c = guard.c.pid();
+    // Limits apply from the very first instruction of the sandbox.
+    cg.add(c.as_raw())
+        .map_err(|e| BackendError::Failed(format!("cannot join cgroup: {e}")))?;
+    match guard.chan.recv() {
+        Received::Msg(Msg::UserNamespace) => {}
+        _ => {
+            return Err(BackendError::Failed(
+                "sandbox process exited before creating its user namespace".into(),
+            ))
+        }
+    }
+    map.apply(c.as_raw())
+        .map_err(|e| BackendError::Failed(format!("cannot map ids: {e}")))?;
+    guard
+        .chan
+        .send(&Msg::IdsMapped)
+        .map_err(BackendError::Failed)?;
+    let g = match guard.chan.recv() {
+        Received::Msg(Msg::Pid1(pid)) => Pid::from_raw(pid),
+        _ => return Err(BackendError::Failed("sandbox failed to start".into())),
+    };
+    guard.g = keystone_process::pidfd_open(g.as_raw()).ok();
+
+    // The relay: bound on the host, then moved into the sandbox's
+    // namespaces through C, so the host needs no port at all.
+    fault::point("container-relay")?;
+    guard.helpers.push(plumbing::start_relay(
+        &inst.socket,
+        log,
+        ([127, 0, 0, 1], SSH_PORT).into(),
+        || enter_sandbox_network(c),
+    )?);
+
+    if inst.settings.network == NetworkMode::Nat {
+        let p = spawn_pasta(c, log, map).map_err(BackendError::Failed)?;
+        let pasta = p.pid();
+        guard.helpers.push(p);
+        // As root, pasta runs on the range's ids, and that change of ids
+        // clears its death signal: in the sandbox's cgroup it goes with
+        // the sandbox however the supervisor ends (teardown, or the reap
+        // after a SIGKILL).
+        if map.is_root() {
+            cg.add(pasta.as_raw())
+                .map_err(|e| BackendError::Failed(format!("pasta: {e}")))?;
+        }
+    }
+    if inst.settings.network == NetworkMode::Bridge {
+        guard
+            .helpers
+            .push(attach_bridge(inst, c, g, log).map_err(BackendError::Failed)?);
+    }
+    fault::point("container-network")?;
+
+    // Ready when the guest's sshd answers through the relay.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if guard.c.try_reap() {
+            return Err(BackendError::Failed(
+                "the sandbox's init exited during start".into(),
+            ));
+        }
+        if plumbing::sshd_answers(&inst.socket) {
+            return Ok(Some(g));
+        }
+        if Instant::now() > deadline {
+            return Err(BackendError::NoAnswer(format!(
+                "the guest's sshd did not answer within {}s",
+                READY_TIMEOUT.as_secs()
+            )));
+        }
+        if let Wake::Stop(_) = signals.wait(Duration::from_millis(50)) {
+            return Ok(None);
+        }
+    }
+}
+
 /// What the supervisor owns, torn down in order and verified.
 struct Teardown {
-    c: Pid,
-    g: Option<Pid>,
-    helpers: Vec<Pid>,
+    /// C, the sandbox's first process (G's parent).
+    c: Supervised,
+    /// G, the sandbox's PID 1 (C's child, not ours), by pidfd.
+    g: Option<OwnedFd>,
+    helpers: Vec<Supervised>,
     cgroup: Cgroup,
     socket: PathBuf,
+    /// The handshake with C, which also carries what failed inside.
+    chan: handshake::Channel,
+    /// Set once `teardown` has run (whatever its verdict).
+    done: bool,
 }
 
 impl Teardown {
-    fn c_reaped(&mut self) {
-        self.c = Pid::from_raw(0);
-    }
-
-    fn c_alive(&self) -> bool {
-        self.c.as_raw() != 0
-    }
-
-    /// Stop everything after a failed start; the error carries what the
-    /// sandbox's init reported.
-    fn fail(&mut self, msg: String, err_r: &OwnedFd) -> BackendError {
-        let mut detail = String::new();
-        let mut f = fs::File::from(err_r.try_clone().unwrap_or_else(|_| unreachable_fd()));
-        let _ = nix::fcntl::fcntl(
-            f.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        );
-        let _ = f.read_to_string(&mut detail);
-        self.kill_all();
-        let _ = self.verify();
-        if detail.trim().is_empty() {
-            BackendError::Failed(msg)
+    /// After `error`: add what the sandbox said about it, tear down
+    /// (unless done), and keep what the teardown left beside the error.
+    fn fail(&mut self, signals: &mut Signals, error: BackendError) -> BackendError {
+        let said = self.chan.pending_failures();
+        let error = if said.is_empty() {
+            error
         } else {
-            BackendError::Failed(format!("{msg}: {}", detail.trim()))
+            match error {
+                BackendError::Failed(msg) => {
+                    BackendError::Failed(format!("{msg}: {}", said.join("; ")))
+                }
+                other => other,
+            }
+        };
+        if self.done {
+            return error;
         }
+        match self.teardown(signals, StopRequest::Force) {
+            Ok(()) => error,
+            Err(cleanup) => error.with_cleanup(cleanup),
+        }
+    }
+
+    /// Stop everything, then prove nothing is left.
+    fn teardown(&mut self, signals: &mut Signals, kind: StopRequest) -> Result<(), BackendError> {
+        self.done = true;
+        self.stop(signals, kind);
+        self.verify()
     }
 
     fn kill_all(&mut self) {
-        if let Some(g) = self.g {
-            let _ = kill(g, Signal::SIGKILL);
+        if let Some(g) = &self.g {
+            let _ = keystone_process::pidfd_signal(g, Signal::SIGKILL);
         }
-        if self.c_alive() {
-            let _ = kill(self.c, Signal::SIGKILL);
-            let _ = waitpid(self.c, None);
-            self.c_reaped();
-        }
-        for h in self.helpers.drain(..) {
-            let _ = kill(h, Signal::SIGKILL);
-            let _ = waitpid(h, None);
+        self.c.kill();
+        for mut h in self.helpers.drain(..) {
+            h.kill();
         }
     }
 
     fn stop(&mut self, signals: &mut Signals, kind: StopRequest) {
-        if kind == StopRequest::Graceful && self.c_alive() {
-            if let Some(g) = self.g {
+        if kind == StopRequest::Graceful && !self.c.reaped() {
+            if let Some(g) = &self.g {
                 // tini forwards this to sshd; when PID 1 exits the kernel
                 // kills the rest of the PID namespace.
-                let _ = kill(g, Signal::SIGTERM);
+                let _ = keystone_process::pidfd_signal(g, Signal::SIGTERM);
             }
             let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline {
-                if let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
-                    waitpid(self.c, Some(WaitPidFlag::WNOHANG))
-                {
-                    self.c_reaped();
+                if self.c.wait_exit(Duration::from_millis(100)) {
                     break;
                 }
-                if let Wake::Stop(StopRequest::Force) = signals.wait(Duration::from_millis(100)) {
+                if let Wake::Stop(StopRequest::Force) = signals.wait(Duration::from_millis(10)) {
                     break;
                 }
             }
@@ -663,87 +668,62 @@ impl Teardown {
 
     /// Check that nothing of the sandbox remains; remove the cgroup.
     fn verify(&mut self) -> Result<(), BackendError> {
-        let _ = fs::remove_file(&self.socket);
-        if let Some(g) = self.g {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Path::new(&format!("/proc/{g}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
+        let mut left = Vec::new();
+        if let Err(e) = fs::remove_file(&self.socket) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                left.push(format!("the socket {} ({e})", self.socket.display()));
             }
         }
-        self.cgroup.destroy().map_err(BackendError::Failed)
-    }
-}
-
-fn unreachable_fd() -> OwnedFd {
-    // Only used if dup() of a pipe fails, which it does not in practice.
-    fs::File::open("/dev/null")
-        .map(OwnedFd::from)
-        .unwrap_or_else(|_| std::process::abort())
-}
-
-fn read_exact_fd(fd: &OwnedFd, buf: &mut [u8]) -> Result<(), ()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match nix::unistd::read(fd.as_raw_fd(), &mut buf[got..]) {
-            Ok(0) => return Err(()),
-            Ok(n) => got += n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return Err(()),
+        if let Some(g) = &self.g {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            let mut fds = [PollFd::new(g.as_fd(), PollFlags::POLLIN)];
+            if poll(&mut fds, PollTimeout::from(5000u16)) != Ok(1) {
+                left.push("the sandbox's PID 1".into());
+            }
+        }
+        if let Err(e) = self.cgroup.destroy() {
+            left.push(e);
+        }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Leftovers(left))
         }
     }
-    Ok(())
 }
 
-fn probe(socket: &Path) -> bool {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
-        return false;
+impl Drop for Teardown {
+    /// The backstop for a return that skipped `teardown`.
+    fn drop(&mut self) {
+        if !self.done {
+            self.kill_all();
+            if let Err(e) = self.verify() {
+                eprintln!("keystone: container teardown: {e}");
+            }
+        }
+    }
+}
+
+/// In the relay: join the sandbox's user and network namespaces through
+/// C, which lives in both (G has moved on into the guest's nested user
+/// namespace, where the network namespace is not its own to enter).
+fn enter_sandbox_network(c: Pid) -> Result<(), String> {
+    // Both opened first: once in the sandbox's user namespace, where host
+    // root is no mapped id, C's /proc entries are not ours to open.
+    let open = |ns: &str| {
+        let path = format!("/proc/{c}/ns/{ns}");
+        fs::File::open(&path).map_err(|e| format!("{path}: {e}"))
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
-}
-
-/// The relay joins the sandbox's user and network namespaces through C,
-/// which lives in both: G has moved on into the guest's nested user
-/// namespace, where the network namespace is not its own to enter.
-fn relay_child(c: Pid, listener: std::os::unix::net::UnixListener) -> ! {
-    // SAFETY: prctl only sets a flag on this task.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let parent = nix::unistd::getppid();
-    crate::signals::unblock_all();
-    let code = (|| -> Result<(), String> {
-        // Both opened first: once in the sandbox's user namespace, where
-        // host root is no mapped id, G's /proc entries are not ours to open.
-        let open = |ns: &str| {
-            let path = format!("/proc/{c}/ns/{ns}");
-            fs::File::open(&path).map_err(|e| format!("{path}: {e}"))
-        };
-        let (user, net) = (open("user")?, open("net")?);
-        nix::sched::setns(user, nix::sched::CloneFlags::CLONE_NEWUSER)
-            .map_err(|e| format!("setns user: {e}"))?;
-        nix::sched::setns(net, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns net: {e}"))?;
-        // Joining a user namespace that host root does not own (root's
-        // sandboxes are owned by their range) clears the death signal:
-        // set it again, and check the supervisor is still there.
-        // SAFETY: prctl only sets a flag on this task.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-        if nix::unistd::getppid() != parent {
-            return Err("the supervisor exited".into());
-        }
-        keystone_channel::bridge::serve_relay(listener, ([127, 0, 0, 1], SSH_PORT).into())
-            .map_err(|e| e.to_string())
-    })();
-    if let Err(e) = code {
-        eprintln!("keystone relay: {e}");
-    }
-    // SAFETY: _exit in a forked child.
-    unsafe { libc::_exit(1) }
+    let (user, net) = (open("user")?, open("net")?);
+    nix::sched::setns(user, nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("setns user: {e}"))?;
+    nix::sched::setns(net, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("setns net: {e}"))
 }
 
 /// pasta on the sandbox's network namespace, joined through C (see
-/// [`relay_child`]).
-fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Pid, String> {
+/// [`enter_sandbox_network`]).
+fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Supervised, String> {
     let out = log.try_clone().map_err(|e| e.to_string())?;
     let err = log.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new("pasta");
@@ -782,14 +762,16 @@ fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Pid, String> {
     .stderr(err)
     .env_clear()
     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    let pid = spawn_helper(cmd, "pasta")?;
+    let mut pasta = Spawn::new("pasta", cmd)
+        .start()
+        .map_err(|e| e.to_string())?;
     // pasta configures the namespace before it settles; wait for the
     // interface so the guest has a network when start returns.
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if let Ok(WaitStatus::Exited(_, code)) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        if let Some(status) = pasta.try_wait() {
             return Err(format!(
-                "pasta exited with status {code}; see the sandbox's logs/container.log"
+                "pasta exited ({status:?}); see the sandbox's logs/container.log"
             ));
         }
         let routes = fs::read_to_string(format!("/proc/{c}/net/route")).unwrap_or_default();
@@ -802,7 +784,7 @@ fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Pid, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(pid)
+    Ok(pasta)
 }
 
 /// `--network bridge`: a veth pair, the host end on the bridge and the
@@ -810,7 +792,7 @@ fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Pid, String> {
 /// `udhcpc` from the image) inside the sandbox's namespaces, as a helper
 /// that dies with the supervisor. The pair goes away with the sandbox's
 /// network namespace: nothing can leak.
-fn attach_bridge(inst: &Instance, c: Pid, g: Pid, log: &fs::File) -> Result<Pid, String> {
+fn attach_bridge(inst: &Instance, c: Pid, g: Pid, log: &fs::File) -> Result<Supervised, String> {
     let bridge = crate::hostbridge::named_bridge(inst).map_err(|e| e.to_string())?;
     let host_end = crate::hostbridge::link_name(&inst.id);
     let g_s = g.to_string();
@@ -866,43 +848,9 @@ fn attach_bridge(inst: &Instance, c: Pid, g: Pid, log: &fs::File) -> Result<Pid,
     .stderr(log.try_clone().map_err(|e| e.to_string())?)
     .env_clear()
     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    spawn_helper(cmd, "the DHCP client")
-}
-
-/// Start a helper of the sandbox (pasta, the DHCP client) that dies with
-/// the supervisor; the supervisor reaps it by PID like its other helpers.
-fn spawn_helper(mut cmd: Command, what: &str) -> Result<Pid, String> {
-    // SAFETY: pre_exec runs in the forked child before exec; prctl and
-    // sigprocmask are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            crate::signals::unblock_all();
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {what}: {e}"))?;
-    let pid = Pid::from_raw(child.id() as i32);
-    // The PID is what the supervisor tracks; dropping a Child never kills.
-    std::mem::forget(child);
-    Ok(pid)
-}
-
-fn resolv_conf(network: &str) -> String {
-    if network != "nat" {
-        return String::new();
-    }
-    let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    host.lines()
-        .filter(|l| {
-            l.split_whitespace().nth(1).is_some_and(|addr| {
-                l.starts_with("nameserver") && !addr.starts_with("127.") && addr != "::1"
-            })
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
+    Spawn::new("the DHCP client", cmd)
+        .start()
+        .map_err(|e| e.to_string())
 }
 
 fn kvm_usable() -> bool {
@@ -915,20 +863,4 @@ fn kvm_usable() -> bool {
 
 fn cstrings(args: &[&str]) -> Vec<CString> {
     args.iter().filter_map(|a| CString::new(*a).ok()).collect()
-}
-
-fn open_log(path: &Path) -> Result<fs::File, BackendError> {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(BackendError::io(path.display().to_string()))
-}
-
-fn redirect_stdio(log: &fs::File) {
-    if let Ok(null) = fs::File::open("/dev/null") {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
-    }
-    let _ = nix::unistd::dup2(log.as_raw_fd(), 1);
-    let _ = nix::unistd::dup2(log.as_raw_fd(), 2);
 }

@@ -448,7 +448,7 @@ const METADATA_ADDRESSES_V6: &[&str] = &["fd00:ec2::254/128"];
 /// pod network). Enforced only by a network plugin that implements
 /// NetworkPolicy (Calico, Cilium, Antrea; not flannel alone).
 fn policy_object(inst: &Instance, names: &Names) -> Result<NetworkPolicy, BackendError> {
-    let egress = egress_rules(&inst.settings.network);
+    let egress = egress_rules(inst.settings.network.as_str());
     object(serde_json::json!({
         "metadata": {"name": names.policy, "labels": names.labels(&inst.id)},
         "spec": {
@@ -627,7 +627,7 @@ impl Backend for KubernetesBackend {
 
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
         let k = settings(inst)?.clone();
-        if inst.settings.network == "bridge" {
+        if inst.settings.network == keystone_registry::NetworkMode::Bridge {
             return Err(BackendError::Failed(
                 "--network bridge attaches a local sandbox to a host bridge; a pod is on the cluster's network: use --network nat (the pod network) or none".into(),
             ));
@@ -794,7 +794,7 @@ impl Backend for KubernetesBackend {
             serde_json::json!(started.elapsed().as_secs_f64()),
         );
         let mut notes = vec![format!("pod: {ns}/{}", names.pod)];
-        if inst.settings.network == "none" {
+        if inst.settings.network == keystone_registry::NetworkMode::None {
             notes.push(format!(
                 "network none: NetworkPolicy {} denies all traffic (enforced only if the cluster's network plugin implements NetworkPolicy)",
                 names.policy

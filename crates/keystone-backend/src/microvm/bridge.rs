@@ -127,7 +127,9 @@ fn tap_from_helper(helper: &Path, bridge: &str) -> Result<OwnedFd, BackendError>
         .stdin(std::process::Stdio::null())
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    let mut child = super::proc::spawn("qemu-bridge-helper", cmd, &[theirs.as_raw_fd()])?;
+    let mut child = keystone_process::Spawn::new("qemu-bridge-helper", cmd)
+        .keep(&[theirs.as_raw_fd()])
+        .start()?;
     drop(theirs);
     let mut byte = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut byte)];

@@ -27,8 +27,8 @@
 //! guest does not see the user's home.
 
 use super::accel::Accel;
-use super::proc::Creds;
 use crate::BackendError;
+use keystone_process::Creds;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 

@@ -42,7 +42,7 @@
 pub mod accel;
 mod bridge;
 mod jail;
-mod proc;
+mod ports;
 pub mod qemu;
 mod qmp;
 mod share;
@@ -51,16 +51,16 @@ mod view;
 use crate::disk::{self, FileIdentity};
 use crate::idmap::{self, IdMap};
 use crate::signals::{Signals, StopRequest, Wake};
-use crate::{require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
+use crate::{
+    fault, plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
+};
 use accel::{KvmFacts, NestedHost};
-use keystone_registry::ProcessId;
+use keystone_process::{Spawn, Supervised};
+use keystone_registry::{NetworkMode, ProcessId};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use nix::unistd::Pid;
-use proc::Child;
 use qemu::VmSpec;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -391,14 +391,14 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
     };
     write("hostname", format!("{}\n", inst.name))?;
     let mut network = format!("ADDRESS={}\n", qemu::GUEST_ADDRESS);
-    if inst.settings.network == "nat" {
+    if inst.settings.network == NetworkMode::Nat {
         network.push_str(&format!(
             "NAT_ADDRESS={}\nNAT_GATEWAY={}\n",
             qemu::NAT_ADDRESS,
             qemu::NAT_GATEWAY
         ));
     }
-    if inst.settings.network == "bridge" {
+    if inst.settings.network == NetworkMode::Bridge {
         // The address comes from the bridge's network, by DHCP.
         network.push_str("BRIDGE=1\n");
     }
@@ -411,7 +411,10 @@ fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
             String::new()
         },
     )?;
-    write("resolv.conf", resolv_conf(&inst.settings.network))?;
+    write(
+        "resolv.conf",
+        plumbing::resolv_conf(inst.settings.network == NetworkMode::Nat),
+    )?;
     let tar = run.join("config.tar");
     // Files only: a "./" entry would give the guest's /etc/keystone the
     // staging directory's 0700, and sshd reads authorized_keys as the user.
@@ -443,38 +446,6 @@ const CONFIG_FILES: [&str; 6] = [
     "workspace",
 ];
 
-fn resolv_conf(network: &str) -> String {
-    // With a bridge, the DHCP lease brings the resolvers.
-    if network != "nat" {
-        return String::new();
-    }
-    fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            l.starts_with("nameserver")
-                && l.split_whitespace()
-                    .nth(1)
-                    .is_some_and(|a| !a.starts_with("127.") && a != "::1")
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
-
-fn log_file(path: &Path) -> Result<fs::File, BackendError> {
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(BackendError::io(path.display().to_string()))
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n  ")
-}
-
 fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
     runtime
         .get(key)
@@ -483,19 +454,55 @@ fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Opti
 
 /// Everything the supervisor runs for one VM, torn down together.
 struct Vm {
-    qemu: Child,
-    passt: Option<Child>,
-    virtiofsd: Option<Child>,
-    relay: Option<Child>,
+    qemu: Supervised,
+    passt: Option<Supervised>,
+    virtiofsd: Option<Supervised>,
+    relay: Option<Supervised>,
     /// The bridge attachment, whose tap must be gone after teardown.
     bridge: Option<bridge::Attach>,
     port: u16,
     qmp: PathBuf,
     socket: PathBuf,
+    /// Set once `teardown` has run (whatever its verdict).
+    torn_down: bool,
+}
+
+impl Drop for Vm {
+    /// The backstop for a return that skipped `teardown`: the children
+    /// are killed and reaped by their own drop; the sockets go here.
+    fn drop(&mut self) {
+        if !self.torn_down {
+            for c in self.children() {
+                c.kill();
+            }
+            for f in [&self.socket, &self.qmp] {
+                let _ = fs::remove_file(f);
+            }
+        }
+    }
 }
 
 impl Vm {
-    fn children(&mut self) -> impl Iterator<Item = &mut Child> {
+    /// Stop everything, then prove nothing is left.
+    fn teardown(&mut self, signals: &mut Signals, kind: StopRequest) -> Result<(), BackendError> {
+        self.torn_down = true;
+        self.stop(signals, kind);
+        self.verify()
+    }
+
+    /// After `error`: tear down (unless done), keeping what the teardown
+    /// left beside the error that caused it.
+    fn fail(&mut self, signals: &mut Signals, error: BackendError) -> BackendError {
+        if self.torn_down {
+            return error;
+        }
+        match self.teardown(signals, StopRequest::Force) {
+            Ok(()) => error,
+            Err(cleanup) => error.with_cleanup(cleanup),
+        }
+    }
+
+    fn children(&mut self) -> impl Iterator<Item = &mut Supervised> {
         std::iter::once(&mut self.qemu)
             .chain(self.passt.as_mut())
             .chain(self.virtiofsd.as_mut())
@@ -544,10 +551,10 @@ impl Vm {
             let mut left = Vec::new();
             for c in self.children() {
                 if !c.reaped() || c.group_alive() {
-                    left.push(format!("{} (process group {})", c.name, c.pid));
+                    left.push(format!("{} (process group {})", c.name(), c.pid()));
                 }
             }
-            if proc::loopback_listener(self.port).is_some() {
+            if ports::loopback_listener(self.port).is_some() {
                 left.push(format!("a listener on 127.0.0.1:{}", self.port));
             }
             if let Some(tap) = self.bridge.as_ref().and_then(bridge::leftover) {
@@ -557,10 +564,7 @@ impl Vm {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(BackendError::Failed(format!(
-                    "teardown left {}",
-                    left.join(", ")
-                )));
+                return Err(BackendError::Leftovers(left));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -585,20 +589,15 @@ impl Backend for MicrovmBackend {
         )?;
         require_tool("mkfs.ext4", "e2fsprogs", "it makes the microVM root disk")?;
         require_tool("tar", "tar", "it unpacks the image")?;
-        match inst.settings.network.as_str() {
-            "nat" => require_tool(
+        match inst.settings.network {
+            NetworkMode::Nat => require_tool(
                 "passt",
                 "passt",
                 "--network nat for microVMs; or use --network none",
             )?,
-            "none" => {}
-            "bridge" => {
+            NetworkMode::None => {}
+            NetworkMode::Bridge => {
                 bridge::plan(inst)?;
-            }
-            other => {
-                return Err(BackendError::Requirement(format!(
-                    "unknown network mode {other:?}: use nat, none or bridge"
-                )))
             }
         }
         share::daemon_for(inst)?;
@@ -650,9 +649,9 @@ impl Backend for MicrovmBackend {
             )));
         }
         let config = write_config(inst, &run_dir)?;
-        let bridge_plan = match inst.settings.network.as_str() {
-            "bridge" => Some(bridge::plan(inst)?),
-            _ => None,
+        let bridge_plan = match inst.settings.network {
+            NetworkMode::Bridge => Some(bridge::plan(inst)?),
+            NetworkMode::Nat | NetworkMode::None => None,
         };
         let share_daemon = share::daemon_for(inst)?;
         let share_socket = run_dir.join("virtiofs.sock");
@@ -667,7 +666,7 @@ impl Backend for MicrovmBackend {
         let _ = fs::remove_file(&qmp_path);
         let boot_log = inst.log_dir().join("boot.log");
         let qemu_log_path = inst.log_dir().join("qemu.log");
-        let qemu_log = log_file(&qemu_log_path)?;
+        let qemu_log = plumbing::open_log(&qemu_log_path)?;
         // What QEMU reads and writes, opened here (see `qemu::Fds`).
         let open_ro =
             |p: &Path| fs::File::open(p).map_err(BackendError::io(p.display().to_string()));
@@ -686,15 +685,15 @@ impl Backend for MicrovmBackend {
         let mut attempt = 0;
         let mut vm = loop {
             attempt += 1;
-            let port = proc::free_port()?;
-            let (nat_fd, passt) = if inst.settings.network == "nat" {
+            let port = ports::free_port()?;
+            let (nat_fd, passt) = if inst.settings.network == NetworkMode::Nat {
                 let (a, b) = socketpair(
                     AddressFamily::Unix,
                     SockType::Stream,
                     None,
                     SockFlag::SOCK_CLOEXEC,
                 )?;
-                let log = log_file(&inst.log_dir().join("passt.log"))?;
+                let log = plumbing::open_log(&inst.log_dir().join("passt.log"))?;
                 let mut cmd = Command::new("passt");
                 // Foreground, one client (the socketpair), IPv4, the
                 // guest's static address, no inbound forwards, and no
@@ -707,22 +706,16 @@ impl Backend for MicrovmBackend {
                     .stderr(log)
                     .env_clear()
                     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-                let p = proc::spawn("passt", cmd, &[a.as_raw_fd()])?;
+                let p = Spawn::new("passt", cmd).keep(&[a.as_raw_fd()]).start()?;
                 drop(a);
                 (Some(b), Some(p))
             } else {
                 (None, None)
             };
+            // Each child started here is killed and reaped if a later step
+            // fails (Supervised's drop).
             let virtiofsd = match &share_daemon {
-                Some(daemon) => match share::spawn(inst, daemon, &share_socket) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        if let Some(mut p) = passt {
-                            p.kill();
-                        }
-                        return Err(e);
-                    }
-                },
+                Some(daemon) => Some(share::spawn(inst, daemon, &share_socket)?),
                 None => None,
             };
             let links = Links::open(
@@ -730,16 +723,7 @@ impl Backend for MicrovmBackend {
                 &boot_log,
                 virtiofsd.as_ref().map(|_| share_socket.as_path()),
                 bridge_plan.as_ref(),
-            );
-            let links = match links {
-                Ok(l) => l,
-                Err(e) => {
-                    for mut c in passt.into_iter().chain(virtiofsd) {
-                        c.kill();
-                    }
-                    return Err(e);
-                }
-            };
+            )?;
             let uplink = match (&nat_fd, &links.tap) {
                 (Some(fd), _) => Some(format!("socket,id=nat,fd={}", fd.as_raw_fd())),
                 (None, Some(tap)) => Some(bridge::netdev(tap.as_raw_fd())),
@@ -777,15 +761,10 @@ impl Backend for MicrovmBackend {
             keep.extend(nat_fd.as_ref().map(|fd| fd.as_raw_fd()));
             keep.extend(links.tap.as_ref().map(|fd| fd.as_raw_fd()));
             jail::hide_host_files(&inst.dir)?.apply(&mut cmd);
-            let qemu = match proc::spawn_as("qemu", cmd, &keep, jail.creds.clone()) {
-                Ok(q) => q,
-                Err(e) => {
-                    for mut c in passt.into_iter().chain(virtiofsd) {
-                        c.kill();
-                    }
-                    return Err(e);
-                }
-            };
+            let qemu = Spawn::new("qemu", cmd)
+                .keep(&keep)
+                .creds(jail.creds.clone())
+                .start()?;
             // QEMU holds its own copies: a QMP client must see the socket
             // refused once QEMU is gone, and the tap vanish with it.
             drop(nat_fd);
@@ -799,13 +778,14 @@ impl Backend for MicrovmBackend {
                 port,
                 qmp: qmp_path.clone(),
                 socket: inst.socket.clone(),
+                torn_down: false,
             };
             // The forward must be bound by our own child, nobody else.
-            let owner = vm.qemu.pid;
+            let owner = vm.qemu.pid();
             let deadline = Instant::now() + Duration::from_secs(10);
             let verdict = loop {
-                if let Some(inode) = proc::loopback_listener(port) {
-                    if proc::holds_socket(owner, inode) {
+                if let Some(inode) = ports::loopback_listener(port) {
+                    if ports::holds_socket(owner, inode) {
                         break Ok(());
                     }
                     break Err(format!("port {port} was taken by another process"));
@@ -816,7 +796,7 @@ impl Backend for MicrovmBackend {
                 {
                     break Err(format!(
                         "QEMU or one of its helpers exited at start: {}",
-                        tail(&qemu_log_path, 5)
+                        plumbing::tail(&qemu_log_path, 5)
                     ));
                 }
                 if Instant::now() > deadline {
@@ -835,125 +815,36 @@ impl Backend for MicrovmBackend {
             match verdict {
                 Ok(()) => break vm,
                 Err(e) => {
-                    vm.stop(&mut signals, StopRequest::Force);
-                    let _ = vm.verify();
+                    let e = vm.fail(&mut signals, BackendError::Failed(e));
                     if attempt >= 3 {
-                        return Err(BackendError::Failed(e));
+                        return Err(e);
                     }
                     tracing::warn!("{e}; retrying with another port");
                 }
             }
         };
 
-        // The relay: the sandbox's Unix socket to the forwarded port.
-        let _ = fs::remove_file(&inst.socket);
-        let listener = std::os::unix::net::UnixListener::bind(&inst.socket)
-            .map_err(BackendError::io(format!("bind {}", inst.socket.display())))?;
-        // SAFETY: the supervisor is single-threaded; the child only serves.
-        match unsafe { nix::unistd::fork() }? {
-            nix::unistd::ForkResult::Child => relay_child(listener, vm.port),
-            nix::unistd::ForkResult::Parent { child } => {
-                drop(listener);
-                match proc::adopt("relay", child) {
-                    Ok(c) => vm.relay = Some(c),
-                    Err(e) => {
-                        vm.stop(&mut signals, StopRequest::Force);
-                        let _ = vm.verify();
-                        return Err(e);
-                    }
-                }
-            }
-        }
-
-        let started = Instant::now();
-        loop {
-            if vm.qemu.try_reap() {
-                vm.stop(&mut signals, StopRequest::Force);
-                let _ = vm.verify();
-                return Err(BackendError::Failed(format!(
-                    "QEMU exited while the guest booted:\n  {}\n  boot log:\n  {}",
-                    tail(&qemu_log_path, 5),
-                    tail(&boot_log, 8)
-                )));
-            }
-            if probe(&inst.socket) {
-                break;
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                vm.stop(&mut signals, StopRequest::Force);
-                let _ = vm.verify();
-                return Err(BackendError::Failed(format!(
-                    "the guest's sshd did not answer within {}s; last lines of {}:\n  {}",
-                    READY_TIMEOUT.as_secs(),
-                    boot_log.display(),
-                    tail(&boot_log, 8)
-                )));
-            }
-            if let Wake::Stop(_) = signals.wait(Duration::from_millis(100)) {
-                vm.stop(&mut signals, StopRequest::Force);
-                vm.verify()?;
-                return Ok(Ended::Stopped);
-            }
-        }
-        tracing::info!(elapsed = ?started.elapsed(), "guest sshd answered");
-
-        let mut runtime = BTreeMap::new();
-        for c in vm.children() {
-            if let Some(id) = ProcessId::of(c.pid.as_raw()) {
-                runtime.insert(c.name.to_string(), serde_json::json!(id));
-            }
-        }
-        runtime.insert("ssh_port".into(), serde_json::json!(vm.port));
-        if let Some(c) = &jail.creds {
-            runtime.insert("qemu_uid".into(), serde_json::json!(c.uid));
-        }
-        runtime.insert("accel".into(), serde_json::json!(choice.accel.as_str()));
-        runtime.insert("nested".into(), serde_json::json!(nested_flag.is_some()));
-        runtime.insert(
-            "boot_seconds".into(),
-            serde_json::json!(started.elapsed().as_secs_f64()),
+        // From here on every early return tears the VM down and verifies
+        // it (`Vm::fail`); the VM's drop is the backstop.
+        let served = serve(
+            inst,
+            &mut vm,
+            &mut signals,
+            on_ready,
+            &Boot {
+                qemu_log: &qemu_log_path,
+                boot_log: &boot_log,
+                run_dir: &run_dir,
+                disk: &disk,
+                notes,
+                facts: Facts {
+                    qemu_uid: jail.creds.as_ref().map(|c| c.uid),
+                    accel: choice.accel.as_str(),
+                    nested: nested_flag.is_some(),
+                },
+            },
         );
-        // For `reap` after a supervisor that died: it gets no registry.
-        let _ = fs::write(
-            run_dir.join("runtime.json"),
-            serde_json::to_string(&runtime).unwrap_or_default(),
-        );
-        if let Err(e) = on_ready(&Running { runtime, notes }) {
-            vm.stop(&mut signals, StopRequest::Force);
-            let _ = vm.verify();
-            return Err(BackendError::Failed(e));
-        }
-
-        loop {
-            match signals.wait(Duration::from_secs(5)) {
-                Wake::Stop(kind) => {
-                    vm.stop(&mut signals, kind);
-                    vm.verify()?;
-                    if !inst.settings.persist {
-                        let _ = fs::remove_file(&disk);
-                    }
-                    return Ok(Ended::Stopped);
-                }
-                Wake::Child | Wake::Timeout => {
-                    let mut gone = None;
-                    for c in vm.children() {
-                        if c.try_reap() {
-                            gone = Some(c.name);
-                            break;
-                        }
-                    }
-                    if let Some(name) = gone {
-                        vm.stop(&mut signals, StopRequest::Force);
-                        vm.verify()?;
-                        return Ok(Ended::Exited(if name == "qemu" {
-                            "the virtual machine powered off".into()
-                        } else {
-                            format!("helper process {name} exited")
-                        }));
-                    }
-                }
-            }
-        }
+        served.map_err(|e| vm.fail(&mut signals, e))
     }
 
     fn reap(&self, inst: &Instance) {
@@ -1004,6 +895,129 @@ impl Backend for MicrovmBackend {
     }
 }
 
+/// What `serve` reports and records about the boot.
+struct Boot<'a> {
+    qemu_log: &'a Path,
+    boot_log: &'a Path,
+    run_dir: &'a Path,
+    disk: &'a Path,
+    notes: Vec<String>,
+    facts: Facts,
+}
+
+/// Facts of the VM recorded in the runtime.
+struct Facts {
+    qemu_uid: Option<u32>,
+    accel: &'static str,
+    nested: bool,
+}
+
+/// The VM from its relay to its end: wait for the guest's sshd, report
+/// ready, then run until asked to stop or the VM goes down. An error
+/// return leaves the teardown to the caller (`Vm::fail`).
+fn serve(
+    inst: &Instance,
+    vm: &mut Vm,
+    signals: &mut Signals,
+    on_ready: &mut dyn FnMut(&Running) -> Result<(), String>,
+    boot: &Boot,
+) -> Result<Ended, BackendError> {
+    fault::point("microvm-relay")?;
+    // The relay: the sandbox's Unix socket to the forwarded port.
+    let relay_log = plumbing::open_log(&inst.log_dir().join("relay.log"))?;
+    vm.relay = Some(plumbing::start_relay(
+        &inst.socket,
+        &relay_log,
+        ([127, 0, 0, 1], vm.port).into(),
+        || Ok(()),
+    )?);
+    fault::point("microvm-boot")?;
+
+    let started = Instant::now();
+    loop {
+        if vm.qemu.try_reap() {
+            return Err(BackendError::Failed(format!(
+                "QEMU exited while the guest booted:\n  {}\n  boot log:\n  {}",
+                plumbing::tail(boot.qemu_log, 5),
+                plumbing::tail(boot.boot_log, 8)
+            )));
+        }
+        if plumbing::sshd_answers(&inst.socket) {
+            break;
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            return Err(BackendError::NoAnswer(format!(
+                "the guest's sshd did not answer within {}s; last lines of {}:\n  {}",
+                READY_TIMEOUT.as_secs(),
+                boot.boot_log.display(),
+                plumbing::tail(boot.boot_log, 8)
+            )));
+        }
+        if let Wake::Stop(_) = signals.wait(Duration::from_millis(100)) {
+            vm.teardown(signals, StopRequest::Force)?;
+            return Ok(Ended::Stopped);
+        }
+    }
+    tracing::info!(elapsed = ?started.elapsed(), "guest sshd answered");
+
+    let mut runtime = BTreeMap::new();
+    for c in vm.children() {
+        if let Some(id) = ProcessId::of(c.pid().as_raw()) {
+            runtime.insert(c.name().to_string(), serde_json::json!(id));
+        }
+    }
+    runtime.insert("ssh_port".into(), serde_json::json!(vm.port));
+    if let Some(uid) = boot.facts.qemu_uid {
+        runtime.insert("qemu_uid".into(), serde_json::json!(uid));
+    }
+    runtime.insert("accel".into(), serde_json::json!(boot.facts.accel));
+    runtime.insert("nested".into(), serde_json::json!(boot.facts.nested));
+    runtime.insert(
+        "boot_seconds".into(),
+        serde_json::json!(started.elapsed().as_secs_f64()),
+    );
+    // For `reap` after a supervisor that died: it gets no registry.
+    let record = boot.run_dir.join("runtime.json");
+    fs::write(
+        &record,
+        serde_json::to_string(&runtime).map_err(|e| BackendError::Failed(e.to_string()))?,
+    )
+    .map_err(BackendError::io(record.display().to_string()))?;
+    on_ready(&Running {
+        runtime,
+        notes: boot.notes.clone(),
+    })
+    .map_err(BackendError::Failed)?;
+
+    loop {
+        match signals.wait(Duration::from_secs(5)) {
+            Wake::Stop(kind) => {
+                vm.teardown(signals, kind)?;
+                if !inst.settings.persist {
+                    if let Err(e) = fs::remove_file(boot.disk) {
+                        tracing::warn!(
+                            "cannot remove the discarded disk {}: {e}",
+                            boot.disk.display()
+                        );
+                    }
+                }
+                return Ok(Ended::Stopped);
+            }
+            Wake::Child | Wake::Timeout => {
+                let gone = vm.children().find_map(|c| c.try_reap().then(|| c.name()));
+                if let Some(name) = gone {
+                    vm.teardown(signals, StopRequest::Force)?;
+                    return Ok(Ended::Exited(if name == "qemu" {
+                        "the virtual machine powered off".into()
+                    } else {
+                        format!("helper process {name} exited")
+                    }));
+                }
+            }
+        }
+    }
+}
+
 /// Kill the processes recorded in a runtime map, if they are still the
 /// same processes.
 pub fn kill_recorded(runtime: &BTreeMap<String, serde_json::Value>) {
@@ -1011,35 +1025,14 @@ pub fn kill_recorded(runtime: &BTreeMap<String, serde_json::Value>) {
         let Some(id) = runtime_pid(runtime, key) else {
             continue;
         };
-        let Ok(fd) = proc::pidfd_open(id.pid) else {
+        let Ok(fd) = keystone_process::pidfd_open(id.pid) else {
             continue;
         };
         // The pidfd pins the process; check it is the recorded one.
         if id.is_alive() {
-            let _ = proc::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL);
+            let _ = keystone_process::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL);
         }
     }
-}
-
-fn probe(socket: &Path) -> bool {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
-}
-
-fn relay_child(listener: std::os::unix::net::UnixListener, port: u16) -> ! {
-    // SAFETY: prctl only sets a flag on this task.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let _ = nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0));
-    crate::signals::unblock_all();
-    if let Err(e) = keystone_channel::bridge::serve_relay(listener, ([127, 0, 0, 1], port).into()) {
-        eprintln!("keystone relay: {e}");
-    }
-    // SAFETY: _exit in a forked child.
-    unsafe { libc::_exit(1) }
 }
 
 /// Whether the recorded QEMU of a sandbox is alive.
@@ -1051,12 +1044,6 @@ pub fn qemu_alive(runtime: &BTreeMap<String, serde_json::Value>) -> bool {
 mod tests {
     use super::accel::Accel;
     use super::*;
-
-    #[test]
-    fn resolv_conf_drops_loopback_resolvers_and_is_empty_offline() {
-        assert_eq!(resolv_conf("none"), "");
-        assert!(!resolv_conf("nat").contains("127."));
-    }
 
     #[test]
     fn accel_is_a_tcg_or_kvm_line() {

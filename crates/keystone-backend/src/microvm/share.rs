@@ -27,9 +27,9 @@
 //! choice, a guest-local `.git` over the host's brought home by `sync`,
 //! would give back the clone's workflow the share exists to avoid.)
 
-use super::proc::{self, Child};
 use super::view::View;
 use crate::{BackendError, Instance};
+use keystone_process::{Spawn, Supervised};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -105,7 +105,7 @@ pub fn daemon_args(project: &Path, socket: &Path, owner: (u32, u32), as_root: bo
 
 /// Start virtiofsd for the project and wait for its socket, which must
 /// exist before QEMU connects to it.
-pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, BackendError> {
+pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Supervised, BackendError> {
     let _ = fs::remove_file(socket);
     let meta = fs::metadata(&inst.project)
         .map_err(BackendError::io(inst.project.display().to_string()))?;
@@ -132,7 +132,7 @@ pub fn spawn(inst: &Instance, daemon: &Path, socket: &Path) -> Result<Child, Bac
     // Read-only `.git` and `.keystone`: in a mount namespace of its own
     // (root), in a user namespace mapping only the user (a user).
     protect.apply(&mut cmd);
-    let mut child = proc::spawn("virtiofsd", cmd, &[])?;
+    let mut child = Spawn::new("virtiofsd", cmd).start()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if child.try_reap() || Instant::now() > deadline {

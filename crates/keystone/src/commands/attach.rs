@@ -4,7 +4,7 @@
 use crate::cli::AttachArgs;
 use crate::context::Ctx;
 use crate::error::{CliError, Result};
-use crate::session::Multiplexer;
+use crate::session::Scripts as _;
 use keystone_channel::{Channel, ExecOptions};
 use keystone_registry::Sandbox;
 use std::io::IsTerminal;
@@ -29,7 +29,7 @@ pub fn run(args: AttachArgs) -> Result<i32> {
 pub fn session_command(channel: &Channel, sb: &Sandbox, worktree: &str) -> Result<Command> {
     let session = crate::commands::worktree::session(sb, worktree);
     let script =
-        Multiplexer::of(sb).attach_script(&session, &crate::commands::worktree::dir(worktree));
+        crate::session::of(sb).attach_script(&session, &crate::commands::worktree::dir(worktree));
     Ok(channel.command(
         &script,
         &ExecOptions {

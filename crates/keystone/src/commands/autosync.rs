@@ -31,7 +31,7 @@ pub fn run(name: &str) -> Result<i32> {
         if sb.state != State::Running {
             return Ok(0);
         }
-        if sb.settings.sync_mode == "auto-idle" {
+        if sb.settings.sync_mode == keystone_registry::SyncMode::AutoIdle {
             let idle = crate::context::load_config(Some(&sb.project_path), Vec::new())
                 .map(|c| c.config.defaults.sync_idle_seconds)
                 .unwrap_or(30);

@@ -5,6 +5,7 @@ use crate::context::{backend_for, load_config, Ctx};
 use crate::credentials;
 use crate::detached::{self, Verdict};
 use crate::error::{CliError, Exit, Result};
+use crate::session::Scripts as _;
 use crate::{commands, ui};
 use keystone_config::Flag;
 use keystone_registry::{derive_name, validate_name, ProcessId, Sandbox, Settings, State};
@@ -145,14 +146,14 @@ use one or the other",
         vcpus: cfg.defaults.vcpus,
         disk_gb: cfg.defaults.disk,
         nested_virt: cfg.defaults.nested_virt,
-        network: cfg.defaults.network.to_string(),
-        sync_mode: cfg.defaults.sync_mode.to_string(),
+        network: cfg.defaults.network,
+        sync_mode: cfg.defaults.sync_mode,
         persist: cfg.defaults.persist,
         image: recipe.id(),
-        workspace: cfg.backend.microvm.workspace.to_string(),
-        share_proto: cfg.backend.microvm.share_proto.to_string(),
+        workspace: cfg.backend.microvm.workspace,
+        share_proto: cfg.backend.microvm.share_proto,
         bridge: cfg.backend.microvm.bridge.clone(),
-        multiplexer: cfg.session.multiplexer.to_string(),
+        multiplexer: cfg.session.multiplexer,
         kubernetes: (backend_kind == "kubernetes").then(|| kube_settings(cfg, &recipe.id())),
     };
 
@@ -367,8 +368,7 @@ fn start_agent(
 ) -> Result<()> {
     let session = commands::worktree::session(sandbox, "main");
     let command = format!("{}; exec bash", agent.command());
-    let script =
-        crate::session::Multiplexer::of(sandbox).run_in_script(&session, "/workspace", &command);
+    let script = crate::session::of(sandbox).run_in_script(&session, "/workspace", &command);
     channel
         .run_ok(
             &script,

@@ -68,10 +68,11 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         uptime_seconds: sb.uptime(),
         memory_mb: sb.settings.memory_mb,
         vcpus: sb.settings.vcpus,
-        network: sb.settings.network.clone(),
-        bridge: (sb.settings.network == "bridge").then(|| sb.settings.bridge.clone()),
-        workspace: sb.settings.workspace.clone(),
-        sync_mode: sb.settings.sync_mode.clone(),
+        network: sb.settings.network.to_string(),
+        bridge: (sb.settings.network == keystone_registry::NetworkMode::Bridge)
+            .then(|| sb.settings.bridge.clone()),
+        workspace: sb.settings.workspace.to_string(),
+        sync_mode: sb.settings.sync_mode.to_string(),
         image: sb.settings.image.clone(),
         memory_used_bytes: usage
             .as_ref()

@@ -36,7 +36,7 @@ fn supervise(name: &str, ready_pipe: &mut ReadyPipe) -> Result<i32> {
     let backend = backend_for(&sandbox.backend)?;
     let inst = ctx.instance(&sandbox)?;
     let registry = &ctx.registry;
-    let mut autosync_child: Option<std::process::Child> = None;
+    let mut autosync_child: Option<keystone_process::Supervised> = None;
     let mut on_ready = |running: &keystone_backend::Running| -> std::result::Result<(), String> {
         registry
             .update_one(name, |sb| {
@@ -47,17 +47,21 @@ fn supervise(name: &str, ready_pipe: &mut ReadyPipe) -> Result<i32> {
                 Ok::<_, CliError>(())
             })
             .map_err(|e| e.to_string())?;
-        ready_pipe.ready();
-        if sandbox.settings.sync_mode != "manual" {
-            autosync_child = spawn_autosync(name).map_err(|e| e.to_string()).ok();
+        if sandbox.settings.sync_mode != keystone_registry::SyncMode::Manual {
+            // A sandbox whose automatic sync cannot run must not look as
+            // if it had one: the start fails, saying why.
+            autosync_child =
+                Some(spawn_autosync(name).map_err(|e| format!("automatic sync: {e}"))?);
         }
+        ready_pipe.ready();
         Ok(())
     };
     let ended = backend.run(&inst, &mut on_ready);
-    if let Some(mut child) = autosync_child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
+    if ended.is_err() {
+        keystone_backend::fault::hold_after_failure();
     }
+    // Stopped and reaped with its process group.
+    drop(autosync_child.take());
     let (state, error) = match &ended {
         Ok(Ended::Stopped) => (State::Stopped, None),
         Ok(Ended::Exited(why)) => (State::Error, Some(why.clone())),
@@ -85,23 +89,15 @@ fn supervise(name: &str, ready_pipe: &mut ReadyPipe) -> Result<i32> {
 }
 
 /// The automatic sync runs beside the supervisor, as its child: it dies
-/// with it (PDEATHSIG), so it runs exactly while the sandbox runs, whether
-/// or not any CLI is open.
-fn spawn_autosync(name: &str) -> std::io::Result<std::process::Child> {
-    use std::os::unix::process::CommandExt;
+/// with it (a checked death signal), so it runs exactly while the sandbox
+/// runs, whether or not any CLI is open.
+fn spawn_autosync(name: &str) -> std::io::Result<keystone_process::Supervised> {
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__autosync")
         .arg(name)
         .stdin(std::process::Stdio::null());
-    // SAFETY: runs in the forked child before exec; prctl and sigprocmask
-    // are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            keystone_backend::unblock_all();
-            Ok(())
-        });
-    }
-    cmd.spawn()
+    keystone_process::Spawn::new("autosync", cmd)
+        .start()
+        .map_err(|e| std::io::Error::new(e.source.kind(), e.to_string()))
 }

@@ -6,7 +6,7 @@
 use crate::cli::Worktree;
 use crate::context::Ctx;
 use crate::error::{CliError, Result};
-use crate::session::Multiplexer;
+use crate::session::Scripts as _;
 use keystone_channel::{Channel, ExecOptions};
 use keystone_registry::Sandbox;
 use serde::Serialize;
@@ -151,7 +151,7 @@ use `git worktree` on the host, or start the sandbox without --share",
             let sb = ctx.resolve(sandbox.as_deref())?;
             ctx.require_running(&sb)?;
             let channel = ctx.channel(&sb)?;
-            let mux = Multiplexer::of(&sb);
+            let mux = crate::session::of(&sb);
             let out = channel.run_ok(
                 &format!(
                     "git worktree list --porcelain; echo '#sessions'; {}",
@@ -257,7 +257,7 @@ use `git worktree` on the host, or start the sandbox without --share",
             }
             let script = format!(
                 "{}; git worktree remove {} {}",
-                Multiplexer::of(&sb).kill_script(&session(&sb, &branch)),
+                crate::session::of(&sb).kill_script(&session(&sb, &branch)),
                 if force { "--force" } else { "" },
                 q(&path)
             );

@@ -23,6 +23,7 @@ mod pty;
 
 use crate::context::Ctx;
 use crate::error::{CliError, Result};
+use crate::session::Scripts as _;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -365,8 +366,8 @@ fn open_browser(url: &str) -> bool {
 /// Serves the worktree's session until Ctrl-C.
 pub fn serve(_ctx: &Ctx, sb: &Sandbox, worktree: &str, channel: Channel) -> Result<i32> {
     let session = crate::commands::worktree::session(sb, worktree);
-    let mux = crate::session::Multiplexer::of(sb).name();
-    let mux_keys = crate::session::Multiplexer::of(sb);
+    let mux = crate::session::of(sb).name();
+    let mux_keys = crate::session::of(sb);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

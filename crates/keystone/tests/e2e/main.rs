@@ -7,6 +7,7 @@ mod attack;
 mod bridge_share;
 mod harness;
 mod kubernetes;
+mod leaks;
 mod proxy;
 mod scenarios;
 mod sync_matrix;
@@ -98,6 +99,13 @@ macro_rules! backend_suite {
             #[test]
             fn submodules() {
                 scenarios::submodules(Host::new($backend, concat!("sub-", $backend)));
+            }
+            #[test]
+            fn fault_points_leave_nothing() {
+                crate::leaks::fault_points(
+                    Host::new($backend, concat!("leak-", $backend)),
+                    crate::leaks::points($backend),
+                );
             }
             #[test]
             fn destroy_guards() {
