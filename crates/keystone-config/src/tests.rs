@@ -386,6 +386,20 @@ fn line_column_is_one_based_and_counts_characters() {
 }
 
 #[test]
+fn hypervisors_other_than_qemu_are_refused_where_they_are_set() {
+    for name in ["firecracker", "cloud-hypervisor"] {
+        let (message, path) = file_error(&format!("[backend.microvm]\nhypervisor = \"{name}\"\n"));
+        assert!(
+            message.starts_with(&format!("{}:2:", path.display()))
+                && message.contains(&format!(
+                    "\"{name}\" is not supported: keystone runs microVMs on QEMU only"
+                )),
+            "{message}"
+        );
+    }
+}
+
+#[test]
 fn syntax_error_reports_path_line_column() {
     let (message, path) = file_error("[defaults]\nmemory = 4096\nvcpus = = 2\n");
     let prefix = format!("{}:3:9: invalid TOML: ", path.display());
@@ -1005,7 +1019,7 @@ fn every_validation_rule_accepts_and_rejects() {
         ),
         (
             "backend.microvm.hypervisor",
-            &["qemu", "firecracker", "cloud-hypervisor"],
+            &["qemu"],
             &["kvm"],
             "one of: qemu, firecracker, cloud-hypervisor",
         ),
@@ -1303,7 +1317,7 @@ fn rendered_entries_load_back_to_the_same_config() {
         Flag::new("defaults.artifacts", "--x", "dist"),
         Flag::new("defaults.strict", "--strict", "true"),
         Flag::new("backend.type", "--backend", "container"),
-        Flag::new("backend.microvm.hypervisor", "--x", "firecracker"),
+        Flag::new("backend.microvm.hypervisor", "--x", "qemu"),
         Flag::new("backend.microvm.share_proto", "--x", "9p"),
         Flag::new("backend.microvm.workspace", "--x", "share"),
         Flag::new("backend.microvm.bridge", "--x", "br0"),

@@ -63,6 +63,12 @@ pub struct Settings {
     /// before it existed were tmux.
     #[serde(default = "default_multiplexer")]
     pub multiplexer: Multiplexer,
+    /// `backend.microvm.kernel` and `.initrd`: host files booted in place
+    /// of the image's kernel (and with an initrd), frozen at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
     /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubeSettings>,
@@ -470,6 +476,8 @@ mod tests {
             share_proto: ShareProto::Virtiofs,
             bridge: String::new(),
             multiplexer: Multiplexer::Tmux,
+            kernel: None,
+            initrd: None,
         }
     }
 

@@ -601,6 +601,19 @@ impl Backend for MicrovmBackend {
             }
         }
         share::daemon_for(inst)?;
+        for (key, file) in [
+            ("backend.microvm.kernel", &inst.settings.kernel),
+            ("backend.microvm.initrd", &inst.settings.initrd),
+        ] {
+            if let Some(path) = file {
+                fs::File::open(path).map_err(|e| {
+                    BackendError::Failed(format!(
+                        "{key} = {}: cannot read it ({e}); set a readable file or \"\" for the image's own",
+                        path.display()
+                    ))
+                })?;
+            }
+        }
         let art = Artifacts::of(inst);
         if !art.complete() {
             Self::build_artifacts(inst, &art, progress)?;
@@ -670,7 +683,7 @@ impl Backend for MicrovmBackend {
         // What QEMU reads and writes, opened here (see `qemu::Fds`).
         let open_ro =
             |p: &Path| fs::File::open(p).map_err(BackendError::io(p.display().to_string()));
-        let kernel_file = open_ro(&art.kernel())?;
+        let (kernel_file, initrd_file) = boot_files(inst, &art, &run_dir)?;
         let base_file = open_ro(&art.rootfs())?;
         let disk_file = fs::OpenOptions::new()
             .read(true)
@@ -731,6 +744,7 @@ impl Backend for MicrovmBackend {
             };
             let fds = qemu::Fds {
                 kernel: kernel_file.as_raw_fd(),
+                initrd: initrd_file.as_ref().map(|f| f.as_raw_fd()),
                 base: base_file.as_raw_fd(),
                 disk: disk_file.as_raw_fd(),
                 config: config_file.as_raw_fd(),
@@ -893,6 +907,44 @@ impl Backend for MicrovmBackend {
             disk_bytes,
         }
     }
+}
+
+/// The kernel QEMU boots (the image's, or `backend.microvm.kernel`) and
+/// the optional `backend.microvm.initrd`, opened for QEMU. A user's file
+/// is copied into the run directory first, world-readable: QEMU reopens
+/// its descriptor through /proc/self/fd, which checks the file's own
+/// mode against QEMU's id (its own, see `jail`), and the copy also
+/// freezes what this boot uses.
+fn boot_files(
+    inst: &Instance,
+    art: &Artifacts,
+    run_dir: &Path,
+) -> Result<(fs::File, Option<fs::File>), BackendError> {
+    let open = |user: &Option<PathBuf>, name: &str, image: Option<PathBuf>| {
+        let path = match (user, image) {
+            (Some(user), _) => {
+                let copy = run_dir.join(name);
+                let _ = fs::remove_file(&copy);
+                fs::copy(user, &copy).map_err(BackendError::io(format!(
+                    "copy {} to {}",
+                    user.display(),
+                    copy.display()
+                )))?;
+                fs::set_permissions(&copy, fs::Permissions::from_mode(0o644))
+                    .map_err(BackendError::io(copy.display().to_string()))?;
+                copy
+            }
+            (None, Some(image)) => image,
+            (None, None) => return Ok(None),
+        };
+        fs::File::open(&path)
+            .map(Some)
+            .map_err(BackendError::io(path.display().to_string()))
+    };
+    let kernel = open(&inst.settings.kernel, "kernel", Some(art.kernel()))?
+        .ok_or_else(|| BackendError::Failed("no kernel to boot".into()))?;
+    let initrd = open(&inst.settings.initrd, "initrd", None)?;
+    Ok((kernel, initrd))
 }
 
 /// What `serve` reports and records about the boot.

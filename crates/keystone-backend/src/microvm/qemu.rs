@@ -44,6 +44,8 @@ pub struct Fds {
     /// The guest kernel, read-only (reopened as `/proc/self/fd/N`: QEMU
     /// reads `-kernel` with plain `fopen`).
     pub kernel: RawFd,
+    /// `backend.microvm.initrd`, read-only, reopened like the kernel.
+    pub initrd: Option<RawFd>,
     /// The image's ext4, read-only: the root disk's backing file.
     pub base: RawFd,
     /// The sandbox's qcow2 overlay, read-write.
@@ -69,6 +71,7 @@ impl Fds {
             self.console,
             self.qmp,
         ];
+        v.extend(self.initrd);
         v.extend(self.share);
         v
     }
@@ -181,6 +184,9 @@ impl VmSpec {
             push(&["-add-fd", &format!("fd={fd},set={set}")]);
         }
         push(&["-kernel", &format!("/proc/self/fd/{}", f.kernel)]);
+        if let Some(initrd) = f.initrd {
+            push(&["-initrd", &format!("/proc/self/fd/{initrd}")]);
+        }
         push(&["-append", &kernel_cmdline()]);
         // The root is the only NVMe drive (nvme0n1, mounted by the kernel);
         // the configuration the only virtio disk (vda, read by the init).
@@ -262,6 +268,7 @@ mod tests {
             bios: None,
             fds: Fds {
                 kernel: 10,
+                initrd: None,
                 base: 11,
                 disk: 12,
                 config: 13,

@@ -154,6 +154,10 @@ use one or the other",
         share_proto: cfg.backend.microvm.share_proto,
         bridge: cfg.backend.microvm.bridge.clone(),
         multiplexer: cfg.session.multiplexer,
+        kernel: (!cfg.backend.microvm.kernel.is_empty())
+            .then(|| std::path::PathBuf::from(&cfg.backend.microvm.kernel)),
+        initrd: (!cfg.backend.microvm.initrd.is_empty())
+            .then(|| std::path::PathBuf::from(&cfg.backend.microvm.initrd)),
         kubernetes: (backend_kind == "kubernetes").then(|| kube_settings(cfg, &recipe.id())),
     };
 

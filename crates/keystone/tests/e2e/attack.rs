@@ -755,6 +755,57 @@ pub fn qemu_holds_no_host_powers(h: Host) {
         !out.contains(&h.name()),
         "QEMU's view lists the sandboxes:\n{out}"
     );
+    // A kernel and initrd of the user's own (backend.microvm.kernel,
+    // .initrd), readable by root alone: QEMU, on its own id, boots them
+    // from copies the supervisor made, by descriptor.
+    h.ks(&["stop"]).ok();
+    let image = rec["settings"]["image"].as_str().expect("image id");
+    let own = h.tmp.path().join("own-boot");
+    std::fs::create_dir_all(&own).expect("mkdir");
+    let kernel = own.join("vmlinuz");
+    std::fs::copy(
+        h.cache.join(format!("keystone/microvm/{image}/vmlinuz")),
+        &kernel,
+    )
+    .expect("copy the image's kernel");
+    // An initramfs with nothing in it (the newc trailer alone): the
+    // kernel unpacks it, finds no /init and mounts root= as before.
+    let initrd = own.join("initrd.cpio");
+    std::fs::write(&initrd, empty_newc_archive()).expect("initrd");
+    for f in [&kernel, &initrd] {
+        std::fs::set_permissions(f, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+    }
+    let config = h.tmp.path().join("config/keystone/agent.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    h.write(
+        &config,
+        &text.replace(
+            "[backend]\n",
+            &format!(
+                "[backend.microvm]\nkernel = \"{}\"\ninitrd = \"{}\"\n\n[backend]\n",
+                kernel.display(),
+                initrd.display()
+            ),
+        ),
+    );
+    h.start(&[]).ok();
+    let rec = h.record(&h.name()).expect("record");
+    let pid = rec["runtime"]["qemu"]["pid"].as_i64().expect("qemu pid");
+    let targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("qemu fds")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    let run = sandbox_dir.join("run");
+    for name in ["kernel", "initrd"] {
+        let want = run.join(name).display().to_string();
+        assert!(targets.contains(&want), "QEMU holds no {want}: {targets:?}");
+    }
+    let dmesg = h.sh("sudo -n dmesg | grep -ci 'initrd' || true");
+    assert_ne!(dmesg.trim(), "0", "the guest kernel saw no initrd");
+
     // The sandbox works under the drop: a commit comes home.
     h.sh(
         "cd /workspace && echo jailed > jailed.txt && git add jailed.txt && git commit -qm jailed",
@@ -764,4 +815,25 @@ pub fn qemu_holds_no_host_powers(h: Host) {
         std::fs::read_to_string(h.project.join("jailed.txt")).expect("synced"),
         "jailed\n"
     );
+}
+
+/// A cpio archive in the kernel's "newc" format holding no file: its
+/// trailer entry alone, padded to a multiple of 4 bytes.
+fn empty_newc_archive() -> Vec<u8> {
+    let name = b"TRAILER!!!\0";
+    let mut out = b"070701".to_vec();
+    // ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
+    // rdevmajor, rdevminor, namesize, check
+    for field in [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, name.len(), 0] {
+        out.extend(format!("{field:08X}").bytes());
+    }
+    out.extend_from_slice(name);
+    while !out.len().is_multiple_of(4) {
+        out.push(0);
+    }
+    // Block-align like cpio does (the kernel does not need it).
+    while !out.len().is_multiple_of(512) {
+        out.push(0);
+    }
+    out
 }
