@@ -70,6 +70,42 @@ pub struct Running {
     pub notes: Vec<String>,
 }
 
+impl Running {
+    /// A backend's typed runtime record, as the registry keeps it.
+    pub fn new<T: Serialize>(record: &T, notes: Vec<String>) -> Result<Running, BackendError> {
+        Ok(Running {
+            runtime: record_to_map(record)?,
+            notes,
+        })
+    }
+}
+
+/// A typed runtime record as a JSON object.
+pub(crate) fn record_to_map<T: Serialize>(
+    record: &T,
+) -> Result<BTreeMap<String, serde_json::Value>, BackendError> {
+    match serde_json::to_value(record) {
+        Ok(serde_json::Value::Object(m)) => Ok(m.into_iter().collect()),
+        Ok(other) => Err(BackendError::Failed(format!(
+            "a runtime record must be an object, not {other}"
+        ))),
+        Err(e) => Err(BackendError::Failed(format!("runtime record: {e}"))),
+    }
+}
+
+/// The typed runtime record back from the registry's JSON (keys of other
+/// layers, e.g. the supervisor's notes, are ignored); `None` when it is
+/// not one (an older or another backend's record).
+pub(crate) fn record_from_map<T: serde::de::DeserializeOwned>(
+    runtime: &BTreeMap<String, serde_json::Value>,
+) -> Option<T> {
+    let object: serde_json::Map<String, serde_json::Value> = runtime
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(object)).ok()
+}
+
 /// How a sandbox ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ended {

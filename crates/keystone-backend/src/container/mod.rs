@@ -169,10 +169,16 @@ fn copy_guest_keys(map: &IdMap, from: &Path, dest: &Path) -> Result<PathBuf, Bac
     Ok(dest.to_path_buf())
 }
 
-fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
-    runtime
-        .get(key)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+/// What the registry keeps about a running container sandbox.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct ContainerRuntime {
+    /// G, the sandbox's PID 1.
+    #[serde(default)]
+    init: Option<ProcessId>,
+    cgroup: Cgroup,
+    /// The relay, pasta, the DHCP client.
+    #[serde(default)]
+    helpers: Vec<ProcessId>,
 }
 
 impl Backend for ContainerBackend {
@@ -408,18 +414,20 @@ impl Backend for ContainerBackend {
             Err(e) => return Err(guard.fail(&mut signals, e)),
         };
 
-        let mut runtime = BTreeMap::new();
-        if let Some(id) = ProcessId::of(g.as_raw()) {
-            runtime.insert("init".into(), serde_json::json!(id));
-        }
-        runtime.insert("cgroup".into(), serde_json::json!(cg));
-        let helpers: Vec<_> = guard
-            .helpers
-            .iter()
-            .filter_map(|p| ProcessId::of(p.pid().as_raw()))
-            .collect();
-        runtime.insert("helpers".into(), serde_json::json!(helpers));
-        if let Err(e) = on_ready(&Running { runtime, notes }) {
+        let record = ContainerRuntime {
+            init: ProcessId::of(g.as_raw()),
+            cgroup: cg.clone(),
+            helpers: guard
+                .helpers
+                .iter()
+                .filter_map(|p| ProcessId::of(p.pid().as_raw()))
+                .collect(),
+        };
+        let running = match Running::new(&record, notes) {
+            Ok(r) => r,
+            Err(e) => return Err(guard.fail(&mut signals, e)),
+        };
+        if let Err(e) = on_ready(&running) {
             return Err(guard.fail(&mut signals, BackendError::Failed(e)));
         }
 
@@ -486,20 +494,13 @@ impl Backend for ContainerBackend {
     }
 
     fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage {
-        let memory_bytes = runtime
-            .get("cgroup")
-            .and_then(|v| serde_json::from_value::<Cgroup>(v.clone()).ok())
-            .and_then(|cg| cg.memory_bytes());
+        let memory_bytes = crate::record_from_map::<ContainerRuntime>(runtime)
+            .and_then(|r| r.cgroup.memory_bytes());
         Usage {
             memory_bytes,
             disk_bytes: layer::used_bytes(inst),
         }
     }
-}
-
-/// Whether a process's init is still alive, from the recorded runtime.
-pub fn init_alive(runtime: &BTreeMap<String, serde_json::Value>) -> bool {
-    runtime_pid(runtime, "init").is_some_and(|p| p.is_alive())
 }
 
 /// Start-up after C exists: its cgroup and id maps, G, the relay, the

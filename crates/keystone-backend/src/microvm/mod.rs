@@ -446,10 +446,34 @@ const CONFIG_FILES: [&str; 6] = [
     "workspace",
 ];
 
-fn runtime_pid(runtime: &BTreeMap<String, serde_json::Value>, key: &str) -> Option<ProcessId> {
-    runtime
-        .get(key)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+/// What the registry (and `run/runtime.json`, for `reap` after a
+/// supervisor that died) keeps about a running microVM.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct MicrovmRuntime {
+    qemu: Option<ProcessId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    passt: Option<ProcessId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    virtiofsd: Option<ProcessId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay: Option<ProcessId>,
+    /// The user-mode forward of the guest's sshd on 127.0.0.1.
+    ssh_port: u16,
+    /// QEMU's own uid (`jail`), when run by root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    qemu_uid: Option<u32>,
+    /// "kvm" or "tcg".
+    accel: String,
+    nested: bool,
+    boot_seconds: f64,
+}
+
+impl MicrovmRuntime {
+    fn processes(&self) -> impl Iterator<Item = &ProcessId> {
+        [&self.qemu, &self.passt, &self.virtiofsd, &self.relay]
+            .into_iter()
+            .flatten()
+    }
 }
 
 /// Everything the supervisor runs for one VM, torn down together.
@@ -865,10 +889,11 @@ impl Backend for MicrovmBackend {
         // PDEATHSIG has taken QEMU, passt and the relay down with the
         // supervisor; make sure through the recorded identities (PID and
         // start time, then a pidfd, so a reused PID is never signalled).
-        if let Ok(sb) = fs::read_to_string(inst.dir.join("run/runtime.json")) {
-            let runtime: BTreeMap<String, serde_json::Value> =
-                serde_json::from_str(&sb).unwrap_or_default();
-            kill_recorded(&runtime);
+        if let Some(record) = fs::read_to_string(inst.dir.join("run/runtime.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<MicrovmRuntime>(&text).ok())
+        {
+            kill_recorded(&record);
         }
         let _ = fs::remove_file(&inst.socket);
         let _ = fs::remove_file(inst.dir.join("run/qmp.sock"));
@@ -886,7 +911,8 @@ impl Backend for MicrovmBackend {
     fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage {
         use std::os::unix::fs::MetadataExt;
         // The guest's memory as the host sees it: QEMU's resident set.
-        let memory_bytes = runtime_pid(runtime, "qemu")
+        let memory_bytes = crate::record_from_map::<MicrovmRuntime>(runtime)
+            .and_then(|r| r.qemu)
             .filter(|p| p.is_alive())
             .and_then(|p| {
                 let status = fs::read_to_string(format!("/proc/{}/status", p.pid)).ok()?;
@@ -1012,34 +1038,26 @@ fn serve(
     }
     tracing::info!(elapsed = ?started.elapsed(), "guest sshd answered");
 
-    let mut runtime = BTreeMap::new();
-    for c in vm.children() {
-        if let Some(id) = ProcessId::of(c.pid().as_raw()) {
-            runtime.insert(c.name().to_string(), serde_json::json!(id));
-        }
-    }
-    runtime.insert("ssh_port".into(), serde_json::json!(vm.port));
-    if let Some(uid) = boot.facts.qemu_uid {
-        runtime.insert("qemu_uid".into(), serde_json::json!(uid));
-    }
-    runtime.insert("accel".into(), serde_json::json!(boot.facts.accel));
-    runtime.insert("nested".into(), serde_json::json!(boot.facts.nested));
-    runtime.insert(
-        "boot_seconds".into(),
-        serde_json::json!(started.elapsed().as_secs_f64()),
-    );
+    let id = |c: Option<&Supervised>| c.and_then(|c| ProcessId::of(c.pid().as_raw()));
+    let record = MicrovmRuntime {
+        qemu: id(Some(&vm.qemu)),
+        passt: id(vm.passt.as_ref()),
+        virtiofsd: id(vm.virtiofsd.as_ref()),
+        relay: id(vm.relay.as_ref()),
+        ssh_port: vm.port,
+        qemu_uid: boot.facts.qemu_uid,
+        accel: boot.facts.accel.to_string(),
+        nested: boot.facts.nested,
+        boot_seconds: started.elapsed().as_secs_f64(),
+    };
     // For `reap` after a supervisor that died: it gets no registry.
-    let record = boot.run_dir.join("runtime.json");
+    let path = boot.run_dir.join("runtime.json");
     fs::write(
-        &record,
-        serde_json::to_string(&runtime).map_err(|e| BackendError::Failed(e.to_string()))?,
+        &path,
+        serde_json::to_string(&record).map_err(|e| BackendError::Failed(e.to_string()))?,
     )
-    .map_err(BackendError::io(record.display().to_string()))?;
-    on_ready(&Running {
-        runtime,
-        notes: boot.notes.clone(),
-    })
-    .map_err(BackendError::Failed)?;
+    .map_err(BackendError::io(path.display().to_string()))?;
+    on_ready(&Running::new(&record, boot.notes.clone())?).map_err(BackendError::Failed)?;
 
     loop {
         match signals.wait(Duration::from_secs(5)) {
@@ -1070,32 +1088,47 @@ fn serve(
     }
 }
 
-/// Kill the processes recorded in a runtime map, if they are still the
-/// same processes.
-pub fn kill_recorded(runtime: &BTreeMap<String, serde_json::Value>) {
-    for key in ["qemu", "passt", "virtiofsd", "relay"] {
-        let Some(id) = runtime_pid(runtime, key) else {
-            continue;
-        };
+/// Kill the processes of a runtime record, if they are still the same
+/// processes.
+fn kill_recorded(record: &MicrovmRuntime) {
+    for id in record.processes() {
         let Ok(fd) = keystone_process::pidfd_open(id.pid) else {
             continue;
         };
         // The pidfd pins the process; check it is the recorded one.
         if id.is_alive() {
-            let _ = keystone_process::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL);
+            if let Err(e) = keystone_process::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL) {
+                tracing::warn!("cannot kill the recorded process {}: {e}", id.pid);
+            }
         }
     }
-}
-
-/// Whether the recorded QEMU of a sandbox is alive.
-pub fn qemu_alive(runtime: &BTreeMap<String, serde_json::Value>) -> bool {
-    runtime_pid(runtime, "qemu").is_some_and(|p| p.is_alive())
 }
 
 #[cfg(test)]
 mod tests {
     use super::accel::Accel;
     use super::*;
+
+    #[test]
+    fn the_runtime_record_reads_back_from_the_registry_map() {
+        let record = MicrovmRuntime {
+            qemu: ProcessId::current(),
+            ssh_port: 41000,
+            accel: "tcg".into(),
+            ..MicrovmRuntime::default()
+        };
+        let mut map = crate::record_to_map(&record).expect("map");
+        assert!(
+            !map.contains_key("passt"),
+            "absent children are not written"
+        );
+        // The supervisor adds its notes beside the backend's keys.
+        map.insert("notes".into(), serde_json::json!(["acceleration: tcg"]));
+        let back: MicrovmRuntime = crate::record_from_map(&map).expect("record");
+        assert_eq!(back.ssh_port, 41000);
+        assert_eq!(back.processes().count(), 1);
+        assert!(crate::record_from_map::<MicrovmRuntime>(&BTreeMap::new()).is_none());
+    }
 
     #[test]
     fn accel_is_a_tcg_or_kvm_line() {
