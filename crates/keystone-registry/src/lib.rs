@@ -22,7 +22,9 @@ pub use name::{derive_name, validate_name, NameError};
 pub use process::ProcessId;
 pub use state::State;
 
-pub use keystone_config::{Multiplexer, NetworkMode, ShareProto, SyncMode, WorkspaceMode};
+pub use keystone_config::{
+    BackendKind, Multiplexer, NetworkMode, ShareProto, SyncMode, WorkspaceMode,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -134,7 +136,7 @@ pub struct Sandbox {
     pub name: String,
     pub project_path: PathBuf,
     pub state: State,
-    pub backend: String,
+    pub backend: BackendKind,
     pub created_at: u64,
     pub started_at: Option<u64>,
     pub stopped_at: Option<u64>,
@@ -158,7 +160,12 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub fn new(name: String, project_path: PathBuf, backend: String, settings: Settings) -> Self {
+    pub fn new(
+        name: String,
+        project_path: PathBuf,
+        backend: BackendKind,
+        settings: Settings,
+    ) -> Self {
         Sandbox {
             id: new_id(),
             name,
@@ -527,7 +534,7 @@ mod tests {
             all.push(Sandbox::new(
                 "a".into(),
                 "/p".into(),
-                "container".into(),
+                BackendKind::Container,
                 settings(),
             ));
             Ok::<_, RegistryError>(())
@@ -545,7 +552,7 @@ mod tests {
             all.push(Sandbox::new(
                 "a".into(),
                 "/p".into(),
-                "container".into(),
+                BackendKind::Container,
                 settings(),
             ));
             Ok::<_, RegistryError>(())
@@ -564,14 +571,15 @@ mod tests {
         let owner = ProcessId::of(child.id() as i32);
         child.wait().expect("wait");
         reg.update(|all| {
-            let mut sb = Sandbox::new("a".into(), "/p".into(), "container".into(), settings());
+            let mut sb = Sandbox::new("a".into(), "/p".into(), BackendKind::Container, settings());
             sb.state = State::Running;
             sb.owner = owner.or(Some(ProcessId {
                 pid: i32::MAX,
                 start_time: 1,
             }));
             all.push(sb);
-            let mut live = Sandbox::new("b".into(), "/q".into(), "container".into(), settings());
+            let mut live =
+                Sandbox::new("b".into(), "/q".into(), BackendKind::Container, settings());
             live.state = State::Running;
             live.owner = ProcessId::current();
             all.push(live);
@@ -605,7 +613,7 @@ mod tests {
                             all.push(Sandbox::new(
                                 format!("s{t}-{i}"),
                                 "/p".into(),
-                                "container".into(),
+                                BackendKind::Container,
                                 settings(),
                             ));
                             Ok::<_, RegistryError>(())

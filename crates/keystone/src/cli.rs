@@ -3,11 +3,20 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+/// SPEC.md's exit codes. A command line that does not parse (an unknown
+/// option, a missing argument: clap's message) exits 2 as well: the
+/// contract has no code of its own for it, and 2 is what clap and most
+/// tools use; the message always says which it was.
+pub const EXIT_CODES: &str = "Exit codes: 0 ok; 1 not found; 2 invalid state, or a command line \
+that does not parse; 3 operation failed; 4 requirements missing; 5 cancelled. \
+`exec` passes the command's own status through.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "keystone",
     version,
-    about = "Keystone: isolated sandboxes for AI coding agents"
+    about = "Keystone: isolated sandboxes for AI coding agents",
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     /// More logging (-v info, -vv debug); RUST_LOG overrides.

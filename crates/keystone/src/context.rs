@@ -44,10 +44,8 @@ impl Ctx {
     /// supervisor that died. Every command starts with this.
     pub fn reconcile(&self) -> Result<()> {
         for reaped in self.registry.reconcile()? {
-            if let Ok(backend) = backend_for(&reaped.sandbox.backend) {
-                if let Ok(inst) = self.instance(&reaped.sandbox) {
-                    backend.reap(&inst);
-                }
+            if let Ok(inst) = self.instance(&reaped.sandbox) {
+                backend_for(reaped.sandbox.backend).reap(&inst);
             }
             tracing::info!(sandbox = %reaped.sandbox.name, previous = %reaped.previous, "reconciled a sandbox whose owner died");
         }
@@ -133,12 +131,12 @@ pub fn cache_root() -> Option<PathBuf> {
     keystone_image::ImageStore::default_root().and_then(|p| p.parent().map(Path::to_path_buf))
 }
 
-pub fn backend_for(kind: &str) -> Result<Box<dyn Backend>> {
+pub fn backend_for(kind: keystone_registry::BackendKind) -> Box<dyn Backend> {
+    use keystone_registry::BackendKind;
     match kind {
-        "container" => Ok(Box::new(ContainerBackend)),
-        "microvm" => Ok(Box::new(MicrovmBackend)),
-        "kubernetes" => Ok(Box::new(KubernetesBackend)),
-        other => Err(CliError::failed(format!("unknown backend {other:?}"))),
+        BackendKind::Container => Box::new(ContainerBackend),
+        BackendKind::Microvm => Box::new(MicrovmBackend),
+        BackendKind::Kubernetes => Box::new(KubernetesBackend),
     }
 }
 

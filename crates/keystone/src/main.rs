@@ -35,6 +35,9 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             ui::error(&e.message);
+            for cause in e.causes() {
+                ui::caused_by(&cause);
+            }
             e.code as i32
         }
     };

@@ -56,6 +56,15 @@ pub fn error(msg: impl AsRef<str>) {
     );
 }
 
+/// One cause of the error above it, indented under it (as uv prints them).
+pub fn caused_by(msg: impl AsRef<str>) {
+    eprintln!(
+        "  {} {}",
+        paint("2", "caused by:"),
+        escape_controls(msg.as_ref())
+    );
+}
+
 /// A spinner on a terminal; plain phase lines otherwise.
 pub struct Progress {
     bar: Option<ProgressBar>,

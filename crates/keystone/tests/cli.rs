@@ -476,3 +476,18 @@ fn proxy_status_without_a_proxy_says_how_it_starts() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["running"], false);
 }
+
+#[test]
+fn a_command_line_that_does_not_parse_exits_2_and_help_says_so() {
+    let env = Env::new();
+    let out = env.ks_in(env.tmp.path(), &["agent", "start", "--no-such-option"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("Usage:"), "{}", text(&out));
+    let help = env.ks_in(env.tmp.path(), &["--help"], &[]);
+    assert!(help.status.success());
+    assert!(
+        text(&help).contains("2 invalid state, or a command line that does not parse"),
+        "{}",
+        text(&help)
+    );
+}

@@ -64,7 +64,7 @@ pub fn run(args: DestroyArgs) -> Result<i32> {
     if sb.state == State::Running {
         crate::commands::stop::stop_sandbox(&ctx, &sb, true)?;
     }
-    let backend = backend_for(&sb.backend).ok();
+    let backend = Some(backend_for(sb.backend));
     let inst = ctx.instance(&sb)?;
     if let Some(b) = &backend {
         b.reap(&inst);
@@ -102,7 +102,7 @@ pub fn run(args: DestroyArgs) -> Result<i32> {
     if let Some(g) = &git {
         let _ = keystone_sync::forget(g, &sb.name);
     }
-    if args.keep_disk && sb.backend == "kubernetes" {
+    if args.keep_disk && sb.backend == keystone_registry::BackendKind::Kubernetes {
         let ns = sb
             .settings
             .kubernetes

@@ -85,16 +85,16 @@ pub fn run(args: StartArgs) -> Result<i32> {
     let project = keystone_sync::toplevel(&path)?;
     let effective = load_config(Some(&project), flags(&args))?;
     let cfg = &effective.config;
-    let backend_kind = cfg.backend.kind.to_string();
-    let backend = backend_for(&backend_kind)?;
-    if cfg.backend.microvm.workspace.to_string() == "share" {
-        if backend_kind != "microvm" {
+    let backend_kind = cfg.backend.kind;
+    let backend = backend_for(backend_kind);
+    if cfg.backend.microvm.workspace == keystone_config::WorkspaceMode::Share {
+        if backend_kind != keystone_config::BackendKind::Microvm {
             return Err(CliError::state(format!(
                 "--share (a live share of the project) needs the microvm backend, not {backend_kind}; \
 use --backend microvm, or drop --share to work on a synced clone"
             )));
         }
-        if cfg.defaults.sync_mode.to_string() != "manual" {
+        if cfg.defaults.sync_mode != keystone_config::SyncMode::Manual {
             return Err(CliError::state(format!(
                 "--sync-mode {} syncs a clone, but --share works on the project itself: there is nothing to sync; \
 use one or the other",
@@ -158,7 +158,8 @@ use one or the other",
             .then(|| std::path::PathBuf::from(&cfg.backend.microvm.kernel)),
         initrd: (!cfg.backend.microvm.initrd.is_empty())
             .then(|| std::path::PathBuf::from(&cfg.backend.microvm.initrd)),
-        kubernetes: (backend_kind == "kubernetes").then(|| kube_settings(cfg, &recipe.id())),
+        kubernetes: (backend_kind == keystone_config::BackendKind::Kubernetes)
+            .then(|| kube_settings(cfg, &recipe.id())),
     };
 
     // Claim the sandbox: one `start` wins, any other sees `starting`.
@@ -182,7 +183,7 @@ use one or the other",
             None => {
                 let taken: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
                 let name = args.name.clone().unwrap_or_else(|| derive_name(&project, &taken));
-                all.push(Sandbox::new(name, project.clone(), backend_kind.clone(), settings.clone()));
+                all.push(Sandbox::new(name, project.clone(), backend_kind, settings.clone()));
                 (all.len() - 1, true)
             }
         };
@@ -213,7 +214,7 @@ use one or the other",
                             sb.name, sb.backend
                         )));
                     }
-                    sb.backend = backend_kind.clone();
+                    sb.backend = backend_kind;
                 }
                 sb.transition(State::Starting)?;
                 sb.owner = me;
@@ -341,10 +342,10 @@ use one or the other",
 /// into which it was imported, or a registry it was pushed to).
 fn kube_settings(cfg: &keystone_config::Config, image_id: &str) -> keystone_registry::KubeSettings {
     let k = &cfg.backend.kubernetes;
-    let pull_policy = match k.pull_policy.to_string().as_str() {
-        "always" => "Always",
-        "never" => "Never",
-        _ => "IfNotPresent",
+    let pull_policy = match k.pull_policy {
+        keystone_config::PullPolicy::Always => "Always",
+        keystone_config::PullPolicy::Never => "Never",
+        keystone_config::PullPolicy::IfNotPresent => "IfNotPresent",
     };
     keystone_registry::KubeSettings {
         context: k.context.clone(),
@@ -389,9 +390,9 @@ pub fn recipe_for(
     cfg: &keystone_config::Config,
     store: &keystone_image::ImageStore,
 ) -> keystone_image::Recipe {
-    let profile = match cfg.guest.profile.to_string().as_str() {
-        "minimal" => keystone_image::Profile::Minimal,
-        _ => keystone_image::Profile::Full,
+    let profile = match cfg.guest.profile {
+        keystone_config::Profile::Minimal => keystone_image::Profile::Minimal,
+        keystone_config::Profile::Full => keystone_image::Profile::Full,
     };
     let agents = if profile == keystone_image::Profile::Full {
         let recorded = store.agent_versions();

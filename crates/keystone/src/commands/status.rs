@@ -43,8 +43,8 @@ pub struct StatusView {
 }
 
 pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
-    let usage = match (backend_for(&sb.backend), ctx.instance(sb)) {
-        (Ok(b), Ok(inst)) => Some(b.usage(&inst, &sb.runtime)),
+    let usage = match ctx.instance(sb) {
+        Ok(inst) => Some(backend_for(sb.backend).usage(&inst, &sb.runtime)),
         _ => None,
     };
     let ssh = ctx
@@ -61,7 +61,7 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         name: sb.name.clone(),
         id: sb.id.clone(),
         state: sb.state,
-        backend: sb.backend.clone(),
+        backend: sb.backend.to_string(),
         project: sb.project_path.display().to_string(),
         created_at: sb.created_at,
         started_at: sb.started_at,
@@ -211,7 +211,7 @@ pub fn list(args: ListArgs) -> Result<i32> {
             uptime_seconds: s.uptime(),
             name: s.name,
             state: s.state,
-            backend: s.backend,
+            backend: s.backend.to_string(),
             project: s.project_path.display().to_string(),
         })
         .collect();

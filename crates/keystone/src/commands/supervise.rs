@@ -33,7 +33,7 @@ fn supervise(name: &str, ready_pipe: &mut ReadyPipe) -> Result<i32> {
         sb.owner = me;
         Ok(sb.clone())
     })?;
-    let backend = backend_for(&sandbox.backend)?;
+    let backend = backend_for(sandbox.backend);
     let inst = ctx.instance(&sandbox)?;
     let registry = &ctx.registry;
     let mut autosync_child: Option<keystone_process::Supervised> = None;
