@@ -17,11 +17,21 @@
 //! range, never on the host's ids (see `idmap`); an upper layer made
 //! before that is moved onto the range once, at its next start
 //! (`shift.rs`).
+//!
+//! The pieces: here the `Backend` (prepare: unpack the image; run: the
+//! init's specification, then fork C), `init.rs` (C and G, between fork
+//! and the guest's init), `handshake.rs` (the one channel between the
+//! supervisor and C), `harden.rs` (masks, capabilities, seccomp),
+//! `sandbox.rs` (everything after C exists, and the `Teardown` guard),
+//! `network.rs` (pasta, the bridge), `cgroup.rs`, `layer.rs` (the bounded
+//! disk), `shift.rs` (moving a layer onto the id range).
 
 mod cgroup;
 mod handshake;
 mod harden;
 mod layer;
+mod network;
+mod sandbox;
 pub use crate::idmap;
 mod init;
 mod shift;
@@ -30,24 +40,19 @@ pub use cgroup::version as cgroup_version;
 
 use crate::disk;
 use crate::signals::{Signals, StopRequest, Wake};
-use crate::{
-    fault, plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
-};
+use crate::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use cgroup::Cgroup;
-use handshake::{Msg, Received};
 use idmap::IdMap;
-use keystone_process::{Spawn, Supervised};
+use keystone_process::Supervised;
 use keystone_registry::{NetworkMode, ProcessId};
-use nix::sys::signal::Signal;
-use nix::unistd::Pid;
+use sandbox::{start, ContainerRuntime, Teardown};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long a graceful stop may take before the sandbox is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -167,18 +172,6 @@ fn copy_guest_keys(map: &IdMap, from: &Path, dest: &Path) -> Result<PathBuf, Bac
             .map_err(|e| BackendError::Failed(format!("chown {}: {e}", dest.display())))?;
     }
     Ok(dest.to_path_buf())
-}
-
-/// What the registry keeps about a running container sandbox.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct ContainerRuntime {
-    /// G, the sandbox's PID 1.
-    #[serde(default)]
-    init: Option<ProcessId>,
-    cgroup: Cgroup,
-    /// The relay, pasta, the DHCP client.
-    #[serde(default)]
-    helpers: Vec<ProcessId>,
 }
 
 impl Backend for ContainerBackend {
@@ -501,357 +494,6 @@ impl Backend for ContainerBackend {
             disk_bytes: layer::used_bytes(inst),
         }
     }
-}
-
-/// Start-up after C exists: its cgroup and id maps, G, the relay, the
-/// network, and the wait for the guest's sshd. `None` when asked to stop
-/// meanwhile. An error return leaves the teardown to the caller.
-fn start(
-    inst: &Instance,
-    map: &IdMap,
-    cg: &Cgroup,
-    log: &fs::File,
-    guard: &mut Teardown,
-    signals: &mut Signals,
-) -> Result<Option<Pid>, BackendError> {
-    let c = guard.c.pid();
-    // Limits apply from the very first instruction of the sandbox.
-    cg.add(c.as_raw())
-        .map_err(|e| BackendError::Failed(format!("cannot join cgroup: {e}")))?;
-    match guard.chan.recv() {
-        Received::Msg(Msg::UserNamespace) => {}
-        _ => {
-            return Err(BackendError::Failed(
-                "sandbox process exited before creating its user namespace".into(),
-            ))
-        }
-    }
-    map.apply(c.as_raw())
-        .map_err(|e| BackendError::Failed(format!("cannot map ids: {e}")))?;
-    guard
-        .chan
-        .send(&Msg::IdsMapped)
-        .map_err(BackendError::Failed)?;
-    let g = match guard.chan.recv() {
-        Received::Msg(Msg::Pid1(pid)) => Pid::from_raw(pid),
-        _ => return Err(BackendError::Failed("sandbox failed to start".into())),
-    };
-    guard.g = keystone_process::pidfd_open(g.as_raw()).ok();
-
-    // The relay: bound on the host, then moved into the sandbox's
-    // namespaces through C, so the host needs no port at all.
-    fault::point("container-relay")?;
-    guard.helpers.push(plumbing::start_relay(
-        &inst.socket,
-        log,
-        ([127, 0, 0, 1], SSH_PORT).into(),
-        || enter_sandbox_network(c),
-    )?);
-
-    if inst.settings.network == NetworkMode::Nat {
-        let p = spawn_pasta(c, log, map).map_err(BackendError::Failed)?;
-        let pasta = p.pid();
-        guard.helpers.push(p);
-        // As root, pasta runs on the range's ids, and that change of ids
-        // clears its death signal: in the sandbox's cgroup it goes with
-        // the sandbox however the supervisor ends (teardown, or the reap
-        // after a SIGKILL).
-        if map.is_root() {
-            cg.add(pasta.as_raw())
-                .map_err(|e| BackendError::Failed(format!("pasta: {e}")))?;
-        }
-    }
-    if inst.settings.network == NetworkMode::Bridge {
-        guard
-            .helpers
-            .push(attach_bridge(inst, c, g, log).map_err(BackendError::Failed)?);
-    }
-    fault::point("container-network")?;
-
-    // Ready when the guest's sshd answers through the relay.
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if guard.c.try_reap() {
-            return Err(BackendError::Failed(
-                "the sandbox's init exited during start".into(),
-            ));
-        }
-        if plumbing::sshd_answers(&inst.socket) {
-            return Ok(Some(g));
-        }
-        if Instant::now() > deadline {
-            return Err(BackendError::NoAnswer(format!(
-                "the guest's sshd did not answer within {}s",
-                READY_TIMEOUT.as_secs()
-            )));
-        }
-        if let Wake::Stop(_) = signals.wait(Duration::from_millis(50)) {
-            return Ok(None);
-        }
-    }
-}
-
-/// What the supervisor owns, torn down in order and verified.
-struct Teardown {
-    /// C, the sandbox's first process (G's parent).
-    c: Supervised,
-    /// G, the sandbox's PID 1 (C's child, not ours), by pidfd.
-    g: Option<OwnedFd>,
-    helpers: Vec<Supervised>,
-    cgroup: Cgroup,
-    socket: PathBuf,
-    /// The handshake with C, which also carries what failed inside.
-    chan: handshake::Channel,
-    /// Set once `teardown` has run (whatever its verdict).
-    done: bool,
-}
-
-impl Teardown {
-    /// After `error`: add what the sandbox said about it, tear down
-    /// (unless done), and keep what the teardown left beside the error.
-    fn fail(&mut self, signals: &mut Signals, error: BackendError) -> BackendError {
-        let said = self.chan.pending_failures();
-        let error = if said.is_empty() {
-            error
-        } else {
-            match error {
-                BackendError::Failed(msg) => {
-                    BackendError::Failed(format!("{msg}: {}", said.join("; ")))
-                }
-                other => other,
-            }
-        };
-        if self.done {
-            return error;
-        }
-        match self.teardown(signals, StopRequest::Force) {
-            Ok(()) => error,
-            Err(cleanup) => error.with_cleanup(cleanup),
-        }
-    }
-
-    /// Stop everything, then prove nothing is left.
-    fn teardown(&mut self, signals: &mut Signals, kind: StopRequest) -> Result<(), BackendError> {
-        self.done = true;
-        self.stop(signals, kind);
-        self.verify()
-    }
-
-    fn kill_all(&mut self) {
-        if let Some(g) = &self.g {
-            let _ = keystone_process::pidfd_signal(g, Signal::SIGKILL);
-        }
-        self.c.kill();
-        for mut h in self.helpers.drain(..) {
-            h.kill();
-        }
-    }
-
-    fn stop(&mut self, signals: &mut Signals, kind: StopRequest) {
-        if kind == StopRequest::Graceful && !self.c.reaped() {
-            if let Some(g) = &self.g {
-                // tini forwards this to sshd; when PID 1 exits the kernel
-                // kills the rest of the PID namespace.
-                let _ = keystone_process::pidfd_signal(g, Signal::SIGTERM);
-            }
-            let deadline = Instant::now() + STOP_GRACE;
-            while Instant::now() < deadline {
-                if self.c.wait_exit(Duration::from_millis(100)) {
-                    break;
-                }
-                if let Wake::Stop(StopRequest::Force) = signals.wait(Duration::from_millis(10)) {
-                    break;
-                }
-            }
-        }
-        self.kill_all();
-    }
-
-    /// Check that nothing of the sandbox remains; remove the cgroup.
-    fn verify(&mut self) -> Result<(), BackendError> {
-        let mut left = Vec::new();
-        if let Err(e) = fs::remove_file(&self.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                left.push(format!("the socket {} ({e})", self.socket.display()));
-            }
-        }
-        if let Some(g) = &self.g {
-            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-            let mut fds = [PollFd::new(g.as_fd(), PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::from(5000u16)) != Ok(1) {
-                left.push("the sandbox's PID 1".into());
-            }
-        }
-        if let Err(e) = self.cgroup.destroy() {
-            left.push(e);
-        }
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(BackendError::Leftovers(left))
-        }
-    }
-}
-
-impl Drop for Teardown {
-    /// The backstop for a return that skipped `teardown`.
-    fn drop(&mut self) {
-        if !self.done {
-            self.kill_all();
-            if let Err(e) = self.verify() {
-                eprintln!("keystone: container teardown: {e}");
-            }
-        }
-    }
-}
-
-/// In the relay: join the sandbox's user and network namespaces through
-/// C, which lives in both (G has moved on into the guest's nested user
-/// namespace, where the network namespace is not its own to enter).
-fn enter_sandbox_network(c: Pid) -> Result<(), String> {
-    // Both opened first: once in the sandbox's user namespace, where host
-    // root is no mapped id, C's /proc entries are not ours to open.
-    let open = |ns: &str| {
-        let path = format!("/proc/{c}/ns/{ns}");
-        fs::File::open(&path).map_err(|e| format!("{path}: {e}"))
-    };
-    let (user, net) = (open("user")?, open("net")?);
-    nix::sched::setns(user, nix::sched::CloneFlags::CLONE_NEWUSER)
-        .map_err(|e| format!("setns user: {e}"))?;
-    nix::sched::setns(net, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|e| format!("setns net: {e}"))
-}
-
-/// pasta on the sandbox's network namespace, joined through C (see
-/// [`enter_sandbox_network`]).
-fn spawn_pasta(c: Pid, log: &fs::File, map: &IdMap) -> Result<Supervised, String> {
-    let out = log.try_clone().map_err(|e| e.to_string())?;
-    let err = log.try_clone().map_err(|e| e.to_string())?;
-    let mut cmd = Command::new("pasta");
-    if map.is_root() {
-        // pasta drops to `nobody` when started as root, and nobody may not
-        // join the sandbox's user namespace: it runs as the namespace's
-        // owner, the range's first id (never host root). pasta still
-        // confines itself (its own namespaces and seccomp filter). The
-        // change of ids clears its death signal, so the caller puts it in
-        // the sandbox's cgroup (`--runas 0` would not help: joining a user
-        // namespace root does not own clears the signal as well).
-        let (uid, gid) = map.root_on_host();
-        cmd.args(["--runas", &format!("{uid}:{gid}")]);
-    }
-    // No inbound port forwarding (-t/-u none), no namespace-to-host
-    // forwarding (-T/-U none), and no mapping of the gateway address to
-    // the host's loopback (--no-map-gw): the host's 127.0.0.1 services
-    // stay unreachable from inside.
-    cmd.args([
-        "--config-net",
-        "-f",
-        "-q",
-        "--no-map-gw",
-        "-t",
-        "none",
-        "-u",
-        "none",
-        "-T",
-        "none",
-        "-U",
-        "none",
-    ])
-    .arg(c.to_string())
-    .stdin(Stdio::null())
-    .stdout(out)
-    .stderr(err)
-    .env_clear()
-    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    let mut pasta = Spawn::new("pasta", cmd)
-        .start()
-        .map_err(|e| e.to_string())?;
-    // pasta configures the namespace before it settles; wait for the
-    // interface so the guest has a network when start returns.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Some(status) = pasta.try_wait() {
-            return Err(format!(
-                "pasta exited ({status:?}); see the sandbox's logs/container.log"
-            ));
-        }
-        let routes = fs::read_to_string(format!("/proc/{c}/net/route")).unwrap_or_default();
-        if routes
-            .lines()
-            .skip(1)
-            .any(|l| l.split_whitespace().nth(1) == Some("00000000"))
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(pasta)
-}
-
-/// `--network bridge`: a veth pair, the host end on the bridge and the
-/// other as the sandbox's eth0, then the guest's DHCP client (busybox
-/// `udhcpc` from the image) inside the sandbox's namespaces, as a helper
-/// that dies with the supervisor. The pair goes away with the sandbox's
-/// network namespace: nothing can leak.
-fn attach_bridge(inst: &Instance, c: Pid, g: Pid, log: &fs::File) -> Result<Supervised, String> {
-    let bridge = crate::hostbridge::named_bridge(inst).map_err(|e| e.to_string())?;
-    let host_end = crate::hostbridge::link_name(&inst.id);
-    let g_s = g.to_string();
-    let ip = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    ip(&[
-        "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &g_s,
-    ])?;
-    ip(&["link", "set", "dev", &host_end, "master", &bridge, "up"])?;
-    let mut cmd = Command::new("nsenter");
-    // The guest's mount namespace (the client and the script it runs,
-    // which writes the guest's /etc/resolv.conf, are the image's), PID,
-    // UTS and IPC namespaces, but the sandbox's user namespace, through C:
-    // only its root may configure the network (see `harden`).
-    let ns = |p: Pid, n: &str| {
-        format!(
-            "--{n}=/proc/{p}/ns/{}",
-            if n == "mount" { "mnt" } else { n }
-        )
-    };
-    cmd.args([
-        ns(c, "user"),
-        ns(c, "net"),
-        ns(g, "uts"),
-        ns(g, "ipc"),
-        ns(g, "pid"),
-        ns(g, "mount"),
-    ])
-    .arg("--")
-    .args([
-        "udhcpc",
-        "-f",
-        "-i",
-        "eth0",
-        "-s",
-        "/etc/udhcpc/default.script",
-    ])
-    .stdin(Stdio::null())
-    .stdout(log.try_clone().map_err(|e| e.to_string())?)
-    .stderr(log.try_clone().map_err(|e| e.to_string())?)
-    .env_clear()
-    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    Spawn::new("the DHCP client", cmd)
-        .start()
-        .map_err(|e| e.to_string())
 }
 
 fn kvm_usable() -> bool {

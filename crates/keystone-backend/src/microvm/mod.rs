@@ -28,9 +28,18 @@
 //!   networking always maps 10.0.2.2 to it, so it cannot be the way out.
 //!   A relay process serves the forward on the sandbox's Unix socket, as
 //!   every backend does.
-//! - QEMU, passt and the relay are direct children of the supervisor, each
-//!   in its own process group with PDEATHSIG, addressed through pidfds;
-//!   teardown checks the process groups are empty and the port is free.
+//! - QEMU, passt and the relay are direct children of the supervisor
+//!   (`keystone_process::Supervised`: own process group, checked death
+//!   signal, pidfd, killed with their group on drop); teardown checks the
+//!   process groups are empty and the port is free.
+//!
+//! The pieces: `artifacts.rs` (per image: kernel, ext4; per sandbox: the
+//! overlay), `config_disk.rs` (the per-boot configuration), `qemu.rs` (the
+//! command line of descriptors), `jail.rs` and `view.rs` (QEMU's host
+//! identity and mount view), `vm.rs` (one running VM: its children, its
+//! teardown, its life after QEMU listens), and here the `Backend` itself,
+//! whose `run` constructs the VM (retrying a lost port race) and hands it
+//! to `vm::serve`.
 //! - Graceful stop is ctrl-alt-del over QMP (the guest's init syncs and
 //!   powers off), then a bounded wait, then QMP `quit`, then SIGKILL.
 //! - `--network bridge` makes eth1 a tap on a host bridge (`bridge.rs`),
@@ -40,23 +49,25 @@
 //! - qboot instead of SeaBIOS when QEMU ships it: a second less under TCG.
 
 pub mod accel;
+mod artifacts;
 mod bridge;
+mod config_disk;
 mod jail;
 mod ports;
 pub mod qemu;
 mod qmp;
 mod share;
 mod view;
+mod vm;
 
-use crate::disk::{self, FileIdentity};
-use crate::idmap::{self, IdMap};
-use crate::signals::{Signals, StopRequest, Wake};
-use crate::{
-    fault, plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
-};
+use crate::disk;
+use crate::signals::Signals;
+use crate::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use accel::{KvmFacts, NestedHost};
-use keystone_process::{Spawn, Supervised};
-use keystone_registry::{NetworkMode, ProcessId};
+use artifacts::{check_disk_base, make_overlay, overlay, Artifacts};
+use config_disk::write_config;
+use keystone_process::Spawn;
+use keystone_registry::NetworkMode;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use qemu::VmSpec;
 use std::collections::BTreeMap;
@@ -66,6 +77,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use vm::{boot_files, kill_recorded, serve, Boot, Facts, Links, MicrovmRuntime, Vm};
 
 /// How long the guest may take to power off after ctrl-alt-del.
 const STOP_GRACE: Duration = Duration::from_secs(20);
@@ -78,36 +90,6 @@ const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
 pub struct MicrovmBackend;
 
-/// What `prepare` derives from an image, shared by its sandboxes.
-struct Artifacts {
-    dir: PathBuf,
-}
-
-impl Artifacts {
-    fn of(inst: &Instance) -> Artifacts {
-        Artifacts {
-            dir: inst.cache_dir.join("microvm").join(&inst.image_id),
-        }
-    }
-    fn kernel(&self) -> PathBuf {
-        self.dir.join("vmlinuz")
-    }
-    fn rootfs(&self) -> PathBuf {
-        self.dir.join("rootfs.ext4")
-    }
-    fn complete(&self) -> bool {
-        self.dir.join(".keystone-complete").exists()
-    }
-}
-
-fn overlay(inst: &Instance) -> PathBuf {
-    if inst.settings.persist {
-        inst.dir.join("disk/root.qcow2")
-    } else {
-        inst.dir.join("run/root.qcow2")
-    }
-}
-
 /// The virtiofsd the live share would use, if any.
 pub fn virtiofsd() -> Option<PathBuf> {
     share::find_daemon()
@@ -116,483 +98,6 @@ pub fn virtiofsd() -> Option<PathBuf> {
 /// The accelerator and nested-virtualization lines for this host.
 pub fn host_acceleration() -> (accel::AccelChoice, NestedHost) {
     (KvmFacts::probe().choose(), NestedHost::probe())
-}
-
-impl MicrovmBackend {
-    /// Remove an image's derived disk and kernel (on `image rm`).
-    pub fn forget_image(cache_dir: &Path, image_id: &str) -> Result<(), BackendError> {
-        let dir = cache_dir.join("microvm").join(image_id);
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(BackendError::io(dir.display().to_string()))?;
-        }
-        Ok(())
-    }
-
-    fn build_artifacts(
-        inst: &Instance,
-        art: &Artifacts,
-        progress: &mut dyn FnMut(&str),
-    ) -> Result<(), BackendError> {
-        let parent = art.dir.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(parent).map_err(BackendError::io(parent.display().to_string()))?;
-        let lock_path = parent.join(format!("{}.lock", inst.image_id));
-        let lock_file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(BackendError::io(lock_path.display().to_string()))?;
-        let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| BackendError::Failed(format!("lock {}: {e}", lock_path.display())))?;
-        if art.complete() {
-            return Ok(());
-        }
-        progress(&format!(
-            "making the microVM disk of image {}",
-            inst.image_id
-        ));
-        let map = IdMap::for_current_user()?;
-        let tmp = parent.join(format!(".{}.tmp-{}", inst.image_id, std::process::id()));
-        let root = tmp.join("root");
-        if tmp.exists() {
-            let _ = idmap::run_mapped(
-                &map,
-                &["rm", "-rf", "--one-file-system", &tmp.display().to_string()],
-            );
-        }
-        fs::create_dir_all(&root).map_err(BackendError::io(root.display().to_string()))?;
-        let cleanup = |map: &IdMap| {
-            let _ = idmap::run_mapped(
-                map,
-                &["rm", "-rf", "--one-file-system", &tmp.display().to_string()],
-            );
-        };
-        let tar = inst.image_tar.display().to_string();
-        // Unpacked (and the ext4 made) in a user namespace with the
-        // sandbox id map, so owners are the image's; the guest's init
-        // mounts a devtmpfs.
-        let status = idmap::unpack_image(&map, &inst.image_tar, &root)?;
-        let root_s = root.display().to_string();
-        if !status.success() {
-            cleanup(&map);
-            return Err(BackendError::Failed(format!(
-                "unpacking {tar} failed ({status})"
-            )));
-        }
-        let kernel = fs::read_dir(root.join("boot")).ok().and_then(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-                })
-                .max()
-        });
-        let Some(kernel) = kernel else {
-            cleanup(&map);
-            return Err(BackendError::Failed(format!(
-                "image {} has no kernel in /boot (it predates the microvm backend); rebuild it with `keystone agent image build`",
-                inst.image_id
-            )));
-        };
-        let has_init = root.join("usr/local/sbin/keystone-init").exists();
-        if !has_init {
-            cleanup(&map);
-            return Err(BackendError::Failed(format!(
-                "image {} has no /usr/local/sbin/keystone-init; rebuild it with `keystone agent image build`",
-                inst.image_id
-            )));
-        }
-        fs::copy(&kernel, tmp.join("vmlinuz"))
-            .map_err(BackendError::io(kernel.display().to_string()))?;
-        let ext4 = tmp.join("rootfs.ext4");
-        let f = fs::File::create(&ext4).map_err(BackendError::io(ext4.display().to_string()))?;
-        f.set_len(ROOT_SIZE)
-            .map_err(BackendError::io(ext4.display().to_string()))?;
-        drop(f);
-        let ext4_s = ext4.display().to_string();
-        let status = idmap::run_mapped(
-            &map,
-            &[
-                "mkfs.ext4",
-                "-q",
-                "-F",
-                "-L",
-                "keystone",
-                "-m",
-                "1",
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
-                "-d",
-                &root_s,
-                &ext4_s,
-            ],
-        )?;
-        let _ = idmap::run_mapped(&map, &["rm", "-rf", "--one-file-system", &root_s]);
-        if !status.success() {
-            cleanup(&map);
-            return Err(BackendError::Failed(format!(
-                "mkfs.ext4 -d failed ({status})"
-            )));
-        }
-        // Shared by every sandbox of the image: never written again.
-        let _ = fs::set_permissions(&ext4, fs::Permissions::from_mode(0o444));
-        fs::write(tmp.join(".keystone-complete"), b"")
-            .map_err(BackendError::io(tmp.display().to_string()))?;
-        if art.dir.exists() {
-            let _ = fs::remove_dir_all(&art.dir);
-        }
-        fs::rename(&tmp, &art.dir).map_err(BackendError::io(art.dir.display().to_string()))?;
-        Ok(())
-    }
-}
-
-/// The descriptors of one QEMU start that are made again on a retry:
-/// the QMP listener, the boot log, the virtiofs connection, the tap.
-struct Links {
-    qmp: std::os::unix::net::UnixListener,
-    console: fs::File,
-    share: Option<std::os::unix::net::UnixStream>,
-    tap: Option<std::os::fd::OwnedFd>,
-}
-
-impl Links {
-    fn open(
-        qmp: &Path,
-        console: &Path,
-        share: Option<&Path>,
-        bridge: Option<&bridge::Attach>,
-    ) -> Result<Links, BackendError> {
-        let _ = fs::remove_file(qmp);
-        let qmp_listener = std::os::unix::net::UnixListener::bind(qmp)
-            .map_err(BackendError::io(format!("bind {}", qmp.display())))?;
-        let console_file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(console)
-            .map_err(BackendError::io(console.display().to_string()))?;
-        // virtiofsd serves the one connection it accepts: this one,
-        // passed on to QEMU.
-        let share = share
-            .map(|p| {
-                std::os::unix::net::UnixStream::connect(p)
-                    .map_err(BackendError::io(format!("connect {}", p.display())))
-            })
-            .transpose()?;
-        let tap = bridge.map(bridge::open_tap).transpose()?;
-        Ok(Links {
-            qmp: qmp_listener,
-            console: console_file,
-            share,
-            tap,
-        })
-    }
-}
-
-fn make_overlay(base: &Path, path: &Path) -> Result<(), BackendError> {
-    if let Some(p) = path.parent() {
-        fs::create_dir_all(p).map_err(BackendError::io(p.display().to_string()))?;
-    }
-    qemu_img(
-        &["create", "-q", "-f", "qcow2", "-F", "raw", "-b"],
-        &[base, path],
-    )?;
-    Ok(())
-}
-
-/// A qcow2 overlay is only good over the very file it was made on: refuse
-/// to boot it over anything else (see `crate::disk`).
-fn check_disk_base(inst: &Instance, base: &Path, disk_path: &Path) -> Result<(), BackendError> {
-    let Some(record) = disk::recorded_for(inst)? else {
-        // A disk from before the record existed: its qcow2 header names
-        // the base file; the same path is taken as the same base.
-        let backing = backing_file(disk_path)?;
-        if backing.as_deref() != Some(base) {
-            return Err(BackendError::Failed(format!(
-                "the disk of sandbox {} is built on {}, not on image {}'s {}; {}",
-                inst.name,
-                backing.map_or("nothing".into(), |b| b.display().to_string()),
-                inst.image_id,
-                base.display(),
-                disk::fresh_hint(inst)
-            )));
-        }
-        return disk::record_for(inst, Some(base));
-    };
-    let now = FileIdentity::of(base).map_err(BackendError::io(base.display().to_string()))?;
-    if record.file != Some(now) {
-        return Err(BackendError::Failed(format!(
-            "the disk of sandbox {} was made over another build of image {} (it was removed and \
-             built again since), and booting it over this one would corrupt it; {}",
-            inst.name,
-            inst.image_id,
-            disk::fresh_hint(inst)
-        )));
-    }
-    Ok(())
-}
-
-/// Run `qemu-img ARGS FILES…`; its output when it succeeded. An error
-/// names the last file, the disk being made or read.
-fn qemu_img(args: &[&str], files: &[&Path]) -> Result<std::process::Output, BackendError> {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .args(files)
-        .output()
-        .map_err(BackendError::io("qemu-img"))?;
-    if !out.status.success() {
-        return Err(BackendError::Failed(format!(
-            "qemu-img {} {} failed: {}",
-            args[0],
-            files
-                .last()
-                .map_or(String::new(), |f| f.display().to_string()),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(out)
-}
-
-/// The backing file a qcow2 overlay names in its header.
-fn backing_file(disk: &Path) -> Result<Option<PathBuf>, BackendError> {
-    let out = qemu_img(&["info", "--output=json", "-U"], &[disk])?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| BackendError::Failed(format!("qemu-img info {}: {e}", disk.display())))?;
-    Ok(info["backing-filename"].as_str().map(PathBuf::from))
-}
-
-/// The per-boot configuration archive the guest's init unpacks into
-/// `/etc/keystone`.
-fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, BackendError> {
-    let stage = run.join("config");
-    if stage.exists() {
-        let _ = fs::remove_dir_all(&stage);
-    }
-    fs::create_dir_all(&stage).map_err(BackendError::io(stage.display().to_string()))?;
-    fs::set_permissions(&stage, fs::Permissions::from_mode(0o700))
-        .map_err(BackendError::io(stage.display().to_string()))?;
-    let copy = |name: &str, mode: u32| -> Result<(), BackendError> {
-        let from = inst.guest_dir.join(name);
-        let to = stage.join(name);
-        fs::copy(&from, &to).map_err(BackendError::io(from.display().to_string()))?;
-        fs::set_permissions(&to, fs::Permissions::from_mode(mode))
-            .map_err(BackendError::io(to.display().to_string()))
-    };
-    copy("ssh_host_ed25519_key", 0o600)?;
-    copy("authorized_keys", 0o644)?;
-    let write = |name: &str, body: String| -> Result<(), BackendError> {
-        let to = stage.join(name);
-        fs::write(&to, body).map_err(BackendError::io(to.display().to_string()))?;
-        fs::set_permissions(&to, fs::Permissions::from_mode(0o644))
-            .map_err(BackendError::io(to.display().to_string()))
-    };
-    write("hostname", format!("{}\n", inst.name))?;
-    let mut network = format!("ADDRESS={}\n", qemu::GUEST_ADDRESS);
-    if inst.settings.network == NetworkMode::Nat {
-        network.push_str(&format!(
-            "NAT_ADDRESS={}\nNAT_GATEWAY={}\n",
-            qemu::NAT_ADDRESS,
-            qemu::NAT_GATEWAY
-        ));
-    }
-    if inst.settings.network == NetworkMode::Bridge {
-        // The address comes from the bridge's network, by DHCP.
-        network.push_str("BRIDGE=1\n");
-    }
-    write("network", network)?;
-    write(
-        "workspace",
-        if inst.settings.is_share() {
-            format!("SHARE_TAG={}\n", share::TAG)
-        } else {
-            String::new()
-        },
-    )?;
-    write(
-        "resolv.conf",
-        plumbing::resolv_conf(inst.settings.network == NetworkMode::Nat),
-    )?;
-    let tar = run.join("config.tar");
-    // Files only: a "./" entry would give the guest's /etc/keystone the
-    // staging directory's 0700, and sshd reads authorized_keys as the user.
-    let out = Command::new("tar")
-        .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(&stage)
-        .args(CONFIG_FILES)
-        .output()
-        .map_err(BackendError::io("tar"))?;
-    let _ = fs::remove_dir_all(&stage);
-    if !out.status.success() {
-        return Err(BackendError::Failed(format!(
-            "cannot write {}: {}",
-            tar.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(tar)
-}
-
-const CONFIG_FILES: [&str; 6] = [
-    "ssh_host_ed25519_key",
-    "authorized_keys",
-    "hostname",
-    "network",
-    "resolv.conf",
-    "workspace",
-];
-
-/// What the registry (and `run/runtime.json`, for `reap` after a
-/// supervisor that died) keeps about a running microVM.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct MicrovmRuntime {
-    qemu: Option<ProcessId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    passt: Option<ProcessId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    virtiofsd: Option<ProcessId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    relay: Option<ProcessId>,
-    /// The user-mode forward of the guest's sshd on 127.0.0.1.
-    ssh_port: u16,
-    /// QEMU's own uid (`jail`), when run by root.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    qemu_uid: Option<u32>,
-    /// "kvm" or "tcg".
-    accel: String,
-    nested: bool,
-    boot_seconds: f64,
-}
-
-impl MicrovmRuntime {
-    fn processes(&self) -> impl Iterator<Item = &ProcessId> {
-        [&self.qemu, &self.passt, &self.virtiofsd, &self.relay]
-            .into_iter()
-            .flatten()
-    }
-}
-
-/// Everything the supervisor runs for one VM, torn down together.
-struct Vm {
-    qemu: Supervised,
-    passt: Option<Supervised>,
-    virtiofsd: Option<Supervised>,
-    relay: Option<Supervised>,
-    /// The bridge attachment, whose tap must be gone after teardown.
-    bridge: Option<bridge::Attach>,
-    port: u16,
-    qmp: PathBuf,
-    socket: PathBuf,
-    /// Set once `teardown` has run (whatever its verdict).
-    torn_down: bool,
-}
-
-impl Drop for Vm {
-    /// The backstop for a return that skipped `teardown`: the children
-    /// are killed and reaped by their own drop; the sockets go here.
-    fn drop(&mut self) {
-        if !self.torn_down {
-            for c in self.children() {
-                c.kill();
-            }
-            for f in [&self.socket, &self.qmp] {
-                let _ = fs::remove_file(f);
-            }
-        }
-    }
-}
-
-impl Vm {
-    /// Stop everything, then prove nothing is left.
-    fn teardown(&mut self, signals: &mut Signals, kind: StopRequest) -> Result<(), BackendError> {
-        self.torn_down = true;
-        self.stop(signals, kind);
-        self.verify()
-    }
-
-    /// After `error`: tear down (unless done), keeping what the teardown
-    /// left beside the error that caused it.
-    fn fail(&mut self, signals: &mut Signals, error: BackendError) -> BackendError {
-        if self.torn_down {
-            return error;
-        }
-        match self.teardown(signals, StopRequest::Force) {
-            Ok(()) => error,
-            Err(cleanup) => error.with_cleanup(cleanup),
-        }
-    }
-
-    fn children(&mut self) -> impl Iterator<Item = &mut Supervised> {
-        std::iter::once(&mut self.qemu)
-            .chain(self.passt.as_mut())
-            .chain(self.virtiofsd.as_mut())
-            .chain(self.relay.as_mut())
-    }
-
-    fn stop(&mut self, signals: &mut Signals, kind: StopRequest) {
-        if kind == StopRequest::Graceful && !self.qemu.try_reap() {
-            let asked = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2))
-                .and_then(|mut q| q.ctrl_alt_del());
-            if let Err(e) = &asked {
-                tracing::warn!("graceful power-down over QMP failed: {e}");
-            }
-            let deadline = Instant::now() + STOP_GRACE;
-            while asked.is_ok() && Instant::now() < deadline {
-                if self.qemu.wait_exit(Duration::from_millis(100)) {
-                    break;
-                }
-                if let Wake::Stop(StopRequest::Force) = signals.wait(Duration::from_millis(10)) {
-                    break;
-                }
-            }
-            if !self.qemu.try_reap() {
-                tracing::warn!(
-                    "the guest did not power off within {}s; quitting QEMU",
-                    STOP_GRACE.as_secs()
-                );
-                if let Ok(mut q) = qmp::Qmp::connect(&self.qmp, Duration::from_secs(2)) {
-                    let _ = q.quit();
-                }
-                self.qemu.wait_exit(Duration::from_secs(3));
-            }
-        }
-        for c in self.children() {
-            c.kill();
-        }
-    }
-
-    /// Prove nothing of the VM remains: every child reaped, every process
-    /// group empty, the forwarded port free.
-    fn verify(&mut self) -> Result<(), BackendError> {
-        let _ = fs::remove_file(&self.socket);
-        let _ = fs::remove_file(&self.qmp);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let mut left = Vec::new();
-            for c in self.children() {
-                if !c.reaped() || c.group_alive() {
-                    left.push(format!("{} (process group {})", c.name(), c.pid()));
-                }
-            }
-            if ports::loopback_listener(self.port).is_some() {
-                left.push(format!("a listener on 127.0.0.1:{}", self.port));
-            }
-            if let Some(tap) = self.bridge.as_ref().and_then(bridge::leftover) {
-                left.push(format!("the tap device {tap}"));
-            }
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(BackendError::Leftovers(left));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
 }
 
 impl Backend for MicrovmBackend {
@@ -935,179 +440,11 @@ impl Backend for MicrovmBackend {
     }
 }
 
-/// The kernel QEMU boots (the image's, or `backend.microvm.kernel`) and
-/// the optional `backend.microvm.initrd`, opened for QEMU. A user's file
-/// is copied into the run directory first, world-readable: QEMU reopens
-/// its descriptor through /proc/self/fd, which checks the file's own
-/// mode against QEMU's id (its own, see `jail`), and the copy also
-/// freezes what this boot uses.
-fn boot_files(
-    inst: &Instance,
-    art: &Artifacts,
-    run_dir: &Path,
-) -> Result<(fs::File, Option<fs::File>), BackendError> {
-    let open = |user: &Option<PathBuf>, name: &str, image: Option<PathBuf>| {
-        let path = match (user, image) {
-            (Some(user), _) => {
-                let copy = run_dir.join(name);
-                let _ = fs::remove_file(&copy);
-                fs::copy(user, &copy).map_err(BackendError::io(format!(
-                    "copy {} to {}",
-                    user.display(),
-                    copy.display()
-                )))?;
-                fs::set_permissions(&copy, fs::Permissions::from_mode(0o644))
-                    .map_err(BackendError::io(copy.display().to_string()))?;
-                copy
-            }
-            (None, Some(image)) => image,
-            (None, None) => return Ok(None),
-        };
-        fs::File::open(&path)
-            .map(Some)
-            .map_err(BackendError::io(path.display().to_string()))
-    };
-    let kernel = open(&inst.settings.kernel, "kernel", Some(art.kernel()))?
-        .ok_or_else(|| BackendError::Failed("no kernel to boot".into()))?;
-    let initrd = open(&inst.settings.initrd, "initrd", None)?;
-    Ok((kernel, initrd))
-}
-
-/// What `serve` reports and records about the boot.
-struct Boot<'a> {
-    qemu_log: &'a Path,
-    boot_log: &'a Path,
-    run_dir: &'a Path,
-    disk: &'a Path,
-    notes: Vec<String>,
-    facts: Facts,
-}
-
-/// Facts of the VM recorded in the runtime.
-struct Facts {
-    qemu_uid: Option<u32>,
-    accel: &'static str,
-    nested: bool,
-}
-
-/// The VM from its relay to its end: wait for the guest's sshd, report
-/// ready, then run until asked to stop or the VM goes down. An error
-/// return leaves the teardown to the caller (`Vm::fail`).
-fn serve(
-    inst: &Instance,
-    vm: &mut Vm,
-    signals: &mut Signals,
-    on_ready: &mut dyn FnMut(&Running) -> Result<(), String>,
-    boot: &Boot,
-) -> Result<Ended, BackendError> {
-    fault::point("microvm-relay")?;
-    // The relay: the sandbox's Unix socket to the forwarded port.
-    let relay_log = plumbing::open_log(&inst.log_dir().join("relay.log"))?;
-    vm.relay = Some(plumbing::start_relay(
-        &inst.socket,
-        &relay_log,
-        ([127, 0, 0, 1], vm.port).into(),
-        || Ok(()),
-    )?);
-    fault::point("microvm-boot")?;
-
-    let started = Instant::now();
-    loop {
-        if vm.qemu.try_reap() {
-            return Err(BackendError::Failed(format!(
-                "QEMU exited while the guest booted:\n  {}\n  boot log:\n  {}",
-                plumbing::tail(boot.qemu_log, 5),
-                plumbing::tail(boot.boot_log, 8)
-            )));
-        }
-        if plumbing::sshd_answers(&inst.socket) {
-            break;
-        }
-        if started.elapsed() > READY_TIMEOUT {
-            return Err(BackendError::NoAnswer(format!(
-                "the guest's sshd did not answer within {}s; last lines of {}:\n  {}",
-                READY_TIMEOUT.as_secs(),
-                boot.boot_log.display(),
-                plumbing::tail(boot.boot_log, 8)
-            )));
-        }
-        if let Wake::Stop(_) = signals.wait(Duration::from_millis(100)) {
-            vm.teardown(signals, StopRequest::Force)?;
-            return Ok(Ended::Stopped);
-        }
-    }
-    tracing::info!(elapsed = ?started.elapsed(), "guest sshd answered");
-
-    let id = |c: Option<&Supervised>| c.and_then(|c| ProcessId::of(c.pid().as_raw()));
-    let record = MicrovmRuntime {
-        qemu: id(Some(&vm.qemu)),
-        passt: id(vm.passt.as_ref()),
-        virtiofsd: id(vm.virtiofsd.as_ref()),
-        relay: id(vm.relay.as_ref()),
-        ssh_port: vm.port,
-        qemu_uid: boot.facts.qemu_uid,
-        accel: boot.facts.accel.to_string(),
-        nested: boot.facts.nested,
-        boot_seconds: started.elapsed().as_secs_f64(),
-    };
-    // For `reap` after a supervisor that died: it gets no registry.
-    let path = boot.run_dir.join("runtime.json");
-    fs::write(
-        &path,
-        serde_json::to_string(&record).map_err(|e| BackendError::Failed(e.to_string()))?,
-    )
-    .map_err(BackendError::io(path.display().to_string()))?;
-    on_ready(&Running::new(&record, boot.notes.clone())?).map_err(BackendError::Failed)?;
-
-    loop {
-        match signals.wait(Duration::from_secs(5)) {
-            Wake::Stop(kind) => {
-                vm.teardown(signals, kind)?;
-                if !inst.settings.persist {
-                    if let Err(e) = fs::remove_file(boot.disk) {
-                        tracing::warn!(
-                            "cannot remove the discarded disk {}: {e}",
-                            boot.disk.display()
-                        );
-                    }
-                }
-                return Ok(Ended::Stopped);
-            }
-            Wake::Child | Wake::Timeout => {
-                let gone = vm.children().find_map(|c| c.try_reap().then(|| c.name()));
-                if let Some(name) = gone {
-                    vm.teardown(signals, StopRequest::Force)?;
-                    return Ok(Ended::Exited(if name == "qemu" {
-                        "the virtual machine powered off".into()
-                    } else {
-                        format!("helper process {name} exited")
-                    }));
-                }
-            }
-        }
-    }
-}
-
-/// Kill the processes of a runtime record, if they are still the same
-/// processes.
-fn kill_recorded(record: &MicrovmRuntime) {
-    for id in record.processes() {
-        let Ok(fd) = keystone_process::pidfd_open(id.pid) else {
-            continue;
-        };
-        // The pidfd pins the process; check it is the recorded one.
-        if id.is_alive() {
-            if let Err(e) = keystone_process::pidfd_signal(&fd, nix::sys::signal::Signal::SIGKILL) {
-                tracing::warn!("cannot kill the recorded process {}: {e}", id.pid);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::accel::Accel;
     use super::*;
+    use keystone_registry::ProcessId;
 
     #[test]
     fn the_runtime_record_reads_back_from_the_registry_map() {
