@@ -113,6 +113,37 @@ else tmux new-session -d -s \"$s\" -x 160 -y 48 -c {d} \"$c\"; fi",
     }
 }
 
+/// Where worktrees live in the guest (`main` is `/workspace` itself).
+pub const WORKTREES: &str = "/workspace/.worktrees";
+
+/// The guest directory of a worktree.
+pub fn dir(worktree: &str) -> String {
+    if worktree == "main" {
+        "/workspace".into()
+    } else {
+        format!("{WORKTREES}/{worktree}")
+    }
+}
+
+/// The ssh command that attaches a client to the worktree's session (and
+/// creates the session first if need be), on a terminal allocated in the
+/// guest. The terminal attach and every web terminal client run this same
+/// command, so they all share one session.
+pub fn command(
+    channel: &keystone_channel::Channel,
+    sb: &Sandbox,
+    worktree: &str,
+) -> Result<std::process::Command, keystone_channel::ChannelError> {
+    let script = of(sb).attach_script(&name(sb, worktree), &dir(worktree));
+    channel.command(
+        &script,
+        &keystone_channel::ExecOptions {
+            tty: true,
+            ..Default::default()
+        },
+    )
+}
+
 /// The session of a worktree: `<sandbox>-<branch>`. tmux session names may
 /// not contain '.' or ':', and Zellij's become socket file names, so both
 /// and '/' become '-'.

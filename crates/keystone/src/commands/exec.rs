@@ -16,7 +16,7 @@ pub fn run(args: ExecArgs) -> Result<i32> {
     let tty = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let opts = ExecOptions {
         user: Some(args.user.clone()),
-        cwd: Some(crate::commands::worktree::dir(&args.worktree)),
+        cwd: Some(crate::session::dir(&args.worktree)),
         tty,
     };
     let status = channel.exec(&args.command, &opts)?;

@@ -163,73 +163,15 @@ use one or the other",
     };
 
     // Claim the sandbox: one `start` wins, any other sees `starting`.
-    let me = ProcessId::current();
-    let (sandbox, created, previous) = ctx.registry.update(|all| -> Result<_> {
-        let existing = match &args.name {
-            Some(n) => all.iter().position(|s| &s.name == n),
-            None => all.iter().position(|s| s.project_path == project),
-        };
-        let (idx, created) = match existing {
-            Some(i) => {
-                if all[i].project_path != project {
-                    return Err(CliError::state(format!(
-                        "the name {} is taken by the sandbox of {}; pick another --name",
-                        all[i].name,
-                        all[i].project_path.display()
-                    )));
-                }
-                (i, false)
-            }
-            None => {
-                let taken: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
-                let name = args.name.clone().unwrap_or_else(|| derive_name(&project, &taken));
-                all.push(Sandbox::new(name, project.clone(), backend_kind, settings.clone()));
-                (all.len() - 1, true)
-            }
-        };
-        let sb = &mut all[idx];
-        let previous = sb.state;
-        match sb.state {
-            State::Running if args.fresh => {}
-            State::Running => {
-                return Err(CliError::state(format!(
-                    "sandbox {} is already running; attach with `keystone agent attach {}` (or restart it with --fresh)",
-                    sb.name, sb.name
-                )))
-            }
-            State::Starting | State::Stopping => {
-                return Err(CliError::state(format!(
-                    "sandbox {} is {} (pid {}); wait for it, or check `keystone agent status {}`",
-                    sb.name,
-                    sb.state,
-                    sb.owner.map(|o| o.pid).unwrap_or(0),
-                    sb.name
-                )))
-            }
-            _ => {
-                if sb.backend != backend_kind {
-                    if !args.fresh {
-                        return Err(CliError::state(format!(
-                            "sandbox {} uses the {} backend; pass --fresh to recreate it on {backend_kind}",
-                            sb.name, sb.backend
-                        )));
-                    }
-                    sb.backend = backend_kind;
-                }
-                sb.transition(State::Starting)?;
-                sb.owner = me;
-                sb.settings = settings.clone();
-            }
+    // `--fresh` on a running sandbox stops it and claims it again.
+    let (sandbox, created, _) = loop {
+        let claimed = claim(&ctx, &args, &project, backend_kind, &settings)?;
+        if claimed.2 != State::Running {
+            break claimed;
         }
-        Ok((sb.clone(), created, previous))
-    })?;
-
-    if previous == State::Running {
-        // --fresh on a running sandbox: stop it, then start anew.
-        ui::note(format!("stopping {} to start it fresh", sandbox.name));
-        commands::stop::stop_sandbox(&ctx, &sandbox, false)?;
-        return run(args);
-    }
+        ui::note(format!("stopping {} to start it fresh", claimed.0.name));
+        commands::stop::stop_sandbox(&ctx, &claimed.0, false)?;
+    };
 
     // From here on a failure must leave no half-made sandbox.
     let result = keep_disk_image(&ctx, sandbox.clone(), &recipe, args.fresh)
@@ -308,7 +250,7 @@ use one or the other",
     if let Some(agent) = agent {
         println!(
             "  agent:     {agent} in session {}",
-            commands::worktree::session(&sandbox, "main")
+            crate::session::name(&sandbox, "main")
         );
     }
     for n in notes.iter().filter_map(|n| n.as_str()) {
@@ -340,6 +282,77 @@ use one or the other",
 /// `[backend.kubernetes]` for a sandbox; without an image reference, the
 /// one `image build --format oci` names the local image by (for a cluster
 /// into which it was imported, or a registry it was pushed to).
+/// Claim the sandbox in the registry (create it, or move it to
+/// `starting`): the sandbox, whether it was created, and its state before.
+fn claim(
+    ctx: &Ctx,
+    args: &StartArgs,
+    project: &std::path::Path,
+    backend_kind: keystone_config::BackendKind,
+    settings: &Settings,
+) -> Result<(Sandbox, bool, State)> {
+    let me = ProcessId::current();
+    ctx.registry.update(|all| -> Result<_> {
+        let existing = match &args.name {
+            Some(n) => all.iter().position(|s| &s.name == n),
+            None => all.iter().position(|s| s.project_path == project),
+        };
+        let (idx, created) = match existing {
+            Some(i) => {
+                if all[i].project_path != project {
+                    return Err(CliError::state(format!(
+                        "the name {} is taken by the sandbox of {}; pick another --name",
+                        all[i].name,
+                        all[i].project_path.display()
+                    )));
+                }
+                (i, false)
+            }
+            None => {
+                let taken: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+                let name = args.name.clone().unwrap_or_else(|| derive_name(&project, &taken));
+                all.push(Sandbox::new(name, project.to_path_buf(), backend_kind, settings.clone()));
+                (all.len() - 1, true)
+            }
+        };
+        let sb = &mut all[idx];
+        let previous = sb.state;
+        match sb.state {
+            State::Running if args.fresh => {}
+            State::Running => {
+                return Err(CliError::state(format!(
+                    "sandbox {} is already running; attach with `keystone agent attach {}` (or restart it with --fresh)",
+                    sb.name, sb.name
+                )))
+            }
+            State::Starting | State::Stopping => {
+                return Err(CliError::state(format!(
+                    "sandbox {} is {} (pid {}); wait for it, or check `keystone agent status {}`",
+                    sb.name,
+                    sb.state,
+                    sb.owner.map(|o| o.pid).unwrap_or(0),
+                    sb.name
+                )))
+            }
+            _ => {
+                if sb.backend != backend_kind {
+                    if !args.fresh {
+                        return Err(CliError::state(format!(
+                            "sandbox {} uses the {} backend; pass --fresh to recreate it on {backend_kind}",
+                            sb.name, sb.backend
+                        )));
+                    }
+                    sb.backend = backend_kind;
+                }
+                sb.transition(State::Starting)?;
+                sb.owner = me;
+                sb.settings = settings.clone();
+            }
+        }
+        Ok((sb.clone(), created, previous))
+    })
+}
+
 fn kube_settings(cfg: &keystone_config::Config, image_id: &str) -> keystone_registry::KubeSettings {
     let k = &cfg.backend.kubernetes;
     let pull_policy = match k.pull_policy {
@@ -371,7 +384,7 @@ fn start_agent(
     sandbox: &Sandbox,
     agent: keystone_image::Agent,
 ) -> Result<()> {
-    let session = commands::worktree::session(sandbox, "main");
+    let session = crate::session::name(sandbox, "main");
     let command = format!("{}; exec bash", agent.command());
     let script = crate::session::of(sandbox).run_in_script(&session, "/workspace", &command);
     channel

@@ -11,22 +11,9 @@ use keystone_channel::{Channel, ExecOptions};
 use keystone_registry::Sandbox;
 use serde::Serialize;
 
-pub const ROOT: &str = "/workspace/.worktrees";
+use crate::session::{dir, WORKTREES as ROOT};
 
 /// The directory of a worktree: `main` is the main checkout.
-pub fn dir(worktree: &str) -> String {
-    if worktree == "main" {
-        "/workspace".into()
-    } else {
-        format!("{ROOT}/{worktree}")
-    }
-}
-
-/// The session of a worktree (see [`crate::session::name`]).
-pub fn session(sb: &Sandbox, worktree: &str) -> String {
-    crate::session::name(sb, worktree)
-}
-
 fn q(s: &str) -> String {
     shell_words::quote(s).into_owned()
 }
@@ -143,7 +130,7 @@ use `git worktree` on the host, or start the sandbox without --share",
             channel.run_ok(&script, &ExecOptions::default())?;
             println!(
                 "worktree {branch} at {path}; session {}",
-                session(&sb, &branch)
+                crate::session::name(&sb, &branch)
             );
             Ok(0)
         }
@@ -182,7 +169,7 @@ use `git worktree` on the host, or start the sandbox without --share",
                 } else {
                     path.trim_start_matches(&format!("{ROOT}/")).to_string()
                 };
-                let s = session(&sb, &name);
+                let s = crate::session::name(&sb, &name);
                 let found = sessions.iter().find(|(n, _)| *n == s);
                 rows.push(Row {
                     branch: if is_main { git_branch } else { name.clone() },
@@ -257,7 +244,7 @@ use `git worktree` on the host, or start the sandbox without --share",
             }
             let script = format!(
                 "{}; git worktree remove {} {}",
-                crate::session::of(&sb).kill_script(&session(&sb, &branch)),
+                crate::session::of(&sb).kill_script(&crate::session::name(&sb, &branch)),
                 if force { "--force" } else { "" },
                 q(&path)
             );

@@ -4,7 +4,7 @@
 //! The page is xterm.js (fetched from the npm registry at build time by
 //! build.rs and compiled into the binary). Each browser tab opens one
 //! WebSocket, and the server bridges it to a host PTY running the very ssh
-//! command the terminal attach runs ([`crate::commands::attach::session_command`]),
+//! command the terminal attach runs ([`crate::session::command`]),
 //! so browsers and terminals are clients of one multiplexer session.
 //!
 //! Access (../shared/SECURITY-NOTES.md §9): the URL printed and handed to
@@ -268,8 +268,8 @@ async fn ws(
 
 /// One browser client: WebSocket ⇄ PTY until either side ends.
 async fn bridge(mut socket: WebSocket, s: Shared, cols: u16, rows: u16) {
-    let spawned = crate::commands::attach::session_command(&s.channel, &s.sandbox, &s.worktree)
-        .map_err(|e| e.message)
+    let spawned = crate::session::command(&s.channel, &s.sandbox, &s.worktree)
+        .map_err(|e| e.to_string())
         .and_then(|mut cmd| {
             // The browser is an xterm with colours and UTF-8, whatever
             // terminal the server was started from.
@@ -365,7 +365,7 @@ fn open_browser(url: &str) -> bool {
 
 /// Serves the worktree's session until Ctrl-C.
 pub fn serve(_ctx: &Ctx, sb: &Sandbox, worktree: &str, channel: Channel) -> Result<i32> {
-    let session = crate::commands::worktree::session(sb, worktree);
+    let session = crate::session::name(sb, worktree);
     let mux = crate::session::of(sb).name();
     let mux_keys = crate::session::of(sb);
     let runtime = tokio::runtime::Builder::new_multi_thread()
