@@ -310,7 +310,7 @@ fn claim(
             }
             None => {
                 let taken: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
-                let name = args.name.clone().unwrap_or_else(|| derive_name(&project, &taken));
+                let name = args.name.clone().unwrap_or_else(|| derive_name(project, &taken));
                 all.push(Sandbox::new(name, project.to_path_buf(), backend_kind, settings.clone()));
                 (all.len() - 1, true)
             }
