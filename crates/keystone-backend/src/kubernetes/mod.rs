@@ -5,7 +5,7 @@
 //! Objects, all in `[backend.kubernetes] namespace` (created when missing)
 //! and labelled `app.kubernetes.io/managed-by=keystone`,
 //! `keystone.dev/sandbox=<name>`:
-//! - Pod `keystone-<name>`: the guest image, command [`START`] (copies the
+//! - Pod `keystone-<name>`: the guest image, command `objects::START` (copies the
 //!   per-sandbox SSH keys from the Secret into `/etc/keystone` with the
 //!   modes sshd demands, then runs sshd under tini), `restartPolicy:
 //!   Never` (sshd gone means the sandbox ended, as on the other backends),
@@ -13,7 +13,9 @@
 //! - Secret `keystone-<name>-ssh`: the guest's host key and
 //!   `authorized_keys`; written at every start, deleted at stop.
 //! - PersistentVolumeClaim `keystone-<name>-workspace` for `/workspace`
-//!   when `persist`: kept by `stop`, deleted by `--fresh` and `destroy`.
+//!   when `persist`: created by the start that finds it missing (and
+//!   deleted again if that start fails), kept by `stop`, deleted by
+//!   `--fresh` and `destroy`.
 //! - NetworkPolicy `keystone-<name>-isolate`: no ingress (port-forward
 //!   does not cross the pod network); no egress with `--network none`,
 //!   else none to the cloud metadata addresses. Enforced only by a
@@ -23,8 +25,8 @@
 //!   no service-account token, no service links.
 //!
 //! The supervisor runs [`Backend::run`]: it creates the claim when missing,
-//! the Secret, the NetworkPolicy and the pod, watches its
-//! phase and conditions until the container runs (a pull error, an
+//! the Secret, the NetworkPolicy and the pod, watches the pod's phase and
+//! conditions until the container runs (a pull error, an
 //! unschedulable pod, an OOM kill or an eviction is an error carrying the
 //! cluster's reason), then serves the sandbox's Unix socket, opening one
 //! port-forward (kube-rs, WebSocket) to port 22 per connection. While the
