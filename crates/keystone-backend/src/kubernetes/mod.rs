@@ -178,21 +178,18 @@ impl Backend for KubernetesBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!("could not remove {}: {e}", inst.socket.display()),
         }
-        let k = match settings(inst) {
-            Ok(k) => k,
-            Err(e) => return tracing::warn!("{e}"),
-        };
-        let rt = match runtime(1) {
-            Ok(rt) => rt,
-            Err(e) => return tracing::warn!("could not remove the pod of {}: {e}", inst.name),
-        };
         let names = Names::of(inst);
-        let left = rt.block_on(async {
-            match cluster::connect(k).await {
-                Ok(client) => cluster::remove_pod_objects(&client, &k.namespace, &names, 0).await,
-                Err(e) => vec![e],
-            }
-        });
+        let left = match (settings(inst), runtime(1)) {
+            (Ok(k), Ok(rt)) => rt.block_on(async {
+                match cluster::connect(k).await {
+                    Ok(client) => {
+                        cluster::remove_pod_objects(&client, &k.namespace, &names, 0).await
+                    }
+                    Err(e) => vec![e],
+                }
+            }),
+            (Err(e), _) | (_, Err(e)) => vec![e],
+        };
         for e in left {
             tracing::warn!("could not remove the pod of {}: {e}", inst.name);
         }
