@@ -488,3 +488,47 @@ fn discard_disk_deletes_the_claim() {
     twice.push(format!("DELETE {CLAIM}"));
     assert_eq!(log(&fake), twice);
 }
+
+/// A pod deleted by someone else ends the running sandbox with that
+/// reason; what then cannot be removed is said beside it, and the claim
+/// stays (the sandbox still has its workspace).
+#[test]
+fn a_pod_deleted_outside_ends_the_sandbox_and_reports_a_failed_cleanup() {
+    let s = sandbox();
+    let mut f = fake();
+    f.refuse.insert(format!("DELETE {SECRET}"), 403);
+    let (rt, client, fake) = cluster(f);
+    let outside = fake.clone();
+    let mut on_ready = |_: &Running| -> Result<(), String> {
+        outside.lock().expect("fake").objects.remove(POD);
+        Ok(())
+    };
+    let mut wait = |limit: Duration| {
+        std::thread::sleep(limit.min(Duration::from_millis(50)));
+        Wake::Timeout
+    };
+    let ended = supervision::run(
+        &rt,
+        &client,
+        &s.inst,
+        &s.k,
+        Upstream::Greeting(GREETING),
+        &mut wait,
+        &mut on_ready,
+    );
+    assert_eq!(
+        ended.expect("an end, not an error"),
+        Ended::Exited(
+            "pod ks/keystone-t was deleted outside keystone; cleanup failed: could not delete secret keystone-t-ssh: refused by the test (Forbidden)"
+                .into()
+        )
+    );
+    let mut expected = creates();
+    expected.push(format!("GET {POD}"));
+    expected.push(format!("DELETE {POD}"));
+    expected.push(format!("DELETE {SECRET}"));
+    expected.extend(deletes(&[POLICY]));
+    assert_eq!(log(&fake), expected);
+    assert_eq!(objects(&fake), [CLAIM, SECRET]);
+    assert!(!s.inst.socket.exists(), "socket left");
+}
