@@ -470,3 +470,204 @@ fn push_and_pull() {
     assert_eq!(h.sh("id -un").trim(), "agent");
     h.ks(&["destroy", &h.name(), "--force"]).ok();
 }
+
+/// The Kubernetes backend's fault points (keystone_backend::fault), in the
+/// order a start reaches them: after each object is created, once the pod
+/// runs, once the socket is bound, once sshd answers through it.
+const FAULT_POINTS: &[&str] = &[
+    "kubernetes-claim-created",
+    "kubernetes-secret-created",
+    "kubernetes-policy-created",
+    "kubernetes-pod-created",
+    "kubernetes-pod-running",
+    "kubernetes-socket-bound",
+    "kubernetes-sshd-answered",
+];
+
+/// A kubeconfig for the test cluster whose credential comes from a plugin
+/// (a script in `dir`) that serves the supervisor, but refuses the CLI
+/// (`KEYSTONE_E2E_CLI` set: the supervisor's environment is cleared, so
+/// only the CLI has it) once a supervisor has connected. So whatever is
+/// removed from the cluster after a failed start, the supervisor removed:
+/// the CLI's rollback, which reaps as well, cannot hide a leak. `dir/calls`
+/// logs who asked: `cli`, `supervisor`, `cli-refused`.
+fn supervisor_only_kubeconfig(h: &Host, dir: &std::path::Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).expect("plugin dir");
+    let view = |path: &str| -> String {
+        let (ok, out) = kubectl(&[
+            "config",
+            "view",
+            "--raw",
+            "--minify",
+            "-o",
+            &format!("jsonpath={{{path}}}"),
+        ]);
+        assert!(ok, "kubectl config view {path}: {out}");
+        out.trim().to_string()
+    };
+    let pem = |path: &str| -> String {
+        let file = dir.join("b64");
+        h.write(&file, &view(path));
+        let out = Command::new("base64")
+            .arg("-d")
+            .arg(&file)
+            .output()
+            .expect("base64");
+        assert!(out.status.success(), "base64 -d {path}");
+        String::from_utf8(out.stdout).expect("PEM")
+    };
+    let credential = serde_json::json!({
+        "apiVersion": "client.authentication.k8s.io/v1beta1",
+        "kind": "ExecCredential",
+        "status": {
+            "clientCertificateData": pem(".users[0].user.client-certificate-data"),
+            "clientKeyData": pem(".users[0].user.client-key-data"),
+        }
+    });
+    h.write(&dir.join("credential.json"), &credential.to_string());
+    let plugin = dir.join("credential.sh");
+    h.write(
+        &plugin,
+        r#"#!/bin/sh
+dir=$1
+if [ -n "$KEYSTONE_E2E_CLI" ]; then
+    if [ -e "$dir/supervisor-connected" ]; then
+        echo cli-refused >>"$dir/calls"
+        echo "the test refuses the CLI once the supervisor has connected" >&2
+        exit 1
+    fi
+    echo cli >>"$dir/calls"
+else
+    : >"$dir/supervisor-connected"
+    echo supervisor >>"$dir/calls"
+fi
+cat "$dir/credential.json"
+"#,
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {
+            "server": view(".clusters[0].cluster.server"),
+            "certificate-authority-data": view(".clusters[0].cluster.certificate-authority-data"),
+        }}],
+        "users": [{"name": "supervisor-only", "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": plugin.to_str().expect("path"),
+            "args": [dir.to_str().expect("path")],
+            "interactiveMode": "Never",
+        }}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "supervisor-only"}}],
+        "current-context": "test",
+    });
+    let path = dir.join("kubeconfig");
+    h.write(&path, &config.to_string());
+    path
+}
+
+/// A failure at each of the backend's fault points fails `start` with
+/// that fault named and leaves nothing of the sandbox: no pod, Secret,
+/// claim or NetworkPolicy, no socket, no record, no supervisor. The
+/// supervisor's own teardown guard must do it (see
+/// [`supervisor_only_kubeconfig`]). Every point is tried and what each
+/// left is reported together; what one leaves is removed before the next.
+#[test]
+fn fault_points_leave_nothing() {
+    let h = host("fault-kube", "");
+    let name = h.name();
+    let dir = h.tmp.path().join("credential");
+    let kubeconfig = supervisor_only_kubeconfig(&h, &dir);
+    let kubeconfig = kubeconfig.to_str().expect("path");
+    // The sockets of this test's sandboxes only.
+    let run_dir = h.tmp.path().join("run");
+    std::fs::create_dir_all(&run_dir).expect("runtime dir");
+    let mut failures = Vec::new();
+    for point in FAULT_POINTS {
+        for f in ["calls", "supervisor-connected"] {
+            match std::fs::remove_file(dir.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{f}: {e}"),
+                _ => {}
+            }
+        }
+        let r = h.ks_env(
+            &["start", "--no-attach"],
+            &[
+                ("KUBECONFIG", kubeconfig),
+                ("KEYSTONE_FAULT", point),
+                ("KEYSTONE_E2E_CLI", "1"),
+                ("XDG_RUNTIME_DIR", run_dir.to_str().expect("path")),
+            ],
+        );
+        let mut fail = |what: String| failures.push(format!("{point}: {what}"));
+        if r.code != Some(3) || !r.text().contains(&format!("fault injected at {point}")) {
+            fail(format!(
+                "expected exit 3 naming the fault, got {:?}:\n{}",
+                r.code,
+                r.text()
+            ));
+        }
+        if r.text().contains("cleanup also failed") {
+            fail(format!("cleanup failed:\n{}", r.text()));
+        }
+        // The CLI's rollback was refused the cluster: only the
+        // supervisor can have removed anything.
+        let calls = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
+        if !(calls.lines().any(|l| l == "supervisor") && calls.lines().any(|l| l == "cli-refused"))
+        {
+            fail(format!(
+                "the CLI must have been refused after the supervisor connected: {calls:?}"
+            ));
+        }
+        // The guard waits for each deletion: nothing may be left now.
+        for kind in ["pods", "secrets", "pvc", "networkpolicies"] {
+            let left: Vec<String> = objects(kind)
+                .into_iter()
+                .filter(|o| o.contains(&format!("keystone-{name}")))
+                .collect();
+            if !left.is_empty() {
+                fail(format!("{kind} left: {left:?}"));
+            }
+        }
+        let sockets: Vec<_> = std::fs::read_dir(run_dir.join("keystone"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let sockets: Vec<_> = sockets
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "ssh"))
+            .collect();
+        if !sockets.is_empty() {
+            fail(format!("socket left: {sockets:?}"));
+        }
+        if h.record(&name).is_some() {
+            fail("a failed first start left a record".into());
+        }
+        if !eventually(Duration::from_secs(10), || {
+            processes_matching(&format!("__supervise {name}")).is_empty()
+        }) {
+            fail("supervisor left".into());
+        }
+        // So that the next point starts from nothing, whatever this left.
+        let (ok, out) = kubectl(&[
+            "-n",
+            NAMESPACE,
+            "delete",
+            "pods,pvc,secrets,networkpolicies",
+            "-l",
+            &format!("keystone.dev/sandbox={name}"),
+            "--ignore-not-found",
+            "--wait=true",
+        ]);
+        assert!(ok, "cleaning up after {point}: {out}");
+        for s in sockets {
+            std::fs::remove_file(&s).expect("remove socket");
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
