@@ -1,8 +1,12 @@
 //! Fast tests of the command line that need no guest image: help, bad
 //! input and configuration. They drive the real binary.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+use std::time::Duration;
+use support::{run_bounded, Dirs, Run};
 
 struct Env {
     tmp: tempfile::TempDir,
@@ -19,55 +23,63 @@ impl Env {
         self.tmp.path().join(p)
     }
 
-    fn ks_in(&self, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keystone"));
-        cmd.args(args)
+    /// `keystone ARGS` in `dir`, with the test's own home, state, config
+    /// and cache, and `env` on top.
+    fn ks_in(&self, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(support::keystone_exe());
+        Dirs::under(self.tmp.path(), self.path("cache"))
+            .isolate(&mut cmd)
+            .args(args)
             .current_dir(dir)
-            .env_remove("KEYSTONE_AGENT_CONFIG")
-            .env("HOME", self.path("home"))
-            .env("XDG_STATE_HOME", self.path("state"))
-            .env("XDG_CACHE_HOME", self.path("cache"))
-            .env("XDG_CONFIG_HOME", self.path("config"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().expect("run keystone")
+            .envs(env.iter().copied());
+        run_bounded(cmd, Duration::from_secs(120))
     }
 
+    /// `keystone agent start --no-attach --backend container EXTRA` in `dir`.
+    fn start(&self, dir: &Path, extra: &[&str]) -> Run {
+        let mut args = vec!["agent", "start", "--no-attach", "--backend", "container"];
+        args.extend_from_slice(extra);
+        self.ks_in(dir, &args, &[])
+    }
+
+    /// A repository with one empty commit.
     fn repo(&self) -> PathBuf {
         let dir = self.path("proj");
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let git = |args: &[&str]| {
-            let ok = Command::new("git")
-                .args(["-c", "user.name=T", "-c", "user.email=t@example.com"])
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("git")
-                .status
-                .success();
-            assert!(ok, "git {args:?}");
-        };
-        git(&["init", "-q", "-b", "main"]);
-        git(&["commit", "-q", "--allow-empty", "-m", "init"]);
+        git(&dir, &["init", "-q", "-b", "main"]);
+        git(
+            &dir,
+            &[
+                "-c",
+                "user.name=T",
+                "-c",
+                "user.email=t@example.com",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                "init",
+            ],
+        );
         dir
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// `git ARGS` in `dir`; fails the test unless it succeeds.
+#[track_caller]
+fn git(dir: &Path, args: &[&str]) {
+    let mut cmd = Command::new("git");
+    cmd.args(args).current_dir(dir);
+    let r = run_bounded(cmd, Duration::from_secs(60));
+    assert_eq!(r.code, Some(0), "git {args:?}:\n{}", r.text());
 }
 
 #[test]
 fn help_lists_every_command_and_option_of_the_spec() {
     let env = Env::new();
     let out = env.ks_in(env.tmp.path(), &["agent", "--help"], &[]);
-    assert!(out.status.success());
-    let help = text(&out);
+    out.ok();
+    let help = out.text();
     for cmd in [
         "start", "stop", "attach", "sync", "worktree", "status", "list", "destroy", "exec", "ssh",
         "config", "image", "doctor",
@@ -107,7 +119,7 @@ fn help_lists_every_command_and_option_of_the_spec() {
         let mut args = vec!["agent"];
         args.extend_from_slice(cmd);
         args.push("--help");
-        let help = text(&env.ks_in(env.tmp.path(), &args, &[]));
+        let help = env.ks_in(env.tmp.path(), &args, &[]).text();
         for o in *opts {
             assert!(help.contains(o), "{cmd:?} --help lacks {o}:\n{help}");
         }
@@ -119,67 +131,25 @@ fn start_outside_a_git_repository_exits_1() {
     let env = Env::new();
     let dir = env.path("not-a-repo");
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let out = env.ks_in(
-        &dir,
-        &["agent", "start", "--no-attach", "--backend", "container"],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("not inside a git repository"),
-        "{}",
-        text(&out)
-    );
+    env.start(&dir, &[])
+        .code(1)
+        .says("not inside a git repository");
 }
 
 #[test]
 fn memory_below_1024_is_refused() {
     let env = Env::new();
-    let repo = env.repo();
-    let out = env.ks_in(
-        &repo,
-        &[
-            "agent",
-            "start",
-            "--no-attach",
-            "--backend",
-            "container",
-            "--memory",
-            "512",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("--memory 512: memory must be at least 1024"),
-        "{}",
-        text(&out)
-    );
+    env.start(&env.repo(), &["--memory", "512"])
+        .code(2)
+        .says("--memory 512: memory must be at least 1024");
 }
 
 #[test]
 fn invalid_name_is_refused() {
     let env = Env::new();
-    let repo = env.repo();
-    let out = env.ks_in(
-        &repo,
-        &[
-            "agent",
-            "start",
-            "--no-attach",
-            "--backend",
-            "container",
-            "--name",
-            "Bad_Name",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains("invalid sandbox name"),
-        "{}",
-        text(&out)
-    );
+    env.start(&env.repo(), &["--name", "Bad_Name"])
+        .code(2)
+        .says("invalid sandbox name");
 }
 
 #[test]
@@ -192,12 +162,8 @@ fn unknown_sandbox_exits_1() {
         &["agent", "destroy", "nosuch", "--force"],
     ] {
         let out = env.ks_in(env.tmp.path(), args, &[]);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
-        assert!(
-            text(&out).contains("no sandbox named \"nosuch\""),
-            "{}",
-            text(&out)
-        );
+        assert_eq!(out.code, Some(1), "{args:?}: {}", out.text());
+        out.says("no sandbox named \"nosuch\"");
     }
 }
 
@@ -209,21 +175,11 @@ fn malformed_config_names_path_line_and_column() {
     std::fs::create_dir_all(cfg.parent().expect("parent")).expect("mkdir");
     std::fs::write(&cfg, "[defaults]\nmemory = 4096\nvcpus = \"four\"\n").expect("write");
     let out = env.ks_in(&repo, &["agent", "config"], &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains(&format!("{}:3:9", cfg.display())),
-        "{}",
-        text(&out)
-    );
+    out.code(2).says(&format!("{}:3:9", cfg.display()));
 
     std::fs::write(&cfg, "[defaults]\nmemroy = 4096\n").expect("write");
     let out = env.ks_in(&repo, &["agent", "start", "--no-attach"], &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(
-        text(&out).contains(&format!("{}:2:1", cfg.display())),
-        "{}",
-        text(&out)
-    );
+    out.code(2).says(&format!("{}:2:1", cfg.display()));
 }
 
 #[test]
@@ -240,14 +196,14 @@ fn config_shows_each_value_and_its_origin() {
     )
     .expect("write");
     let out = env.ks_in(&repo, &["agent", "trust"], &[]);
-    assert!(out.status.success(), "{}", text(&out));
+    out.ok();
     let out = env.ks_in(
         &repo,
         &["agent", "config"],
         &[("KEYSTONE_AGENT_MEMORY", "4096")],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let t = text(&out);
+    out.ok();
+    let t = out.text();
     let line = |key: &str| {
         t.lines()
             .find(|l| l.starts_with(&format!("{key} =")))
@@ -290,8 +246,8 @@ fn the_project_file_counts_only_once_trusted() {
 
     // Never trusted: ignored, with one line saying how to trust it.
     let out = env.ks_in(&repo, &["agent", "config"], &[]);
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = out.text();
+    out.ok();
     assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
     assert!(
         t.contains("is not trusted") && t.contains("keystone agent trust"),
@@ -300,18 +256,18 @@ fn the_project_file_counts_only_once_trusted() {
 
     // --show changes nothing.
     let out = env.ks_in(&repo, &["agent", "trust", "--show"], &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("not trusted"), "{}", text(&out));
-    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    out.ok();
+    out.says("not trusted");
+    let t = env.ks_in(&repo, &["agent", "config"], &[]).text();
     assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
 
     // Trusted: applied, without the host-only keys.
     let out = env.ks_in(&repo, &["agent", "trust"], &[]);
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = out.text();
+    out.ok();
     assert!(t.contains("defaults.artifacts is ignored"), "{t}");
     assert!(t.contains("guest.forward_env is ignored"), "{t}");
-    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    let t = env.ks_in(&repo, &["agent", "config"], &[]).text();
     assert!(value(&t, "defaults.vcpus").contains("3"), "{t}");
     assert!(value(&t, "defaults.artifacts").contains("[]"), "{t}");
     assert!(
@@ -324,7 +280,7 @@ fn the_project_file_counts_only_once_trusted() {
 
     // Changed (as a sync would change it): ignored again.
     std::fs::write(&file, "[defaults]\nvcpus = 64\n").expect("write");
-    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    let t = env.ks_in(&repo, &["agent", "config"], &[]).text();
     assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
     assert!(t.contains("changed since you trusted it"), "{t}");
 
@@ -332,21 +288,19 @@ fn the_project_file_counts_only_once_trusted() {
     std::fs::remove_file(&file).expect("rm");
     std::os::unix::fs::symlink(env.path("config"), &file).expect("symlink");
     let out = env.ks_in(&repo, &["agent", "trust"], &[]);
-    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-    assert!(text(&out).contains("symbolic link"), "{}", text(&out));
+    out.code(3).says("symbolic link");
     let out = env.ks_in(&repo, &["agent", "config"], &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("symbolic link"), "{}", text(&out));
+    out.ok().says("symbolic link");
 
     // Revoked: ignored.
     std::fs::remove_file(&file).expect("rm");
     std::fs::write(&file, "[defaults]\nvcpus = 5\n").expect("write");
-    assert!(env.ks_in(&repo, &["agent", "trust"], &[]).status.success());
-    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    env.ks_in(&repo, &["agent", "trust"], &[]).ok();
+    let t = env.ks_in(&repo, &["agent", "config"], &[]).text();
     assert!(value(&t, "defaults.vcpus").contains("5"), "{t}");
     let out = env.ks_in(&repo, &["agent", "trust", "--revoke"], &[]);
-    assert!(text(&out).contains("no longer trusted"), "{}", text(&out));
-    let t = text(&env.ks_in(&repo, &["agent", "config"], &[]));
+    out.says("no longer trusted");
+    let t = env.ks_in(&repo, &["agent", "config"], &[]).text();
     assert!(value(&t, "defaults.vcpus").contains("default"), "{t}");
 }
 
@@ -354,21 +308,20 @@ fn the_project_file_counts_only_once_trusted() {
 fn web_attach_without_a_sandbox_is_not_found() {
     let env = Env::new();
     let out = env.ks_in(env.tmp.path(), &["agent", "attach", "--web"], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("no current sandbox"), "{}", text(&out));
+    out.code(1).says("no current sandbox");
     let out = env.ks_in(env.tmp.path(), &["agent", "attach", "nosuch", "--web"], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    out.code(1);
 }
 
 #[test]
 fn list_of_an_empty_registry_is_empty_json() {
     let env = Env::new();
     let out = env.ks_in(env.tmp.path(), &["agent", "list", "--json"], &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    out.ok();
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(v, serde_json::json!([]));
     let out = env.ks_in(env.tmp.path(), &["agent", "list", "--state", "bogus"], &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    out.code(2);
 }
 
 #[test]
@@ -376,17 +329,7 @@ fn tokens_name_sources_never_values() {
     let env = Env::new();
     let project = env.tmp.path().join("proj");
     std::fs::create_dir_all(&project).expect("mkdir");
-    let git = |args: &[&str]| {
-        let ok = Command::new("git")
-            .args(args)
-            .current_dir(&project)
-            .output()
-            .expect("git")
-            .status
-            .success();
-        assert!(ok, "git {args:?}");
-    };
-    git(&["init", "-q"]);
+    git(&project, &["init", "-q"]);
     std::fs::write(
         project.join(".env"),
         "OPENAI_API_KEY=file-secret-1\nGEMINI_API_KEY=file-secret-2\nUNLISTED=file-secret-3\n",
@@ -396,7 +339,7 @@ fn tokens_name_sources_never_values() {
     let out = env.ks_in(
         &project,
         &["agent", "tokens"],
-        // Empty counts as unset, so the caller's own keys cannot interfere.
+        // Empty counts as unset: the files' values stand.
         &[
             ("ANTHROPIC_API_KEY", "host-secret"),
             ("UNLISTED_HOST", "host-secret-2"),
@@ -405,8 +348,8 @@ fn tokens_name_sources_never_values() {
             ("CLAUDE_CODE_OAUTH_TOKEN", ""),
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    let t = text(&out);
+    out.ok();
+    let t = out.text();
     for (var, source) in [
         ("ANTHROPIC_API_KEY", "host environment"),
         ("OPENAI_API_KEY", ".env"),
@@ -425,10 +368,10 @@ fn tokens_name_sources_never_values() {
         &["agent", "tokens", "--json"],
         &[("ANTHROPIC_API_KEY", "host-secret")],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(v[0]["name"], "ANTHROPIC_API_KEY");
     assert_eq!(v[0]["available"], true);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("secret"));
+    assert!(!out.stdout.contains("secret"));
 }
 
 /// doctor tells the truth about acceleration on whatever machine runs the
@@ -438,7 +381,7 @@ fn tokens_name_sources_never_values() {
 fn doctor_reports_acceleration_truthfully() {
     let env = Env::new();
     let out = env.ks_in(env.tmp.path(), &["agent", "doctor"], &[]);
-    let t = text(&out);
+    let t = out.text();
     let line = t
         .lines()
         .find(|l| l.contains("acceleration"))
@@ -462,7 +405,7 @@ fn doctor_reports_acceleration_truthfully() {
         assert!(t.contains(check), "doctor must report {check}:\n{t}");
     }
     let json = env.ks_in(env.tmp.path(), &["agent", "doctor", "--json"], &[]);
-    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("doctor --json");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("doctor --json");
     assert!(v.as_array().is_some_and(|a| a.len() > 5), "{v}");
 }
 
@@ -470,24 +413,20 @@ fn doctor_reports_acceleration_truthfully() {
 fn proxy_status_without_a_proxy_says_how_it_starts() {
     let env = Env::new();
     let out = env.ks_in(env.tmp.path(), &["agent", "proxy", "status"], &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("not running"), "{}", text(&out));
+    out.ok();
+    out.says("not running");
     let out = env.ks_in(env.tmp.path(), &["agent", "proxy", "status", "--json"], &[]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
     assert_eq!(v["running"], false);
 }
 
 #[test]
 fn a_command_line_that_does_not_parse_exits_2_and_help_says_so() {
     let env = Env::new();
-    let out = env.ks_in(env.tmp.path(), &["agent", "start", "--no-such-option"], &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("Usage:"), "{}", text(&out));
-    let help = env.ks_in(env.tmp.path(), &["--help"], &[]);
-    assert!(help.status.success());
-    assert!(
-        text(&help).contains("2 invalid state, or a command line that does not parse"),
-        "{}",
-        text(&help)
-    );
+    env.ks_in(env.tmp.path(), &["agent", "start", "--no-such-option"], &[])
+        .code(2)
+        .says("Usage:");
+    env.ks_in(env.tmp.path(), &["--help"], &[])
+        .ok()
+        .says("2 invalid state, or a command line that does not parse");
 }

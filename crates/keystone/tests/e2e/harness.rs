@@ -2,8 +2,10 @@
 //! config and a fake home full of canaries) driving the real binary
 //! against a real backend, with the guest image built once and shared.
 
+use crate::support::Dirs;
+pub use crate::support::{run_bounded, Run};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Fail (never skip) when a host tool is missing, naming its package.
@@ -75,38 +77,6 @@ pub struct Host {
     started: Instant,
 }
 
-pub struct Run {
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Run {
-    pub fn text(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-    #[track_caller]
-    pub fn ok(&self) -> &Run {
-        assert_eq!(self.code, Some(0), "expected success:\n{}", self.text());
-        self
-    }
-    #[track_caller]
-    pub fn code(&self, c: i32) -> &Run {
-        assert_eq!(self.code, Some(c), "expected exit {c}:\n{}", self.text());
-        self
-    }
-}
-
-impl From<Output> for Run {
-    fn from(o: Output) -> Run {
-        Run {
-            code: o.status.code(),
-            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-}
-
 impl Host {
     pub fn new(backend: &str, project_name: &str) -> Host {
         Self::with_user(backend, project_name, None)
@@ -118,7 +88,7 @@ impl Host {
             .prefix("ks-e2e-")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        let mut exe = PathBuf::from(env!("CARGO_BIN_EXE_keystone"));
+        let mut exe = crate::support::keystone_exe();
         if let Some(u) = user {
             // The unprivileged user needs its own copy of the binary (the
             // build tree may not be readable to it) and to own the tree.
@@ -200,19 +170,16 @@ impl Host {
             }
             None => Command::new(program),
         };
-        cmd.current_dir(&self.project)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.tmp.path().join("home"))
-            .env("XDG_STATE_HOME", self.tmp.path().join("state"))
-            .env("XDG_CONFIG_HOME", self.tmp.path().join("config"))
-            .env("XDG_CACHE_HOME", &self.cache)
-            .env("LANG", "C.UTF-8")
-            .stdin(Stdio::null());
+        self.dirs().isolate(&mut cmd).current_dir(&self.project);
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
         cmd
+    }
+
+    /// The host's home, state and config, and the shared image cache.
+    pub fn dirs(&self) -> Dirs {
+        Dirs::under(self.tmp.path(), self.cache.clone())
     }
 
     /// Run `keystone agent ARGS` in the project.
@@ -328,30 +295,6 @@ fn record_timing(project: &str, took: Duration) {
     {
         let _ = f.write_all(line.as_bytes());
     }
-}
-
-/// Run a command with a deadline; a hang fails the test instead of the
-/// whole suite.
-pub fn run_bounded(mut cmd: Command, limit: Duration) -> Run {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
-            panic!(
-                "command timed out after {}s: {cmd:?}\n{}",
-                limit.as_secs(),
-                Run::from(out).text()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("wait").into()
 }
 
 /// Processes whose command line mentions `needle` (zombies excluded).
@@ -509,4 +452,71 @@ pub fn run_ok(args: &[&str]) {
         "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A terminal on the host (a pane of a private tmux server, 120×30) running
+/// `keystone agent ARGS` in the project, with the environment a run of
+/// [`Host::ks`] gets plus `TERM`; the server goes with the value.
+pub struct HostTerminal {
+    socket: String,
+}
+
+impl HostTerminal {
+    pub fn new(h: &Host, label: &str, keystone_args: &str) -> HostTerminal {
+        assert!(
+            Command::new("tmux").arg("-V").output().is_ok(),
+            "tmux is required to drive a terminal: apt-get install tmux"
+        );
+        let socket = format!("ks-e2e-{label}-{}", std::process::id());
+        let mut env = String::from("env -i");
+        for (k, v) in h.dirs().env() {
+            env.push_str(&format!(" {k}={}", v.to_string_lossy()));
+        }
+        env.push_str(" TERM=xterm-256color");
+        let cmd = format!(
+            "cd {} && {env} {} agent {keystone_args}; echo ATTACH-EXIT=$?; sleep 60",
+            h.project.display(),
+            h.exe.display()
+        );
+        let t = HostTerminal { socket };
+        t.tmux(&[
+            "new-session",
+            "-d",
+            "-x",
+            "120",
+            "-y",
+            "30",
+            "-s",
+            "host",
+            &cmd,
+        ]);
+        t
+    }
+
+    pub fn tmux(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// What the pane shows now.
+    pub fn screen(&self) -> String {
+        self.tmux(&["capture-pane", "-p", "-t", "host"])
+    }
+
+    /// `tmux send-keys` to the pane.
+    pub fn keys(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "host"];
+        args.extend_from_slice(keys);
+        self.tmux(&args);
+    }
+}
+
+impl Drop for HostTerminal {
+    fn drop(&mut self) {
+        self.tmux(&["kill-server"]);
+    }
 }

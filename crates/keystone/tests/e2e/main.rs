@@ -10,6 +10,8 @@ mod kubernetes;
 mod leaks;
 mod proxy;
 mod scenarios;
+#[path = "../support/mod.rs"]
+mod support;
 mod sync_matrix;
 mod web;
 

@@ -460,81 +460,40 @@ pub fn destroy_guards(h: Host) {
 /// `<sandbox>-main` session in /workspace, and detaching returns 0 with the
 /// session still alive.
 pub fn attach_session(h: Host) {
-    assert!(
-        std::process::Command::new("tmux")
-            .arg("-V")
-            .output()
-            .is_ok(),
-        "tmux is required to drive a terminal: apt-get install tmux"
-    );
     let name = h.name();
     h.start(&[]).ok();
-    let socket = format!("ks-e2e-{}", std::process::id());
-    let tmux = |args: &[&str]| -> String {
-        let out = std::process::Command::new("tmux")
-            .args(["-L", &socket])
-            .args(args)
-            .output()
-            .expect("tmux");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let env = format!(
-        "env -i PATH={path} HOME={tmp}/home XDG_STATE_HOME={tmp}/state XDG_CONFIG_HOME={tmp}/config XDG_CACHE_HOME={cache} TERM=xterm-256color",
-        path = std::env::var("PATH").unwrap_or_default(),
-        tmp = h.tmp.path().display(),
-        cache = h.cache.display(),
-    );
-    let cmd = format!(
-        "cd {} && {env} {} agent attach; echo ATTACH-EXIT=$?; sleep 60",
-        h.project.display(),
-        h.exe.display()
-    );
-    tmux(&[
-        "new-session",
-        "-d",
-        "-x",
-        "120",
-        "-y",
-        "30",
-        "-s",
-        "host",
-        &cmd,
-    ]);
-    let screen = || tmux(&["capture-pane", "-p", "-t", "host"]);
+    let term = HostTerminal::new(&h, "attach", "attach");
     // The guest's prompt, inside its tmux (tmux's status line truncates
     // long session names, so the session is checked by name below).
     let in_session = eventually(Duration::from_secs(20), || {
-        screen().contains(&format!("agent@{name}:/workspace"))
+        term.screen().contains(&format!("agent@{name}:/workspace"))
     });
     assert!(
         in_session,
         "the guest's tmux session never appeared:\n{}",
-        screen()
+        term.screen()
     );
-    tmux(&[
-        "send-keys",
-        "-t",
-        "host",
-        "pwd; echo marker-$((6*7))",
-        "Enter",
-    ]);
+    term.keys(&["pwd; echo marker-$((6*7))", "Enter"]);
     assert!(
-        eventually(Duration::from_secs(10), || screen().contains("marker-42")),
+        eventually(Duration::from_secs(10), || term
+            .screen()
+            .contains("marker-42")),
         "typed command did not run:\n{}",
-        screen()
+        term.screen()
     );
-    assert!(screen().contains("/workspace"), "{}", screen());
+    assert!(term.screen().contains("/workspace"), "{}", term.screen());
     // Switching to another worktree's session from inside the session
     // (keystone-switch, the guest's command): it starts on demand in its
     // worktree, and the same client moves there.
     h.ks(&["worktree", "add", "other", "--create"]).ok();
-    tmux(&["send-keys", "-t", "host", "keystone-switch other", "Enter"]);
+    term.keys(&["keystone-switch other", "Enter"]);
     assert!(
         eventually(Duration::from_secs(15), || {
-            screen().contains(&format!("agent@{name}:/workspace/.worktrees/other"))
+            term.screen()
+                .contains(&format!("agent@{name}:/workspace/.worktrees/other"))
         }),
         "keystone-switch did not move the client:\n{}",
-        screen()
+        term.screen()
     );
     let attached = h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'");
     assert!(
@@ -542,25 +501,20 @@ pub fn attach_session(h: Host) {
             && attached.contains(&format!("{name}-main 0")),
         "{attached}"
     );
-    tmux(&[
-        "send-keys",
-        "-t",
-        "host",
-        "keystone-switch nope; echo SWITCH-EXIT=$?",
-        "Enter",
-    ]);
+    term.keys(&["keystone-switch nope; echo SWITCH-EXIT=$?", "Enter"]);
     assert!(
-        eventually(Duration::from_secs(10), || screen()
+        eventually(Duration::from_secs(10), || term
+            .screen()
             .contains("SWITCH-EXIT=1")),
         "{}",
-        screen()
+        term.screen()
     );
     assert!(
-        screen().contains("there is no worktree nope"),
+        term.screen().contains("there is no worktree nope"),
         "{}",
-        screen()
+        term.screen()
     );
-    tmux(&["send-keys", "-t", "host", "keystone-switch main", "Enter"]);
+    term.keys(&["keystone-switch main", "Enter"]);
     assert!(
         eventually(Duration::from_secs(15), || {
             h.sh("tmux list-sessions -F '#{session_name} #{session_attached}'")
@@ -568,12 +522,12 @@ pub fn attach_session(h: Host) {
         }),
         "keystone-switch main did not move the client back"
     );
-    tmux(&["send-keys", "-t", "host", "C-b", "d"]);
+    term.keys(&["C-b", "d"]);
     let detached = eventually(Duration::from_secs(10), || {
-        screen().contains("ATTACH-EXIT=")
+        term.screen().contains("ATTACH-EXIT=")
     });
-    let shown = screen();
-    tmux(&["kill-server"]);
+    let shown = term.screen();
+    drop(term);
     assert!(
         detached,
         "detach did not return to the host shell:\n{shown}"

@@ -1,7 +1,7 @@
 //! `attach --web` in Debian's Chromium (headless, driven through
 //! chromedriver), sharing its session with a terminal client.
 
-use crate::harness::{eventually, Host};
+use crate::harness::{eventually, Host, HostTerminal};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -31,67 +31,6 @@ pub fn artifacts_dir() -> PathBuf {
         .join("test-artifacts");
     std::fs::create_dir_all(&dir).expect("artifacts dir");
     dir
-}
-
-/// A terminal on the host (a tmux pane of a private tmux server) running a
-/// command, for the "terminal client" side.
-pub struct HostTerminal {
-    socket: String,
-}
-
-impl HostTerminal {
-    pub fn new(h: &Host, label: &str, keystone_args: &str) -> HostTerminal {
-        let socket = format!("ks-e2e-{label}-{}", std::process::id());
-        let env = format!(
-            "env -i PATH={path} HOME={tmp}/home XDG_STATE_HOME={tmp}/state XDG_CONFIG_HOME={tmp}/config XDG_CACHE_HOME={cache} TERM=xterm-256color LANG=C.UTF-8",
-            path = std::env::var("PATH").unwrap_or_default(),
-            tmp = h.tmp.path().display(),
-            cache = h.cache.display(),
-        );
-        let cmd = format!(
-            "cd {} && {env} {} agent {keystone_args}; echo ATTACH-EXIT=$?; sleep 60",
-            h.project.display(),
-            h.exe.display()
-        );
-        let t = HostTerminal { socket };
-        t.tmux(&[
-            "new-session",
-            "-d",
-            "-x",
-            "120",
-            "-y",
-            "30",
-            "-s",
-            "host",
-            &cmd,
-        ]);
-        t
-    }
-
-    pub fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
-            .args(["-L", &self.socket])
-            .args(args)
-            .output()
-            .expect("tmux");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn screen(&self) -> String {
-        self.tmux(&["capture-pane", "-p", "-t", "host"])
-    }
-
-    pub fn keys(&self, keys: &[&str]) {
-        let mut args = vec!["send-keys", "-t", "host"];
-        args.extend_from_slice(keys);
-        self.tmux(&args);
-    }
-}
-
-impl Drop for HostTerminal {
-    fn drop(&mut self) {
-        self.tmux(&["kill-server"]);
-    }
 }
 
 /// `keystone agent attach --web` in the background; its URL from stdout.
