@@ -370,69 +370,23 @@ fn pod_deleted_outside() {
     }
 }
 
-/// The backend-independent scenarios every local backend runs, on a pod:
-/// the channel (port-forward) must make them work unchanged.
-mod shared {
-    use super::host;
-    use crate::scenarios;
-
-    #[test]
-    fn supervisor_killed() {
-        scenarios::supervisor_killed(host("kill-kube", ""));
-    }
-    #[test]
-    fn concurrent_starts() {
-        scenarios::concurrent_starts(host("race-kube", ""));
-    }
-    #[test]
-    fn destroy_guards() {
-        scenarios::destroy_guards(host("guard-kube", ""));
-    }
-    #[test]
-    fn attach_session() {
-        scenarios::attach_session(host("attach-kube", ""));
-    }
-    #[test]
-    fn sync_rules() {
-        scenarios::sync_rules(host("sync-kube", ""));
-    }
-    #[test]
-    fn sync_hostile() {
-        scenarios::sync_hostile(host("hostile-kube", ""));
-    }
-    #[test]
-    fn unborn_branch() {
-        scenarios::unborn_branch(host("unborn-kube", ""));
-    }
-    #[test]
-    fn submodules() {
-        scenarios::submodules(host("sub-kube", ""));
-    }
-    #[test]
-    fn env_files() {
-        scenarios::env_files(host("envf-kube", ""));
-    }
-    #[test]
-    fn artifacts() {
-        scenarios::artifacts(host("art-kube", ""));
-    }
-    #[test]
-    fn worktrees() {
-        scenarios::worktrees(host("wt-kube", ""));
-    }
+// The backend-independent scenarios (main.rs lists them, and why some are
+// left out here), on a pod: the channel (port-forward) must make them work
+// unchanged.
+crate::backend_suite!(kubernetes shared, |project| super::host(project, ""), {
     #[test]
     fn two_at_once_and_fresh() {
         // Requests equal limits: two 2-vCPU sandboxes do not fit the test
         // node's 2 cores (the second start fails "Insufficient cpu"), so
         // these two ask for one each.
-        let h = host("two-kube", "");
+        let h = super::host("two-kube", "");
         let config = h.tmp.path().join("config/keystone/agent.toml");
         let text = std::fs::read_to_string(&config).expect("config");
         assert!(text.contains("vcpus = 2"), "{text}");
         h.write(&config, &text.replace("vcpus = 2", "vcpus = 1"));
         scenarios::two_at_once_and_fresh(h);
     }
-}
+});
 
 /// `image push` to a registry (the test cluster's plain-HTTP one), and a
 /// sandbox whose pod pulls the image from there (`pull_policy = "always"`).
