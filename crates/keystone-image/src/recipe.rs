@@ -477,31 +477,40 @@ mod tests {
         assert!(Recipe::new(Profile::Full).id().starts_with("full-"));
     }
 
+    /// What the image's own files run comes from a package every image
+    /// installs: dropping one breaks the guest at run time, not the build.
+    /// (The list's exact content is pinned by `minimal_id_is_pinned`.)
     #[test]
-    fn minimal_packages() {
-        let p = minimal().packages();
-        let expected = [
-            "ca-certificates",
-            "curl",
-            "direnv",
-            "git",
-            "iproute2",
-            "jq",
-            "kmod",
-            "less",
-            "libnss-myhostname",
-            "linux-image-cloud-amd64",
-            "openssh-server",
-            "procps",
-            "python3",
-            "ripgrep",
-            "rsync",
-            "sudo",
-            "tini",
-            "tmux",
-            "udhcpc",
+    fn every_image_installs_what_its_own_files_run() {
+        let needs = [
+            // The init: PID 1, sshd, the network, the microVM's modules.
+            ("exec /usr/bin/tini", "tini"),
+            ("/usr/sbin/sshd -D", "openssh-server"),
+            ("| ip -batch -", "iproute2"),
+            ("udhcpc -f -i eth1", "udhcpc"),
+            ("modprobe -a virtio_blk", "kmod"),
+            // The kernel hook keeps the kernel the microVM boots.
+            ("/boot/vmlinuz-", "linux-image-cloud-amd64"),
+            // The agent's shell, sessions and sudo.
+            ("eval \"$(direnv hook bash)\"", "direnv"),
+            ("tmux new-session", "tmux"),
+            ("/etc/sudoers.d/agent", "sudo"),
         ];
-        assert_eq!(p, expected);
+        for profile in [Profile::Minimal, Profile::Full] {
+            let r = Recipe::new(profile);
+            let hooks = r.hooks(false).concat();
+            let packages = r.packages();
+            for (used, package) in needs {
+                assert!(
+                    hooks.contains(used),
+                    "the {profile} image's files no longer use {used:?}: does it still need {package}?"
+                );
+                assert!(
+                    packages.iter().any(|p| p == package),
+                    "the {profile} image's files use {used:?} but it does not install {package}"
+                );
+            }
+        }
     }
 
     #[test]
