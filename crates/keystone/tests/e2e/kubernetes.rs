@@ -168,25 +168,7 @@ fn lifecycle() {
             name.as_str()
         ]
     );
-    h.ks(&["exec", "--", "sh", "-c", "exit 7"]).code(7);
-    let r = h.ks(&["exec", "--user", "root", "--", "id", "-u"]);
-    assert_eq!(r.ok().stdout.trim(), "0");
-
-    // The agent commits; sync brings it home.
-    let theirs = h.sh("echo 'written by the agent' > agent.txt && git add agent.txt && git commit -qm 'agent work' && git rev-parse HEAD");
-    let r = h.ks(&["sync"]);
-    r.ok();
-    assert!(
-        r.stdout
-            .contains("synced main: 1 commit(s) from the sandbox (1 file(s) changed"),
-        "{}",
-        r.text()
-    );
-    assert_eq!(h.git(&["rev-parse", "HEAD"]), theirs.trim());
-    assert_eq!(
-        std::fs::read_to_string(h.project.join("agent.txt")).expect("agent.txt"),
-        "written by the agent\n"
-    );
+    let theirs = crate::scenarios::exec_and_sync_home(&h);
 
     // stop deletes the pod and its secret, keeps the claim.
     h.sh("echo kept > /workspace/scratch.txt");

@@ -71,6 +71,31 @@ impl Traces {
     }
 }
 
+/// In a running sandbox: exec passes the exit status through and `--user`
+/// works; the agent commits and sync brings commit and file home. The
+/// sandbox's commit.
+#[track_caller]
+pub fn exec_and_sync_home(h: &Host) -> String {
+    h.ks(&["exec", "--", "sh", "-c", "exit 7"]).code(7);
+    let r = h.ks(&["exec", "--user", "root", "--", "id", "-u"]);
+    assert_eq!(r.ok().stdout.trim(), "0");
+    let theirs = h.sh("echo 'written by the agent' > agent.txt && git add agent.txt && git commit -qm 'agent work' && git rev-parse HEAD");
+    let r = h.ks(&["sync"]);
+    r.ok();
+    assert!(
+        r.stdout
+            .contains("synced main: 1 commit(s) from the sandbox (1 file(s) changed"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(h.git(&["rev-parse", "HEAD"]), theirs.trim());
+    assert_eq!(
+        std::fs::read_to_string(h.project.join("agent.txt")).expect("agent.txt"),
+        "written by the agent\n"
+    );
+    theirs
+}
+
 /// start → exec → commit inside → sync → stop → start keeps the disk →
 /// --fresh drops it → destroy leaves nothing.
 pub fn lifecycle(h: Host) {
@@ -152,26 +177,7 @@ pub fn lifecycle(h: Host) {
         _ => {}
     }
 
-    // exec passes exit status through, and --user works.
-    h.ks(&["exec", "--", "sh", "-c", "exit 7"]).code(7);
-    let r = h.ks(&["exec", "--user", "root", "--", "id", "-u"]);
-    assert_eq!(r.ok().stdout.trim(), "0");
-
-    // The agent commits; sync brings commit and file home.
-    let theirs = h.sh("echo 'written by the agent' > agent.txt && git add agent.txt && git commit -qm 'agent work' && git rev-parse HEAD");
-    let r = h.ks(&["sync"]);
-    r.ok();
-    assert!(
-        r.stdout
-            .contains("synced main: 1 commit(s) from the sandbox (1 file(s) changed"),
-        "{}",
-        r.text()
-    );
-    assert_eq!(h.git(&["rev-parse", "HEAD"]), theirs.trim());
-    assert_eq!(
-        std::fs::read_to_string(h.project.join("agent.txt")).expect("agent.txt"),
-        "written by the agent\n"
-    );
+    exec_and_sync_home(&h);
     assert_eq!(
         h.git(&["status", "--porcelain"]),
         "",
