@@ -188,12 +188,16 @@ impl Host {
     }
 
     pub fn ks_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = self.agent(args);
+        cmd.envs(env.iter().copied());
+        run_bounded(cmd, Duration::from_secs(900))
+    }
+
+    /// `keystone agent ARGS` in the project, not started.
+    fn agent(&self, args: &[&str]) -> Command {
         let mut cmd = self.command(&self.exe);
         cmd.arg("agent").args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        run_bounded(cmd, Duration::from_secs(900))
+        cmd
     }
 
     /// Start the project's sandbox, detached.
@@ -342,25 +346,22 @@ impl Host {
 
     /// Start `keystone agent ARGS` with extra environment, without waiting.
     pub fn ks_spawn_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
-        let mut cmd = self.command(&self.exe);
-        cmd.envs(env.iter().copied());
-        cmd.arg("agent")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd.spawn().expect("spawn keystone")
+        self.spawn(args, env, Stdio::null())
     }
 
     /// Like [`Host::ks_spawn_env`], with a pipe for its standard input.
     pub fn ks_spawn_stdin(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
-        let mut cmd = self.command(&self.exe);
-        cmd.envs(env.iter().copied());
-        cmd.arg("agent")
-            .args(args)
-            .stdin(Stdio::piped())
+        self.spawn(args, env, Stdio::piped())
+    }
+
+    fn spawn(&self, args: &[&str], env: &[(&str, &str)], stdin: Stdio) -> std::process::Child {
+        self.agent(args)
+            .envs(env.iter().copied())
+            .stdin(stdin)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd.spawn().expect("spawn keystone")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn keystone")
     }
 
     pub fn name(&self) -> String {
@@ -410,8 +411,8 @@ impl Host {
 
     /// `keystone agent ARGS` run in another directory.
     pub fn ks_at(&self, dir: &Path, args: &[&str]) -> Run {
-        let mut cmd = self.command(&self.exe);
-        cmd.current_dir(dir).arg("agent").args(args);
+        let mut cmd = self.agent(args);
+        cmd.current_dir(dir);
         run_bounded(cmd, Duration::from_secs(900))
     }
 }
