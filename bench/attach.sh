@@ -13,20 +13,12 @@
 # Not a test: nothing here fails on time.
 #   sudo ./bench/attach.sh [ITERATIONS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 N=${1:-15}
-command -v python3 >/dev/null || { echo "python3 is required: apt-get install python3" >&2; exit 4; }
-cargo build --release --locked -q -p keystone
-K=$PWD/target/release/keystone
-work=$(mktemp -d /tmp/ks-bench.XXXXXX)
-trap 'cd /; $K agent destroy bench --force >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-export XDG_STATE_HOME=$work/state XDG_CONFIG_HOME=$work/config
-export XDG_CACHE_HOME=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
+bench_require python3:python3
+bench_build
+bench_project bench container
 export TERM=xterm-256color LANG=C.UTF-8
-mkdir -p "$XDG_CONFIG_HOME/keystone" "$work/bench"
-printf '[defaults]\nmemory = 2048\nvcpus = 2\n[backend]\ntype = "container"\n[guest]\nprofile = "minimal"\n' > "$XDG_CONFIG_HOME/keystone/agent.toml"
-cd "$work/bench"
-git init -q -b main && git -c user.name=b -c user.email=b@e commit -q --allow-empty -m init
 $K agent start --no-attach >/dev/null 2>&1
 # The session, with a marker on its screen that every attach redraws.
 $K agent exec -- tmux new-session -d -s bench-main -x 100 -y 30 -c /workspace \

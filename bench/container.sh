@@ -10,33 +10,16 @@
 # Prints absolute figures and ratios. Not a test: nothing here fails on time.
 #   sudo ./bench/container.sh [ITERATIONS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 N=${1:-5}
-command -v bwrap >/dev/null || { echo "bwrap is required: apt-get install bubblewrap" >&2; exit 4; }
-cargo build --release --locked -q -p keystone
-K=$PWD/target/release/keystone
-work=$(mktemp -d /tmp/ks-bench.XXXXXX)
-trap 'cd /; $K agent destroy bench --force >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-export XDG_STATE_HOME=$work/state XDG_CONFIG_HOME=$work/config
-export XDG_CACHE_HOME=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
-mkdir -p "$XDG_CONFIG_HOME/keystone" "$work/bench"
-printf '[defaults]\nmemory = 2048\nvcpus = 2\n[backend]\ntype = "container"\n[guest]\nprofile = "minimal"\n' > "$XDG_CONFIG_HOME/keystone/agent.toml"
-cd "$work/bench"
-git init -q -b main && git -c user.name=b -c user.email=b@e commit -q --allow-empty -m init
+bench_require bwrap:bubblewrap python3:python3 bc:bc
+bench_build
+bench_project bench container
 $K agent start --no-attach >/dev/null 2>&1     # cold: builds/unpacks the image once
 $K agent stop >/dev/null
 
-now() { date +%s%N; }
-ms() { echo "scale=1; ($2 - $1) / 1000000" | bc; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-
 # 1. keystone warm start → exec
-ks_start=()
-for _ in $(seq "$N"); do
-    t0=$(now); $K agent start --no-attach >/dev/null 2>&1; $K agent exec -- true; t1=$(now)
-    ks_start+=("$(ms "$t0" "$t1")")
-    $K agent stop >/dev/null
-done
+bench_warm_starts "$N"
 
 # Baseline: bwrap --unshare-all on the same unpacked rootfs, sshd, one ssh.
 image=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sandboxes"][0]["settings"]["image"])' "$XDG_STATE_HOME/keystone/registry.json")
@@ -68,9 +51,9 @@ for _ in $(seq $((N * 4))); do
     t0=$(now); ssh -F "$cfg" keystone-bench -- true; t1=$(now); ssh_exec+=("$(ms "$t0" "$t1")")
 done
 
-m_start=$(printf '%s\n' "${ks_start[@]}" | median)
-m_base=$(printf '%s\n' "${base[@]}" | median)
-m_exec=$(printf '%s\n' "${ks_exec[@]}" | median)
-m_ssh=$(printf '%s\n' "${ssh_exec[@]}" | median)
-echo "warm start to working exec: keystone ${m_start} ms, bwrap+sshd baseline ${m_base} ms, ratio $(echo "scale=2; $m_start / $m_base" | bc)x   (median of $N)"
-echo "exec -- true round trip:    keystone ${m_exec} ms, plain reused ssh ${m_ssh} ms, ratio $(echo "scale=2; $m_exec / $m_ssh" | bc)x   (median of $((N * 4)))"
+m_start=$(median_of "${warm[@]}")
+m_base=$(median_of "${base[@]}")
+m_exec=$(median_of "${ks_exec[@]}")
+m_ssh=$(median_of "${ssh_exec[@]}")
+echo "warm start to working exec: keystone ${m_start} ms, bwrap+sshd baseline ${m_base} ms, ratio $(ratio "$m_start" "$m_base")x   (median of $N)"
+echo "exec -- true round trip:    keystone ${m_exec} ms, plain reused ssh ${m_ssh} ms, ratio $(ratio "$m_exec" "$m_ssh")x   (median of $((N * 4)))"

@@ -12,25 +12,11 @@
 # Prints absolute figures and ratios. Not a test: nothing here fails on time.
 #   sudo ./bench/microvm.sh [ITERATIONS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 N=${1:-3}
-for t in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.ext4:e2fsprogs bc:bc jq:jq; do
-    command -v "${t%%:*}" >/dev/null || { echo "${t%%:*} is required: apt-get install ${t##*:}" >&2; exit 4; }
-done
-cargo build --release -q -p keystone
-K=${CARGO_TARGET_DIR:-$PWD/target}/release/keystone
-work=$(mktemp -d /tmp/ks-bench-vm.XXXXXX)
-trap 'cd /; $K agent destroy bench --force >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-export XDG_STATE_HOME=$work/state XDG_CONFIG_HOME=$work/config
-export XDG_CACHE_HOME=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
-mkdir -p "$XDG_CONFIG_HOME/keystone" "$work/bench"
-printf '[defaults]\nmemory = 2048\nvcpus = 2\nnetwork = "none"\n[backend]\ntype = "microvm"\n[guest]\nprofile = "minimal"\n' > "$XDG_CONFIG_HOME/keystone/agent.toml"
-cd "$work/bench"
-git init -q -b main && git -c user.name=b -c user.email=b@e commit -q --allow-empty -m init
-
-now() { date +%s%N; }
-ms() { echo "scale=1; ($2 - $1) / 1000000" | bc; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+bench_require qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils mkfs.ext4:e2fsprogs bc:bc jq:jq
+bench_build
+bench_project bench microvm 'network = "none"\n'
 
 t0=$(now); $K agent start --no-attach >/dev/null 2>&1; $K agent exec -- true; t1=$(now)
 cold=$(ms "$t0" "$t1")
@@ -46,12 +32,7 @@ guest_kb=$($K agent exec -- awk '/^MemTotal:/ {t=$2} /^MemFree:/ {f=$2} END {pri
 $K agent stop >/dev/null
 
 # 1. keystone warm start → exec
-ks=()
-for _ in $(seq "$N"); do
-    t0=$(now); $K agent start --no-attach >/dev/null 2>&1; $K agent exec -- true; t1=$(now)
-    ks+=("$(ms "$t0" "$t1")")
-    $K agent stop >/dev/null
-done
+bench_warm_starts "$N"
 
 # The floor: same command line, init=/bin/false, a scratch overlay, no QMP.
 # QEMU is handed descriptors, not paths (qemu::Fds); the floor opens the
@@ -83,13 +64,13 @@ for _ in $(seq "$N"); do
     fl+=("$(ms "$t0" "$t1")")
 done
 
-ks_m=$(printf '%s\n' "${ks[@]}" | median)
-fl_m=$(printf '%s\n' "${fl[@]}" | median)
+ks_m=$(median_of "${warm[@]}")
+fl_m=$(median_of "${fl[@]}")
 accel=$(printf '%s\n' "${args[@]}" | grep -A1 -x -- -accel | tail -1)
 echo "accelerator:                        $accel"
 echo "cold first start → exec:            ${cold} ms (makes the sandbox's disk, pushes the repository)"
-echo "warm start → exec (median of $N):    ${ks_m} ms   [${ks[*]}]"
+echo "warm start → exec (median of $N):    ${ks_m} ms   [${warm[*]}]"
 echo "floor: kernel → init=/bin/false:    ${fl_m} ms   [${fl[*]}]"
-echo "ratio start→exec / floor:           $(echo "scale=2; $ks_m / $fl_m" | bc)x (aim: <= 2.5x)"
+echo "ratio start→exec / floor:           $(ratio "$ks_m" "$fl_m")x (aim: <= 2.5x)"
 echo "idle memory: QEMU RSS ${qemu_kb} kB + supervisor RSS ${sup_kb} kB, guest uses ${guest_kb} kB"
 echo "idle overhead beyond the guest:     $(( qemu_kb + sup_kb - guest_kb )) kB"

@@ -16,33 +16,17 @@
 # Prints absolute figures and ratios. Not a test: nothing here fails on time.
 #   sudo ./bench/proxy.sh [SECONDS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 D=${1:-5}
-for t in wrk:wrk caddy:caddy nsenter:util-linux curl:curl; do
-    command -v "${t%%:*}" >/dev/null || { echo "${t%%:*} is required: apt-get install ${t##*:}" >&2; exit 4; }
-done
+bench_require wrk:wrk caddy:caddy nsenter:util-linux curl:curl python3:python3 bc:bc
 [ "$(id -u)" -eq 0 ] || { echo "run as root (nsenter into the sandbox's network namespace)" >&2; exit 4; }
-cargo build --release --locked -q -p keystone
-K=$PWD/target/release/keystone
-work=$(mktemp -d /tmp/ks-bench-proxy.XXXXXX)
-caddy_pid=
-cleanup() {
-    cd /
-    [ -n "$caddy_pid" ] && kill "$caddy_pid" 2>/dev/null || true
-    $K agent destroy bench --force >/dev/null 2>&1 || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_build
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PROXY=$(port)
 CADDY=$(port)
-export XDG_STATE_HOME=$work/state XDG_CONFIG_HOME=$work/config
-export XDG_CACHE_HOME=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
-mkdir -p "$XDG_CONFIG_HOME/keystone" "$work/bench"
-printf '[defaults]\nmemory = 2048\nvcpus = 2\n[backend]\ntype = "container"\n[guest]\nprofile = "minimal"\n[proxy]\nenable = true\nport = %s\n' "$PROXY" \
-    > "$XDG_CONFIG_HOME/keystone/agent.toml"
-cd "$work/bench"
-git init -q -b main && git -c user.name=b -c user.email=b@e commit -q --allow-empty -m init
+caddy_pid=
+bench_project bench container "" "[proxy]\nenable = true\nport = $PROXY\n"
+bench_at_exit '[ -z "$caddy_pid" ] || kill "$caddy_pid" 2>/dev/null'
 $K agent start --no-attach >/dev/null 2>&1
 
 # The upstream, inside the sandbox.
@@ -91,11 +75,10 @@ t_direct=$(nsenter --net="$netns" wrk -t2 -c32 -d"${D}s" http://127.0.0.1:9000/ 
 d50=$(pct 50 <<<"$direct"); d99=$(pct 99 <<<"$direct")
 k50=$(pct 50 <<<"$viaks"); k99=$(pct 99 <<<"$viaks")
 c50=$(pct 50 <<<"$viacaddy"); c99=$(pct 99 <<<"$viacaddy")
-f() { echo "scale=${2:-0}; $1" | bc; }
 echo "latency, 1 connection, ${D}s each (microseconds):"
 echo "  direct (sandbox netns):  p50 $d50  p99 $d99"
-echo "  keystone proxy:          p50 $k50  p99 $k99   added p50 $(f "$k50 - $d50") us, p99 $(f "$k99 - $d99") us"
-echo "  caddy + ssh forward:     p50 $c50  p99 $c99   added p50 $(f "$c50 - $d50") us, p99 $(f "$c99 - $d99") us"
+echo "  keystone proxy:          p50 $k50  p99 $k99   added p50 $(calc "$k50 - $d50") us, p99 $(calc "$k99 - $d99") us"
+echo "  caddy + ssh forward:     p50 $c50  p99 $c99   added p50 $(calc "$c50 - $d50") us, p99 $(calc "$c99 - $d99") us"
 echo "throughput, 32 connections, ${D}s each (requests/s):"
 echo "  direct $t_direct, keystone proxy $t_ks, caddy + ssh forward $t_caddy"
-echo "  ratio keystone/caddy $(f "$t_ks / $t_caddy" 2)x   (keystone/direct $(f "$t_ks / $t_direct" 2)x)"
+echo "  ratio keystone/caddy $(ratio "$t_ks" "$t_caddy")x   (keystone/direct $(ratio "$t_ks" "$t_direct")x)"

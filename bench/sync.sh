@@ -4,23 +4,13 @@
 # in the same run. Prints absolute figures and the ratio; not a test.
 #   sudo ./bench/sync.sh [ITERATIONS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 N=${1:-10}
-cargo build --release --locked -q -p keystone
-K=$PWD/target/release/keystone
-work=$(mktemp -d /tmp/ks-bench-sync.XXXXXX)
-trap 'cd /; $K agent destroy syncbench --force >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-export XDG_STATE_HOME=$work/state XDG_CONFIG_HOME=$work/config
-export XDG_CACHE_HOME=${KEYSTONE_TEST_CACHE:-/var/tmp/keystone-test-cache}
-mkdir -p "$XDG_CONFIG_HOME/keystone" "$work/syncbench"
-printf '[defaults]\nmemory = 2048\nvcpus = 2\n[backend]\ntype = "%s"\n[guest]\nprofile = "minimal"\n' "${BACKEND:-container}" > "$XDG_CONFIG_HOME/keystone/agent.toml"
-cd "$work/syncbench"
-git init -q -b main && git config user.name b && git config user.email b@e && git commit -q --allow-empty -m init
+bench_require bc:bc
+bench_build
+bench_project syncbench "${BACKEND:-container}"
 $K agent start --no-attach >/dev/null 2>&1
 cfg=$XDG_STATE_HOME/keystone/sandboxes/syncbench/ssh/config
-now() { date +%s%N; }
-ms() { echo "scale=1; ($2 - $1) / 1000000" | bc; }
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 ks=(); raw=()
 for i in $(seq "$N"); do
     $K agent exec -- sh -c "echo $i > f$i.txt && git add f$i.txt && git commit -qm f$i"
@@ -31,6 +21,6 @@ for i in $(seq "$N"); do
     t1=$(now); raw+=("$(ms "$t0" "$t1")")
     git merge -q --ff-only refs/bench/main   # keep the host in step for the next round
 done
-m_ks=$(printf '%s\n' "${ks[@]}" | median)
-m_raw=$(printf '%s\n' "${raw[@]}" | median)
-echo "sync of a one-file commit: keystone ${m_ks} ms, raw git fetch ${m_raw} ms, ratio $(echo "scale=2; $m_ks / $m_raw" | bc)x   (median of $N, ${BACKEND:-container})"
+m_ks=$(median_of "${ks[@]}")
+m_raw=$(median_of "${raw[@]}")
+echo "sync of a one-file commit: keystone ${m_ks} ms, raw git fetch ${m_raw} ms, ratio $(ratio "$m_ks" "$m_raw")x   (median of $N, ${BACKEND:-container})"
