@@ -141,10 +141,18 @@ pub enum BackendError {
     Leftovers(Vec<String>),
     /// An error, and the teardown after it that failed too: both are
     /// kept, the cause first.
-    #[error("{error}; and {cleanup}")]
+    #[error("{error}; cleanup also failed: {cleanup}")]
     WithCleanup {
         error: Box<BackendError>,
         cleanup: Box<BackendError>,
+    },
+    /// The cluster refused or failed a call; the API's own message
+    /// and reason are in the text, transport causes below it.
+    #[error("{context}: {}", kubernetes::api_message(source))]
+    Cluster {
+        context: String,
+        #[source]
+        source: kube::Error,
     },
     #[error("{0}")]
     Failed(String),

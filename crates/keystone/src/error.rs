@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(cli.code, Exit::Requirements);
         assert_eq!(
             cli.message,
-            "apt-get install passt; and teardown left the tap device ks0"
+            "apt-get install passt; cleanup also failed: teardown left the tap device ks0"
         );
     }
 }

@@ -19,7 +19,10 @@ pub(super) async fn bounded<T>(
 ) -> Result<T, BackendError> {
     match tokio::time::timeout(API_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(BackendError::Failed(format!("{what}: {}", api_message(&e)))),
+        Ok(Err(source)) => Err(BackendError::Cluster {
+            context: what.to_string(),
+            source,
+        }),
         Err(_) => Err(BackendError::Failed(format!(
             "{what}: no answer from the API server within {}s",
             API_TIMEOUT.as_secs()
@@ -27,7 +30,9 @@ pub(super) async fn bounded<T>(
     }
 }
 
-pub(super) fn api_message(e: &kube::Error) -> String {
+/// What a kube error says: the API server's message and reason, or the
+/// client's own error.
+pub(crate) fn api_message(e: &kube::Error) -> String {
     match e {
         kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
         other => other.to_string(),
@@ -125,10 +130,10 @@ pub(super) async fn ensure_namespace(client: &Client, ns: &str) -> Result<(), Ba
     match tokio::time::timeout(API_TIMEOUT, api.create(&PostParams::default(), &obj)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if is_conflict(&e) => Ok(()),
-        Ok(Err(e)) => Err(BackendError::Failed(format!(
-            "cannot create namespace {ns}: {}",
-            api_message(&e)
-        ))),
+        Ok(Err(source)) => Err(BackendError::Cluster {
+            context: format!("cannot create namespace {ns}"),
+            source,
+        }),
         Err(_) => Err(BackendError::Failed(format!(
             "creating namespace {ns}: no answer within {}s",
             API_TIMEOUT.as_secs()
@@ -178,10 +183,10 @@ where
             delete_and_wait(api, name, 0).await?;
             create(api, name, obj).await
         }
-        Ok(Err(e)) => Err(BackendError::Failed(format!(
-            "cannot create {name}: {}",
-            api_message(&e)
-        ))),
+        Ok(Err(source)) => Err(BackendError::Cluster {
+            context: format!("cannot create {name}"),
+            source,
+        }),
         Err(_) => Err(BackendError::Failed(format!(
             "creating {name}: no answer within {}s",
             API_TIMEOUT.as_secs()

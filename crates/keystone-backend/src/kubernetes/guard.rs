@@ -192,15 +192,11 @@ fn settle(marked: &mut bool, result: Result<(), BackendError>, left: &mut Vec<St
     }
 }
 
-/// `cause`, with what its teardown could not remove beside it. A
-/// requirement stays one (the user still has that to fix first).
+/// `cause`, with what its teardown could not remove beside it (its exit
+/// code stays the cause's: a requirement is still the user's to fix).
 pub(super) fn with_cleanup(cause: BackendError, left: &[String]) -> BackendError {
     if left.is_empty() {
         return cause;
     }
-    let message = format!("{cause}; cleanup also failed: {}", left.join("; "));
-    match cause {
-        BackendError::Requirement(_) => BackendError::Requirement(message),
-        _ => BackendError::Failed(message),
-    }
+    cause.with_cleanup(BackendError::Failed(left.join("; ")))
 }

@@ -60,6 +60,7 @@ mod objects;
 mod readiness;
 mod supervision;
 
+pub(crate) use cluster::api_message;
 pub use cluster::probe_cluster;
 
 /// How long the pod may take to run sshd (image pull included); below
