@@ -13,8 +13,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
-/// How long one readiness probe waits for the guest's SSH banner.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one readiness probe waits for the guest's SSH banner (a pod's
+/// port-forward is the slowest path to it).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the guest's sshd answers on `socket`: its banner starts with
 /// `SSH-`.

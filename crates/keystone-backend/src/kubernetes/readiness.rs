@@ -2,9 +2,6 @@
 //! (or running), and whether sshd answers on the sandbox's socket.
 
 use k8s_openapi::api::core::v1::{Pod, PodStatus};
-use std::io::Read;
-use std::path::Path;
-use std::time::Duration;
 
 /// What a pod's status says, as far as starting a sandbox goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -93,15 +90,6 @@ fn verdict_of(status: &PodStatus) -> PodVerdict {
         }
     }
     PodVerdict::Waiting(None)
-}
-
-pub(super) fn probe(socket: &Path) -> bool {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
 }
 
 #[cfg(test)]

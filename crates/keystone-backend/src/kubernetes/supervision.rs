@@ -7,7 +7,7 @@
 use super::cluster::{self, api_message, bounded, put};
 use super::guard::Created;
 use super::objects::{claim_object, pod_object, policy_object, secret_object, SSH_PORT};
-use super::readiness::{probe, verdict, PodVerdict};
+use super::readiness::{verdict, PodVerdict};
 use super::{Names, READY_TIMEOUT, UNSCHEDULABLE_GRACE, WATCH_INTERVAL};
 use crate::signals::{StopRequest, Wake};
 use crate::{fault, BackendError, Ended, Instance, Running};
@@ -141,7 +141,7 @@ fn start(
 
     // sshd answers through the port-forward: the channel works.
     loop {
-        if probe(&inst.socket) {
+        if crate::plumbing::sshd_answers(&inst.socket) {
             break;
         }
         if started.elapsed() > READY_TIMEOUT {
