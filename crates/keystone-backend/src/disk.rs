@@ -70,7 +70,7 @@ pub fn write(sandbox_dir: &Path, base: &DiskBase) -> std::io::Result<()> {
 }
 
 /// What to do about a disk that cannot be used.
-pub(crate) fn fresh_hint(inst: &Instance) -> String {
+pub fn fresh_hint(inst: &Instance) -> String {
     format!(
         "`keystone agent start --fresh {}` discards that disk (what was not synced from it is lost)",
         inst.name
@@ -80,7 +80,7 @@ pub(crate) fn fresh_hint(inst: &Instance) -> String {
 /// The recorded base of `inst`'s disk, if any; refused when it is another
 /// image than the one the sandbox starts on (`start` keeps a sandbox on the
 /// image of its disk, so this is a guard, not a path).
-pub(crate) fn recorded_for(inst: &Instance) -> Result<Option<DiskBase>, BackendError> {
+pub fn recorded_for(inst: &Instance) -> Result<Option<DiskBase>, BackendError> {
     match read(&inst.dir) {
         Some(base) if base.image != inst.image_id => Err(BackendError::Failed(format!(
             "the disk of sandbox {} is built on image {}, not {}; {}",
@@ -95,7 +95,7 @@ pub(crate) fn recorded_for(inst: &Instance) -> Result<Option<DiskBase>, BackendE
 
 /// Record that `inst`'s disk is built on its image and, for a block-level
 /// base, on exactly the file `base_file`.
-pub(crate) fn record_for(inst: &Instance, base_file: Option<&Path>) -> Result<(), BackendError> {
+pub fn record_for(inst: &Instance, base_file: Option<&Path>) -> Result<(), BackendError> {
     let file = match base_file {
         Some(f) => Some(FileIdentity::of(f).map_err(BackendError::io(f.display().to_string()))?),
         None => None,

@@ -15,17 +15,20 @@
 //! - [`Backend::reap`] cleans up after a supervisor that died;
 //! - [`Backend::discard_disk`] implements `--fresh` and `destroy`.
 //!
-//! Backends live in their own modules and never reach into each other.
+//! The backends are crates of their own (`keystone-container`,
+//! `keystone-microvm`, `keystone-kubernetes`) that depend on this one and
+//! never on each other, so the crate graph enforces it; only the
+//! Kubernetes crate compiles kube-rs. What they share lives here: the id
+//! maps (`idmap`), disk records (`disk`), host bridges (`hostbridge`), the
+//! stop signals (`signals`), the sshd probe, relay and log files
+//! (`plumbing`) and the leak tests' fault points (`fault`).
 
-pub mod container;
 pub mod disk;
 pub mod fault;
 pub mod hostbridge;
 pub mod idmap;
-pub mod kubernetes;
-pub mod microvm;
-mod plumbing;
-mod signals;
+pub mod plumbing;
+pub mod signals;
 
 pub use signals::{unblock_all, StopRequest, STOP_FORCE, STOP_GRACEFUL};
 
@@ -81,7 +84,7 @@ impl Running {
 }
 
 /// A typed runtime record as a JSON object.
-pub(crate) fn record_to_map<T: Serialize>(
+pub fn record_to_map<T: Serialize>(
     record: &T,
 ) -> Result<BTreeMap<String, serde_json::Value>, BackendError> {
     match serde_json::to_value(record) {
@@ -96,7 +99,7 @@ pub(crate) fn record_to_map<T: Serialize>(
 /// The typed runtime record back from the registry's JSON (keys of other
 /// layers, e.g. the supervisor's notes, are ignored); `None` when it is
 /// not one (an older or another backend's record).
-pub(crate) fn record_from_map<T: serde::de::DeserializeOwned>(
+pub fn record_from_map<T: serde::de::DeserializeOwned>(
     runtime: &BTreeMap<String, serde_json::Value>,
 ) -> Option<T> {
     let object: serde_json::Map<String, serde_json::Value> = runtime
@@ -146,13 +149,15 @@ pub enum BackendError {
         error: Box<BackendError>,
         cleanup: Box<BackendError>,
     },
-    /// The cluster refused or failed a call; the API's own message
-    /// and reason are in the text, transport causes below it.
-    #[error("{context}: {}", kubernetes::api_message(source))]
+    /// The cluster refused or failed a call: what was asked, what the API
+    /// server said (its message and reason), and the client's error as
+    /// the source, whose own causes (transport, TLS) print below it.
+    #[error("{context}: {detail}")]
     Cluster {
         context: String,
+        detail: String,
         #[source]
-        source: kube::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("{0}")]
     Failed(String),
@@ -212,7 +217,7 @@ pub trait Backend {
 
 /// A host tool a backend cannot work without: a requirement error (exit 4)
 /// that says what needs it and the Debian package to install.
-pub(crate) fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError> {
+pub fn require_tool(tool: &str, package: &str, why: &str) -> Result<(), BackendError> {
     if keystone_channel::which(tool).is_none() {
         return Err(BackendError::Requirement(format!(
             "{tool} is not installed ({why}): apt-get install {package}"

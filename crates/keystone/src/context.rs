@@ -2,9 +2,9 @@
 //! the configuration, and how to reach a sandbox's backend and channel.
 
 use crate::error::{CliError, Exit, Result};
-use keystone_backend::container::ContainerBackend;
-use keystone_backend::kubernetes::KubernetesBackend;
-use keystone_backend::microvm::MicrovmBackend;
+use keystone_container::ContainerBackend;
+use keystone_kubernetes::KubernetesBackend;
+use keystone_microvm::MicrovmBackend;
 use keystone_backend::{Backend, Instance};
 use keystone_channel::{keys, Channel};
 use keystone_config::{Effective, Flag, Inputs};

@@ -35,8 +35,8 @@ fn tool(name: &str, package: &str, needed_for: &str, required: bool) -> Check {
 /// KVM as it really is: usable, or why not (absent, PVM host, no access),
 /// decided by the microvm backend itself so doctor and start agree.
 pub fn kvm_state() -> (bool, String) {
-    let (choice, _) = keystone_backend::microvm::host_acceleration();
-    let ok = choice.accel == keystone_backend::microvm::accel::Accel::Kvm;
+    let (choice, _) = keystone_microvm::host_acceleration();
+    let ok = choice.accel == keystone_microvm::accel::Accel::Kvm;
     let detail = if ok {
         "KVM is usable: microVMs run accelerated".to_string()
     } else {
@@ -49,8 +49,8 @@ pub fn kvm_state() -> (bool, String) {
 }
 
 fn nested() -> (bool, String) {
-    let (choice, host) = keystone_backend::microvm::host_acceleration();
-    let (flag, line) = keystone_backend::microvm::accel::nested_decision(true, choice.accel, &host);
+    let (choice, host) = keystone_microvm::host_acceleration();
+    let (flag, line) = keystone_microvm::accel::nested_decision(true, choice.accel, &host);
     (
         flag.is_some(),
         format!(
@@ -100,7 +100,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
     let context = crate::context::load_config(project.as_deref(), Vec::new())
         .map(|e| e.config.backend.kubernetes.context.clone())
         .unwrap_or_default();
-    let cluster = keystone_backend::kubernetes::probe_cluster(&context);
+    let cluster = keystone_kubernetes::probe_cluster(&context);
     checks.push(Check {
         name: "kubernetes cluster".into(),
         ok: cluster.is_ok(),
@@ -111,7 +111,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         required: false,
         fix: None,
     });
-    let virtiofsd = keystone_backend::microvm::virtiofsd();
+    let virtiofsd = keystone_microvm::virtiofsd();
     checks.push(Check {
         name: "tool virtiofsd".into(),
         ok: virtiofsd.is_some(),
@@ -160,7 +160,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         required: true,
         fix: (userns == 0).then(|| "sysctl -w user.max_user_namespaces=15000".into()),
     });
-    let cg = keystone_backend::container::cgroup_version();
+    let cg = keystone_container::cgroup_version();
     checks.push(Check {
         name: "cgroups".into(),
         ok: cg != "none" && (root || cg == "v2"),

@@ -159,8 +159,8 @@ pub fn run(cmd: Image) -> Result<i32> {
                 )),
                 other => other.into(),
             })?;
-            keystone_backend::container::ContainerBackend::forget_image(&ctx.cache_dir, &id)?;
-            keystone_backend::microvm::MicrovmBackend::forget_image(&ctx.cache_dir, &id)?;
+            keystone_container::ContainerBackend::forget_image(&ctx.cache_dir, &id)?;
+            keystone_microvm::MicrovmBackend::forget_image(&ctx.cache_dir, &id)?;
             println!("removed image {}", img.id);
             Ok(0)
         }

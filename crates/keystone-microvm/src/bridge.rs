@@ -13,7 +13,7 @@
 //! receives the tap over a socketpair; where that is not set up, `start`
 //! says exactly what is missing.
 
-use crate::{BackendError, Instance};
+use keystone_backend::{BackendError, Instance};
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -36,10 +36,10 @@ pub enum Attach {
 /// What `--network bridge` needs on this host, checked before anything
 /// starts.
 pub fn plan(inst: &Instance) -> Result<Attach, BackendError> {
-    let bridge = crate::hostbridge::named_bridge(inst)?;
+    let bridge = keystone_backend::hostbridge::named_bridge(inst)?;
     if nix::unistd::geteuid().is_root() {
         return Ok(Attach::Tap {
-            tap: crate::hostbridge::link_name(&inst.id),
+            tap: keystone_backend::hostbridge::link_name(&inst.id),
             bridge: bridge.to_string(),
         });
     }
@@ -183,7 +183,7 @@ pub fn enslave(attach: &Attach) -> Result<(), BackendError> {
 /// The tap we opened, if it still exists (it must not after teardown).
 pub fn leftover(attach: &Attach) -> Option<String> {
     match attach {
-        Attach::Tap { tap, .. } => crate::hostbridge::link_exists(tap).then(|| tap.clone()),
+        Attach::Tap { tap, .. } => keystone_backend::hostbridge::link_exists(tap).then(|| tap.clone()),
         Attach::Helper { .. } => None,
     }
 }

@@ -2,7 +2,7 @@
 //! init puts in `/etc/keystone` (keys, hostname, network, resolvers).
 
 use super::{qemu, share};
-use crate::{plumbing, BackendError, Instance};
+use keystone_backend::{plumbing, BackendError, Instance};
 use keystone_registry::NetworkMode;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

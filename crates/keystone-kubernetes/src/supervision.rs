@@ -2,15 +2,15 @@
 //! created to the last one deleted. Everything a start creates is held by
 //! a [`Created`] guard until the sandbox is up, so no early return leaves
 //! anything in the cluster; each such return has a fault point
-//! (`crate::fault`) for the leak tests.
+//! (`keystone_backend::fault`) for the leak tests.
 
 use super::cluster::{self, api_message, bounded, put};
 use super::guard::Created;
 use super::objects::{claim_object, pod_object, policy_object, secret_object, SSH_PORT};
 use super::readiness::{verdict, PodVerdict};
 use super::{Names, READY_TIMEOUT, UNSCHEDULABLE_GRACE, WATCH_INTERVAL};
-use crate::signals::{StopRequest, Wake};
-use crate::{fault, BackendError, Ended, Instance, Running};
+use keystone_backend::signals::{StopRequest, Wake};
+use keystone_backend::{fault, BackendError, Ended, Instance, Running};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keystone_registry::KubeSettings;
@@ -141,7 +141,7 @@ fn start(
 
     // sshd answers through the port-forward: the channel works.
     loop {
-        if crate::plumbing::sshd_answers(&inst.socket) {
+        if keystone_backend::plumbing::sshd_answers(&inst.socket) {
             break;
         }
         if started.elapsed() > READY_TIMEOUT {

@@ -45,8 +45,8 @@
 //! (see `signals`) before the tokio runtime starts its threads, so they
 //! keep arriving on the signalfd only. This backend forks no processes.
 
-use crate::signals::Signals;
-use crate::{Backend, BackendError, Ended, Instance, Running, Usage};
+use keystone_backend::signals::Signals;
+use keystone_backend::{Backend, BackendError, Ended, Instance, Running, Usage};
 use keystone_registry::KubeSettings;
 use kube::Api;
 use std::collections::BTreeMap;
@@ -60,7 +60,6 @@ mod objects;
 mod readiness;
 mod supervision;
 
-pub(crate) use cluster::api_message;
 pub use cluster::probe_cluster;
 
 /// How long the pod may take to run sshd (image pull included); below

@@ -13,7 +13,7 @@
 //! finished by the next start; the agent's unsynced work is kept.
 
 use super::idmap::{IdMap, Mapping, SIZE};
-use crate::BackendError;
+use keystone_backend::BackendError;
 use serde::{Deserialize, Serialize};
 use std::ffi::{CString, OsStr};
 use std::fs;

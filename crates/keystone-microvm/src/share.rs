@@ -28,7 +28,7 @@
 //! would give back the clone's workflow the share exists to avoid.)
 
 use super::view::View;
-use crate::{BackendError, Instance};
+use keystone_backend::{BackendError, Instance};
 use keystone_process::{Spawn, Supervised};
 use std::fs;
 use std::os::unix::fs::MetadataExt;

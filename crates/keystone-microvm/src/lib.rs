@@ -60,9 +60,9 @@ mod share;
 mod view;
 mod vm;
 
-use crate::disk;
-use crate::signals::Signals;
-use crate::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
+use keystone_backend::disk;
+use keystone_backend::signals::Signals;
+use keystone_backend::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use accel::{KvmFacts, NestedHost};
 use artifacts::{check_disk_base, make_overlay, overlay, Artifacts};
 use config_disk::write_config;
@@ -416,7 +416,7 @@ impl Backend for MicrovmBackend {
     fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage {
         use std::os::unix::fs::MetadataExt;
         // The guest's memory as the host sees it: QEMU's resident set.
-        let memory_bytes = crate::record_from_map::<MicrovmRuntime>(runtime)
+        let memory_bytes = keystone_backend::record_from_map::<MicrovmRuntime>(runtime)
             .and_then(|r| r.qemu)
             .filter(|p| p.is_alive())
             .and_then(|p| {
@@ -454,17 +454,17 @@ mod tests {
             accel: "tcg".into(),
             ..MicrovmRuntime::default()
         };
-        let mut map = crate::record_to_map(&record).expect("map");
+        let mut map = keystone_backend::record_to_map(&record).expect("map");
         assert!(
             !map.contains_key("passt"),
             "absent children are not written"
         );
         // The supervisor adds its notes beside the backend's keys.
         map.insert("notes".into(), serde_json::json!(["acceleration: tcg"]));
-        let back: MicrovmRuntime = crate::record_from_map(&map).expect("record");
+        let back: MicrovmRuntime = keystone_backend::record_from_map(&map).expect("record");
         assert_eq!(back.ssh_port, 41000);
         assert_eq!(back.processes().count(), 1);
-        assert!(crate::record_from_map::<MicrovmRuntime>(&BTreeMap::new()).is_none());
+        assert!(keystone_backend::record_from_map::<MicrovmRuntime>(&BTreeMap::new()).is_none());
     }
 
     #[test]

@@ -391,7 +391,7 @@ fn pid1(spec: &InitSpec, parent: &OwnedFd) -> Result<(), String> {
     harden::enter_guest_namespace()?;
     harden::bound_capabilities()?;
     harden::install_seccomp(&spec.seccomp)?;
-    crate::signals::unblock_all();
+    keystone_backend::signals::unblock_all();
     let e = nix::unistd::execve(&spec.argv[0], &spec.argv, &spec.env);
     Err(format!("exec {:?}: {e:?}", spec.argv[0]))
 }

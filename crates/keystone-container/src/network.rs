@@ -2,8 +2,8 @@
 //! (`--network nat`), or a veth pair on a host bridge with the guest's
 //! DHCP client (`--network bridge`), both joined through C.
 
-use crate::idmap::IdMap;
-use crate::Instance;
+use keystone_backend::idmap::IdMap;
+use keystone_backend::Instance;
 use keystone_process::{Spawn, Supervised};
 use nix::unistd::Pid;
 use std::fs;
@@ -104,8 +104,8 @@ pub(super) fn attach_bridge(
     g: Pid,
     log: &fs::File,
 ) -> Result<Supervised, String> {
-    let bridge = crate::hostbridge::named_bridge(inst).map_err(|e| e.to_string())?;
-    let host_end = crate::hostbridge::link_name(&inst.id);
+    let bridge = keystone_backend::hostbridge::named_bridge(inst).map_err(|e| e.to_string())?;
+    let host_end = keystone_backend::hostbridge::link_name(&inst.id);
     let g_s = g.to_string();
     let ip = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("ip")

@@ -5,8 +5,8 @@
 
 use super::artifacts::Artifacts;
 use super::{bridge, ports, qmp, READY_TIMEOUT, STOP_GRACE};
-use crate::signals::{Signals, StopRequest, Wake};
-use crate::{fault, plumbing, BackendError, Ended, Instance, Running};
+use keystone_backend::signals::{Signals, StopRequest, Wake};
+use keystone_backend::{fault, plumbing, BackendError, Ended, Instance, Running};
 use keystone_process::Supervised;
 use keystone_registry::ProcessId;
 use std::fs;

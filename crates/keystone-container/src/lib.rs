@@ -32,15 +32,15 @@ mod harden;
 mod layer;
 mod network;
 mod sandbox;
-pub use crate::idmap;
+pub use keystone_backend::idmap;
 mod init;
 mod shift;
 
 pub use cgroup::version as cgroup_version;
 
-use crate::disk;
-use crate::signals::{Signals, StopRequest, Wake};
-use crate::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
+use keystone_backend::disk;
+use keystone_backend::signals::{Signals, StopRequest, Wake};
+use keystone_backend::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use cgroup::Cgroup;
 use idmap::IdMap;
 use keystone_process::Supervised;
@@ -204,7 +204,7 @@ impl Backend for ContainerBackend {
             ));
         }
         if inst.settings.network == NetworkMode::Bridge {
-            crate::hostbridge::named_bridge(inst)?;
+            keystone_backend::hostbridge::named_bridge(inst)?;
             if !map.is_root() {
                 return Err(BackendError::Requirement(
                     "--network bridge with the container backend needs root: a veth on a host bridge needs CAP_NET_ADMIN on the host; run as root, or use the microvm backend (which can use QEMU's bridge helper)"
@@ -290,7 +290,7 @@ impl Backend for ContainerBackend {
         let upper = if inst.settings.persist {
             let (u, w) = Self::upper(inst);
             // The upper layer belongs over the tree it was made on (see
-            // `crate::disk`); a layer without a record predates it. File
+            // `keystone_backend::disk`); a layer without a record predates it. File
             // level: the same recipe's tree is the same files by path,
             // whichever build it is, so the image id is the whole base.
             if disk::recorded_for(inst)?.is_none() {
@@ -487,7 +487,7 @@ impl Backend for ContainerBackend {
     }
 
     fn usage(&self, inst: &Instance, runtime: &BTreeMap<String, serde_json::Value>) -> Usage {
-        let memory_bytes = crate::record_from_map::<ContainerRuntime>(runtime)
+        let memory_bytes = keystone_backend::record_from_map::<ContainerRuntime>(runtime)
             .and_then(|r| r.cgroup.memory_bytes());
         Usage {
             memory_bytes,

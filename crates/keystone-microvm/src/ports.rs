@@ -3,7 +3,7 @@
 //! which process holds that socket. The children themselves are
 //! `keystone_process::Supervised`.
 
-use crate::BackendError;
+use keystone_backend::BackendError;
 use nix::unistd::Pid;
 
 /// The inode of the socket listening on 127.0.0.1:`port`, if any.

@@ -3,7 +3,7 @@
 //! [`Client`], so the unit tests drive it against a scripted API server.
 
 use super::{runtime, Names, API_TIMEOUT, GONE_TIMEOUT};
-use crate::BackendError;
+use keystone_backend::BackendError;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keystone_registry::KubeSettings;
@@ -19,14 +19,20 @@ pub(super) async fn bounded<T>(
 ) -> Result<T, BackendError> {
     match tokio::time::timeout(API_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(BackendError::Cluster {
-            context: what.to_string(),
-            source,
-        }),
+        Ok(Err(source)) => Err(cluster_error(what.to_string(), source)),
         Err(_) => Err(BackendError::Failed(format!(
             "{what}: no answer from the API server within {}s",
             API_TIMEOUT.as_secs()
         ))),
+    }
+}
+
+/// A failed call as the backend error that keeps the client's error.
+pub(super) fn cluster_error(context: String, source: kube::Error) -> BackendError {
+    BackendError::Cluster {
+        context,
+        detail: api_message(&source),
+        source: Box::new(source),
     }
 }
 
@@ -130,10 +136,7 @@ pub(super) async fn ensure_namespace(client: &Client, ns: &str) -> Result<(), Ba
     match tokio::time::timeout(API_TIMEOUT, api.create(&PostParams::default(), &obj)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if is_conflict(&e) => Ok(()),
-        Ok(Err(source)) => Err(BackendError::Cluster {
-            context: format!("cannot create namespace {ns}"),
-            source,
-        }),
+        Ok(Err(source)) => Err(cluster_error(format!("cannot create namespace {ns}"), source)),
         Err(_) => Err(BackendError::Failed(format!(
             "creating namespace {ns}: no answer within {}s",
             API_TIMEOUT.as_secs()
@@ -183,10 +186,7 @@ where
             delete_and_wait(api, name, 0).await?;
             create(api, name, obj).await
         }
-        Ok(Err(source)) => Err(BackendError::Cluster {
-            context: format!("cannot create {name}"),
-            source,
-        }),
+        Ok(Err(source)) => Err(cluster_error(format!("cannot create {name}"), source)),
         Err(_) => Err(BackendError::Failed(format!(
             "creating {name}: no answer within {}s",
             API_TIMEOUT.as_secs()

@@ -4,9 +4,9 @@
 //! booted over the very file it was made on.
 
 use super::{MicrovmBackend, ROOT_SIZE};
-use crate::disk::{self, FileIdentity};
-use crate::idmap::{self, IdMap};
-use crate::{BackendError, Instance};
+use keystone_backend::disk::{self, FileIdentity};
+use keystone_backend::idmap::{self, IdMap};
+use keystone_backend::{BackendError, Instance};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -183,7 +183,7 @@ pub(super) fn make_overlay(base: &Path, path: &Path) -> Result<(), BackendError>
 }
 
 /// A qcow2 overlay is only good over the very file it was made on: refuse
-/// to boot it over anything else (see `crate::disk`).
+/// to boot it over anything else (see `keystone_backend::disk`).
 pub(super) fn check_disk_base(
     inst: &Instance,
     base: &Path,

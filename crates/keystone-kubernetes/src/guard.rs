@@ -6,7 +6,7 @@
 
 use super::cluster::delete_and_wait;
 use super::Names;
-use crate::BackendError;
+use keystone_backend::BackendError;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{Api, Client};

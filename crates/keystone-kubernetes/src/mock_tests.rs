@@ -7,8 +7,8 @@
 use super::guard::Created;
 use super::supervision::{self, Upstream};
 use super::{cluster, Names};
-use crate::signals::{StopRequest, Wake};
-use crate::{BackendError, Ended, Instance, Running};
+use keystone_backend::signals::{StopRequest, Wake};
+use keystone_backend::{BackendError, Ended, Instance, Running};
 use http::{Method, Request, Response};
 use keystone_registry::KubeSettings;
 use kube::client::Body;
@@ -265,14 +265,14 @@ const FAULT_POINTS: &[(&str, &[&str])] = &[
 /// set there only.
 #[test]
 fn a_fault_at_each_point_deletes_what_was_created() {
-    const ME: &str = "kubernetes::mock_tests::a_fault_at_each_point_deletes_what_was_created";
-    if let Ok(point) = std::env::var(crate::fault::VAR) {
+    const ME: &str = "mock_tests::a_fault_at_each_point_deletes_what_was_created";
+    if let Ok(point) = std::env::var(keystone_backend::fault::VAR) {
         return fault_child(&point);
     }
     for (point, _) in FAULT_POINTS {
         let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args([ME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(crate::fault::VAR, point)
+            .env(keystone_backend::fault::VAR, point)
             .output()
             .expect("run the test binary");
         let text = format!(

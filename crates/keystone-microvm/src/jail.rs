@@ -27,7 +27,7 @@
 //! guest does not see the user's home.
 
 use super::accel::Accel;
-use crate::BackendError;
+use keystone_backend::BackendError;
 use keystone_process::Creds;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -67,7 +67,7 @@ give it to group kvm with mode 0660 (udev's default) and QEMU runs on an id of i
             }
         }
     }
-    let (uid_start, gid_start) = crate::idmap::vm_range()?;
+    let (uid_start, gid_start) = keystone_backend::idmap::vm_range()?;
     let slot = free_slot(slot_of(dir), |slot| uid_in_use(uid_start + slot));
     Ok(Jail {
         creds: Some(Creds {
@@ -128,13 +128,13 @@ fn slot_of(dir: &Path) -> u32 {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    h % crate::idmap::SIZE
+    h % keystone_backend::idmap::SIZE
 }
 
 /// The first slot from `preferred` on (wrapping) that no process uses.
 fn free_slot(preferred: u32, in_use: impl Fn(u32) -> bool) -> u32 {
-    (0..crate::idmap::SIZE)
-        .map(|i| (preferred + i) % crate::idmap::SIZE)
+    (0..keystone_backend::idmap::SIZE)
+        .map(|i| (preferred + i) % keystone_backend::idmap::SIZE)
         .find(|s| !in_use(*s))
         .unwrap_or(preferred)
 }
@@ -176,9 +176,9 @@ mod tests {
             a,
             slot_of(Path::new("/root/.local/state/keystone/sandboxes/b"))
         );
-        assert!(a < crate::idmap::SIZE);
+        assert!(a < keystone_backend::idmap::SIZE);
         assert_eq!(free_slot(7, |s| s == 7 || s == 8), 9);
-        assert_eq!(free_slot(crate::idmap::SIZE - 1, |s| s != 0), 0);
+        assert_eq!(free_slot(keystone_backend::idmap::SIZE - 1, |s| s != 0), 0);
     }
 
     #[test]

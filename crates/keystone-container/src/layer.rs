@@ -12,7 +12,7 @@
 //! plain `disk/upper` directory, kept as it is so nothing is lost; `start
 //! --fresh` makes a bounded one).
 
-use crate::{BackendError, Instance};
+use keystone_backend::{BackendError, Instance};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,7 +109,7 @@ pub fn used_bytes(inst: &Instance) -> Option<u64> {
         return Some(m.blocks() * 512);
     }
     let upper = inst.dir.join("disk/upper");
-    upper.exists().then(|| crate::dir_size(&upper))
+    upper.exists().then(|| keystone_backend::dir_size(&upper))
 }
 
 /// Mount `image` on `target` through a loop device (autocleared: it goes

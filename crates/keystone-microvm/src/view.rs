@@ -8,7 +8,7 @@
 //! without CAP_SYS_ADMIN in their namespace it can neither unmount nor
 //! remount them.
 
-use crate::BackendError;
+use keystone_backend::BackendError;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
