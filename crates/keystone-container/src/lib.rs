@@ -38,11 +38,13 @@ mod shift;
 
 pub use cgroup::version as cgroup_version;
 
-use keystone_backend::disk;
-use keystone_backend::signals::{Signals, StopRequest, Wake};
-use keystone_backend::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use cgroup::Cgroup;
 use idmap::IdMap;
+use keystone_backend::disk;
+use keystone_backend::signals::{Signals, StopRequest, Wake};
+use keystone_backend::{
+    plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
+};
 use keystone_process::Supervised;
 use keystone_registry::{NetworkMode, ProcessId};
 use sandbox::{start, ContainerRuntime, Teardown};

@@ -3,9 +3,9 @@
 //! [`Client`], so the unit tests drive it against a scripted API server.
 
 use super::{runtime, Names, API_TIMEOUT, GONE_TIMEOUT};
-use keystone_backend::BackendError;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use keystone_backend::BackendError;
 use keystone_registry::KubeSettings;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
@@ -136,7 +136,10 @@ pub(super) async fn ensure_namespace(client: &Client, ns: &str) -> Result<(), Ba
     match tokio::time::timeout(API_TIMEOUT, api.create(&PostParams::default(), &obj)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if is_conflict(&e) => Ok(()),
-        Ok(Err(source)) => Err(cluster_error(format!("cannot create namespace {ns}"), source)),
+        Ok(Err(source)) => Err(cluster_error(
+            format!("cannot create namespace {ns}"),
+            source,
+        )),
         Err(_) => Err(BackendError::Failed(format!(
             "creating namespace {ns}: no answer within {}s",
             API_TIMEOUT.as_secs()

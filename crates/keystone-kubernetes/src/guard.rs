@@ -6,9 +6,9 @@
 
 use super::cluster::delete_and_wait;
 use super::Names;
-use keystone_backend::BackendError;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use keystone_backend::BackendError;
 use kube::{Api, Client};
 use std::path::PathBuf;
 

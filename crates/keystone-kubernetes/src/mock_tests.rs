@@ -7,9 +7,9 @@
 use super::guard::Created;
 use super::supervision::{self, Upstream};
 use super::{cluster, Names};
+use http::{Method, Request, Response};
 use keystone_backend::signals::{StopRequest, Wake};
 use keystone_backend::{BackendError, Ended, Instance, Running};
-use http::{Method, Request, Response};
 use keystone_registry::KubeSettings;
 use kube::client::Body;
 use kube::Client;

@@ -3,9 +3,9 @@
 //! kube-rs builds its requests apart from sending them.
 
 use super::Names;
-use keystone_backend::{BackendError, Instance};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use keystone_backend::{BackendError, Instance};
 use keystone_registry::KubeSettings;
 use std::fs;
 

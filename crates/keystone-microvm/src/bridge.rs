@@ -183,7 +183,9 @@ pub fn enslave(attach: &Attach) -> Result<(), BackendError> {
 /// The tap we opened, if it still exists (it must not after teardown).
 pub fn leftover(attach: &Attach) -> Option<String> {
     match attach {
-        Attach::Tap { tap, .. } => keystone_backend::hostbridge::link_exists(tap).then(|| tap.clone()),
+        Attach::Tap { tap, .. } => {
+            keystone_backend::hostbridge::link_exists(tap).then(|| tap.clone())
+        }
         Attach::Helper { .. } => None,
     }
 }

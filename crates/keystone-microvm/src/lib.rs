@@ -60,12 +60,14 @@ mod share;
 mod view;
 mod vm;
 
-use keystone_backend::disk;
-use keystone_backend::signals::Signals;
-use keystone_backend::{plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage};
 use accel::{KvmFacts, NestedHost};
 use artifacts::{check_disk_base, make_overlay, overlay, Artifacts};
 use config_disk::write_config;
+use keystone_backend::disk;
+use keystone_backend::signals::Signals;
+use keystone_backend::{
+    plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
+};
 use keystone_process::Spawn;
 use keystone_registry::NetworkMode;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};

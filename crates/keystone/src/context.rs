@@ -2,12 +2,12 @@
 //! the configuration, and how to reach a sandbox's backend and channel.
 
 use crate::error::{CliError, Exit, Result};
-use keystone_container::ContainerBackend;
-use keystone_kubernetes::KubernetesBackend;
-use keystone_microvm::MicrovmBackend;
 use keystone_backend::{Backend, Instance};
 use keystone_channel::{keys, Channel};
 use keystone_config::{Effective, Flag, Inputs};
+use keystone_container::ContainerBackend;
+use keystone_kubernetes::KubernetesBackend;
+use keystone_microvm::MicrovmBackend;
 use keystone_registry::{Registry, Sandbox, State};
 use std::path::{Path, PathBuf};
 

@@ -23,10 +23,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The test process's live (not zombie) children: pid and command line.
-fn live_children() -> BTreeSet<(i32, String)> {
-    let me = std::process::id().to_string();
-    let mut out = BTreeSet::new();
+/// One live (not zombie) process: pid, parent pid, command line.
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    cmdline: String,
+}
+
+fn processes() -> Vec<Proc> {
+    let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
@@ -37,44 +42,41 @@ fn live_children() -> BTreeSet<(i32, String)> {
             .rsplit_once(')')
             .map(|(_, r)| r.split_whitespace().collect())
             .unwrap_or_default();
-        if rest.len() < 2 || rest[0] == "Z" || rest[1] != me {
+        let Some(ppid) = rest.get(1).and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        if rest[0] == "Z" {
             continue;
         }
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        out.insert((pid, cmdline.trim().to_string()));
+        let cmdline = String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .trim()
+            .to_string();
+        out.push(Proc { pid, ppid, cmdline });
     }
     out
 }
 
+/// The test process's live children: pid and command line.
+fn live_children() -> BTreeSet<(i32, String)> {
+    let me = std::process::id() as i32;
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == me)
+        .map(|p| (p.pid, p.cmdline))
+        .collect()
+}
+
 /// Every live descendant of `pid`: pid and command line.
 fn descendants(pid: i32) -> Vec<(i32, String)> {
-    let mut parent_of = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let rest: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().collect())
-            .unwrap_or_default();
-        if rest.len() < 2 || rest[0] == "Z" {
-            continue;
-        }
-        if let Ok(pp) = rest[1].parse::<i32>() {
-            parent_of.push((p, pp));
-        }
-    }
+    let all = processes();
     let mut found = Vec::new();
     let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        for &(c, pp) in &parent_of {
-            if pp == p {
-                frontier.push(c);
-                let cmd = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
-                found.push((c, String::from_utf8_lossy(&cmd).replace('\0', " ")));
-            }
+    while let Some(parent) = frontier.pop() {
+        for p in all.iter().filter(|p| p.ppid == parent) {
+            frontier.push(p.pid);
+            found.push((p.pid, p.cmdline.clone()));
         }
     }
     found
