@@ -13,17 +13,17 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
-/// How long one readiness probe waits for the guest's SSH banner (a pod's
-/// port-forward is the slowest path to it).
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Whether the guest's sshd answers on `socket`: its banner starts with
-/// `SSH-`.
-pub fn sshd_answers(socket: &Path) -> bool {
+/// Whether the guest's sshd answers on `socket` within `patience`: its
+/// banner starts with `SSH-`. The callers poll, so a short patience only
+/// costs another try, while a long one is waited out in full when the
+/// connection is a dead one (QEMU's user-mode forward accepts before the
+/// guest listens, and holds such a connection open): each backend passes
+/// what its path to the guest needs, and says why.
+pub fn sshd_answers(socket: &Path, patience: Duration) -> bool {
     let Ok(mut s) = UnixStream::connect(socket) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+    let _ = s.set_read_timeout(Some(patience));
     let mut buf = [0u8; 4];
     s.read_exact(&mut buf).is_ok() && &buf == b"SSH-"
 }
@@ -134,7 +134,10 @@ mod tests {
     fn the_probe_wants_an_ssh_banner() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("s");
-        assert!(!sshd_answers(&sock), "nothing listens");
+        assert!(
+            !sshd_answers(&sock, Duration::from_secs(2)),
+            "nothing listens"
+        );
         let l = UnixListener::bind(&sock).expect("bind");
         let t = std::thread::spawn(move || {
             use std::io::Write;
@@ -143,8 +146,11 @@ mod tests {
                 let _ = c.write_all(banner);
             }
         });
-        assert!(!sshd_answers(&sock), "not an SSH banner");
-        assert!(sshd_answers(&sock));
+        assert!(
+            !sshd_answers(&sock, Duration::from_secs(2)),
+            "not an SSH banner"
+        );
+        assert!(sshd_answers(&sock, Duration::from_secs(2)));
         t.join().expect("thread");
     }
 }

@@ -104,7 +104,9 @@ pub(super) fn start(
                 "the sandbox's init exited during start".into(),
             ));
         }
-        if plumbing::sshd_answers(&inst.socket) {
+        // The relay connects inside the sandbox: refused at once until sshd
+        // listens.
+        if plumbing::sshd_answers(&inst.socket, Duration::from_secs(2)) {
             return Ok(Some(g));
         }
         if Instant::now() > deadline {

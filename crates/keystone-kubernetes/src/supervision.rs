@@ -141,7 +141,9 @@ fn start(
 
     // sshd answers through the port-forward: the channel works.
     loop {
-        if keystone_backend::plumbing::sshd_answers(&inst.socket) {
+        // Each probe is a port-forward through the API server: slow to set
+        // up, so given time.
+        if keystone_backend::plumbing::sshd_answers(&inst.socket, Duration::from_secs(5)) {
             break;
         }
         if started.elapsed() > READY_TIMEOUT {

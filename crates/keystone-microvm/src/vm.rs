@@ -297,7 +297,9 @@ pub(super) fn serve(
                 plumbing::tail(boot.boot_log, 8)
             )));
         }
-        if plumbing::sshd_answers(&inst.socket) {
+        // The forward answers at once once sshd listens; a connection made
+        // before that is dead and must not be waited on long.
+        if plumbing::sshd_answers(&inst.socket, Duration::from_secs(1)) {
             break;
         }
         if started.elapsed() > READY_TIMEOUT {
