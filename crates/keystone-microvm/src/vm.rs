@@ -297,9 +297,9 @@ pub(super) fn serve(
                 plumbing::tail(boot.boot_log, 8)
             )));
         }
-        // The forward answers at once once sshd listens; a connection made
-        // before that is dead and must not be waited on long.
-        if plumbing::sshd_answers(&inst.socket, Duration::from_secs(1)) {
+        // sshd under TCG can take over a second to send its banner on a
+        // live connection; 3 s is what the boots were measured with.
+        if plumbing::sshd_answers(&inst.socket, Duration::from_secs(3)) {
             break;
         }
         if started.elapsed() > READY_TIMEOUT {
