@@ -64,18 +64,24 @@ fn host(project: &str, extra_config: &str) -> Host {
     import_image(&h);
     // The cluster outlives each test: what an earlier failed run left
     // under this sandbox name (a kept claim) must not leak into this one.
+    delete_sandbox_objects(&h.name(), "cleaning up earlier runs");
+    h
+}
+
+/// Delete every object of sandbox `name` from the test namespace and wait
+/// until they are gone; `why` names the step in the failure message.
+fn delete_sandbox_objects(name: &str, why: &str) {
     let (ok, out) = kubectl(&[
         "-n",
         NAMESPACE,
         "delete",
         "pods,pvc,secrets,networkpolicies",
         "-l",
-        &format!("keystone.dev/sandbox={}", h.name()),
+        &format!("keystone.dev/sandbox={name}"),
         "--ignore-not-found",
         "--wait=true",
     ]);
-    assert!(ok, "cleaning up earlier runs: {out}");
-    h
+    assert!(ok, "{why}: {out}");
 }
 
 /// The guest image the tests' configuration builds, exported as an OCI
@@ -585,17 +591,7 @@ fn fault_points_leave_nothing() {
             fail("supervisor left".into());
         }
         // So that the next point starts from nothing, whatever this left.
-        let (ok, out) = kubectl(&[
-            "-n",
-            NAMESPACE,
-            "delete",
-            "pods,pvc,secrets,networkpolicies",
-            "-l",
-            &format!("keystone.dev/sandbox={name}"),
-            "--ignore-not-found",
-            "--wait=true",
-        ]);
-        assert!(ok, "cleaning up after {point}: {out}");
+        delete_sandbox_objects(&name, &format!("cleaning up after {point}"));
         for s in sockets {
             std::fs::remove_file(&s).expect("remove socket");
         }
