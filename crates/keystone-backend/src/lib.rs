@@ -29,6 +29,8 @@ pub mod hostbridge;
 pub mod idmap;
 pub mod plumbing;
 pub mod signals;
+pub mod tap;
+pub mod egress;
 
 pub use signals::{unblock_all, StopRequest, STOP_FORCE, STOP_GRACEFUL};
 

@@ -26,7 +26,7 @@ pub(super) struct ContainerRuntime {
     #[serde(default)]
     pub(super) init: Option<ProcessId>,
     pub(super) cgroup: Cgroup,
-    /// The relay, pasta, the DHCP client.
+    /// The relay, pasta or the egress point, the DHCP client.
     #[serde(default)]
     pub(super) helpers: Vec<ProcessId>,
 }
@@ -76,7 +76,24 @@ pub(super) fn start(
         || enter_sandbox_network(c),
     )?);
 
-    if inst.settings.network == NetworkMode::Nat {
+    if inst.settings.egress_allowlist() {
+        // The allowlist: the guest's only link leads to keystone's egress
+        // point. C's namespaces are opened here, as host root: once in
+        // the sandbox's user namespace, C's /proc entries are not ours.
+        let open = |ns: &str| {
+            let path = format!("/proc/{c}/ns/{ns}");
+            fs::File::open(&path).map_err(BackendError::io(path))
+        };
+        let place = keystone_backend::egress::Place::Container {
+            user: open("user")?,
+            net: open("net")?,
+        };
+        let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
+        let egress = keystone_backend::egress::start(inst, &log, place)?;
+        guard.helpers.push(egress.factory);
+        guard.helpers.push(egress.daemon);
+        fault::point("container-egress")?;
+    } else if inst.settings.network == NetworkMode::Nat {
         let p = spawn_pasta(c, log, map).map_err(BackendError::Failed)?;
         let pasta = p.pid();
         guard.helpers.push(p);

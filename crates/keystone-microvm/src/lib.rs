@@ -63,7 +63,7 @@ mod vm;
 use accel::{KvmFacts, NestedHost};
 use artifacts::{check_disk_base, make_overlay, overlay, Artifacts};
 use config_disk::write_config;
-use keystone_backend::disk;
+use keystone_backend::{disk, fault};
 use keystone_backend::signals::Signals;
 use keystone_backend::{
     plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
@@ -121,6 +121,9 @@ impl Backend for MicrovmBackend {
         require_tool("mkfs.ext4", "e2fsprogs", "it makes the microVM root disk")?;
         require_tool("tar", "tar", "it unpacks the image")?;
         match inst.settings.network {
+            NetworkMode::Nat if inst.settings.egress_allowlist() => {
+                require_tool("ip", "iproute2", "the egress allowlist needs it")?
+            }
             NetworkMode::Nat => require_tool(
                 "passt",
                 "passt",
@@ -224,13 +227,31 @@ impl Backend for MicrovmBackend {
             .map_err(BackendError::io(disk.display().to_string()))?;
         let config_file = open_ro(&config)?;
 
+        // With the allowlist the way out is a tap in the egress point's
+        // own namespace, made once for every attempt below.
+        let mut egress = if inst.settings.egress_allowlist() {
+            let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
+            let egress = keystone_backend::egress::start(
+                inst,
+                &log,
+                keystone_backend::egress::Place::Tap,
+            )?;
+            fault::point("microvm-egress")?;
+            Some(egress)
+        } else {
+            None
+        };
+        let egress_tap = egress.as_mut().and_then(|e| e.tap.take());
+
         // A port that is free now; whoever binds it is checked below, and
         // a lost race is retried with another.
         let mut attempt = 0;
         let mut vm = loop {
             attempt += 1;
             let port = ports::free_port()?;
-            let (nat_fd, passt) = if inst.settings.network == NetworkMode::Nat {
+            let (nat_fd, passt) = if inst.settings.network == NetworkMode::Nat
+                && egress_tap.is_none()
+            {
                 let (a, b) = socketpair(
                     AddressFamily::Unix,
                     SockType::Stream,
@@ -268,7 +289,8 @@ impl Backend for MicrovmBackend {
                 virtiofsd.as_ref().map(|_| share_socket.as_path()),
                 bridge_plan.as_ref(),
             )?;
-            let uplink = match (&nat_fd, &links.tap) {
+            let tap = links.tap.as_ref().or(egress_tap.as_ref());
+            let uplink = match (&nat_fd, tap) {
                 (Some(fd), _) => Some(format!("socket,id=nat,fd={}", fd.as_raw_fd())),
                 (None, Some(tap)) => Some(bridge::netdev(tap.as_raw_fd())),
                 (None, None) => None,
@@ -304,7 +326,7 @@ impl Backend for MicrovmBackend {
             tracing::info!(args = ?spec.args(), "starting qemu");
             let mut keep = fds.all();
             keep.extend(nat_fd.as_ref().map(|fd| fd.as_raw_fd()));
-            keep.extend(links.tap.as_ref().map(|fd| fd.as_raw_fd()));
+            keep.extend(tap.map(|fd| fd.as_raw_fd()));
             jail::hide_host_files(&inst.dir)?.apply(&mut cmd);
             let qemu = Spawn::new("qemu", cmd)
                 .keep(&keep)
@@ -317,6 +339,10 @@ impl Backend for MicrovmBackend {
             let mut vm = Vm {
                 qemu,
                 passt,
+                egress: egress
+                    .take()
+                    .map(|e| vec![e.factory, e.daemon])
+                    .unwrap_or_default(),
                 virtiofsd,
                 relay: None,
                 bridge: bridge_plan.clone(),
