@@ -232,7 +232,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("egress.log");
         // Start just under the limit.
-        std::fs::write(&path, vec![b'\n'; ROTATE_BYTES as usize - 150]).expect("fill");
+        let mut fill = vec![b'x'; ROTATE_BYTES as usize - 151];
+        fill.push(b'\n');
+        std::fs::write(&path, fill).expect("fill");
         let log = DecisionLog::open(&path).expect("open");
         log.record("tcp", "old.com", 22, &d(true, "r"));
         log.record("tcp", "new.com", 22, &d(true, "r"));

@@ -374,6 +374,18 @@ pub fn normalize_name(name: &str) -> Result<String, String> {
             return Err(format!("label {label:?} starts or ends with '-'"));
         }
     }
+    // A numeric last label ("1.2.3.4", "0x7f000001") is an address in
+    // disguise: getaddrinfo would parse it (inet_aton forms) rather than
+    // look it up, so a name rule must never cover it.
+    let last = n.rsplit('.').next().unwrap_or_default();
+    let hex = last
+        .strip_prefix("0x")
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if last.bytes().all(|b| b.is_ascii_digit()) || hex {
+        return Err(format!(
+            "{n:?} ends in a numeric label, so it reads as an IP address, not a name"
+        ));
+    }
     Ok(n)
 }
 
@@ -828,6 +840,12 @@ mod tests {
             assert!(e.contains(want), "{rule:?}: {e}");
             assert!(e.contains("e.g."), "{rule:?} error has no example: {e}");
         }
+        for numeric in ["*.2.3.4", "0x7f000001", "a.0x01", "host.1"] {
+            let e = parse_rule(numeric).expect_err(numeric);
+            assert!(e.contains("numeric label"), "{numeric}: {e}");
+        }
+        assert!(Target::parse("0x7f000001").is_err());
+        assert!(parse_rule("0xdead.com").is_ok());
         let long = format!("{}.com", "a".repeat(64));
         assert!(parse_rule(&long).expect_err("label").contains("over 63"));
         let huge = vec!["abcdefghi"; 26].join(".");

@@ -147,11 +147,42 @@ async fn query(server: SocketAddr, name: &str, qtype: u16) -> Result<Vec<IpAddr>
             if n >= 2 && buf[..2] != id.to_be_bytes() {
                 continue;
             }
+            // Truncated: ask again over TCP (same ID, same question).
+            if n >= 4 && buf[2] & 0x02 != 0 {
+                return query_tcp(server, id, name, qtype).await;
+            }
             return dns::parse_response(&buf[..n], id, name, qtype);
         }
     })
     .await
     .map_err(|_| "timed out".to_string())?
+}
+
+async fn query_tcp(
+    server: SocketAddr,
+    id: u16,
+    name: &str,
+    qtype: u16,
+) -> Result<Vec<IpAddr>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(server)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
+    let q = dns::build_query(id, name, qtype);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    s.write_all(&framed)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
+    let mut resp = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut resp)
+        .await
+        .map_err(|e| format!("tcp: {e}"))?;
+    dns::parse_response(&resp, id, name, qtype)
 }
 
 /// Connect to `target:port` for a sandbox: host services to their
@@ -233,6 +264,62 @@ async fn dial(candidates: &[IpAddr], port: u16) -> Result<(TcpStream, IpAddr), R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The reply to `q`: TC set and no answer, or one A 192.0.2.7.
+    fn reply(q: &[u8], truncated: bool) -> Vec<u8> {
+        let mut r = q.to_vec();
+        r[2] = if truncated { 0x83 } else { 0x81 };
+        r[3] = 0x80;
+        if !truncated && u16::from_be_bytes([q[q.len() - 4], q[q.len() - 3]]) == dns::TYPE_A {
+            r[7] = 1;
+            r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 9, 0, 4, 192, 0, 2, 7]);
+        }
+        r
+    }
+
+    #[tokio::test]
+    async fn configured_resolver_and_tcp_retry_on_truncation() {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        let tcp = tokio::net::TcpListener::bind(addr).await.expect("tcp");
+        tokio::spawn(async move {
+            let mut b = [0u8; 512];
+            while let Ok((n, peer)) = udp.recv_from(&mut b).await {
+                let _ = udp.send_to(&reply(&b[..n], true), peer).await;
+            }
+        });
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                let mut len = [0u8; 2];
+                if s.read_exact(&mut len).await.is_err() {
+                    continue;
+                }
+                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                if s.read_exact(&mut q).await.is_err() {
+                    continue;
+                }
+                let r = reply(&q, false);
+                let mut out = (r.len() as u16).to_be_bytes().to_vec();
+                out.extend_from_slice(&r);
+                let _ = s.write_all(&out).await;
+            }
+        });
+        let got = resolve("big.example.com", Some(addr))
+            .await
+            .expect("resolve");
+        assert_eq!(got, vec![IpAddr::from([192, 0, 2, 7])]);
+    }
+
+    #[tokio::test]
+    async fn silent_resolver_times_out() {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+        let addr = udp.local_addr().expect("addr");
+        let start = std::time::Instant::now();
+        assert!(resolve("a.example.com", Some(addr)).await.is_err());
+        assert!(start.elapsed() < RESOLVE_TIMEOUT + Duration::from_secs(1));
+        drop(udp);
+    }
 
     #[test]
     fn special_ranges() {
