@@ -31,3 +31,13 @@ pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const PROXY_PORT: u16 = 3128;
 /// The name under which `[egress] host_services` are reachable.
 pub const HOST_SERVICE_NAME: &str = "host.keystone.internal";
+
+pub mod control;
+pub mod daemon;
+pub mod dns;
+pub mod log;
+pub mod policy;
+pub mod pool;
+pub mod proxy;
+pub mod sni;
+pub mod upstream;
