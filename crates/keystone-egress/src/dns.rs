@@ -473,6 +473,23 @@ mod tests {
     }
 
     #[test]
+    fn edns_queries_are_answered() {
+        // dig and most stubs add an OPT record in the additional section.
+        let p = policy(&["api.example.com"]);
+        let pool = FakePool::in_memory();
+        let mut q = query(5, "api.example.com", TYPE_A);
+        q[11] = 1;
+        q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 0]);
+        let r = answer(&q, &p, &pool).expect("reply");
+        assert_eq!((rcode(&r), ancount(&r)), (0, 1));
+        assert_eq!(
+            u16::from_be_bytes([r[10], r[11]]),
+            0,
+            "no additional records"
+        );
+    }
+
+    #[test]
     fn denied_names_are_refused_identically() {
         let p = policy(&["api.example.com"]);
         let pool = FakePool::in_memory();

@@ -22,6 +22,25 @@
 //!
 //! The policy is host-side state (a file in the sandbox's directory that
 //! only the CLI writes); the guest cannot reach it.
+//!
+//! Modules, each owning one thing:
+//!
+//! - [`policy`]: the policy file ([`policy::Spec`]), rule syntax, presets,
+//!   and the compiled [`policy::Policy`] every path asks.
+//! - [`pool`]: per-sandbox synthetic addresses, persisted, never reused.
+//! - [`dns`]: answering the guest's queries from the policy alone.
+//! - [`sni`]: reading the server name from a ClientHello.
+//! - [`upstream`]: host-side resolution, the address filter, pinned connect.
+//! - [`proxy`]: the explicit proxy and transparent capture.
+//! - [`log`]: the JSON-lines decision log and [`log::tail`].
+//! - [`control`]: reload over a Unix socket ([`control::reload`] for the CLI).
+//! - [`daemon`]: all of it as one process ([`daemon::run`]).
+//!
+//! Known limits (by design here, not oversights): inside an allowed TLS
+//! tunnel the HTTP `Host` cannot be checked without terminating TLS (no
+//! MITM); an allowed non-HTTP, non-TLS port is a raw TCP relay to the
+//! pinned address; a tunnel already open is not re-checked when the policy
+//! is reloaded (each new connection and each plain-HTTP request is).
 
 use std::net::Ipv4Addr;
 

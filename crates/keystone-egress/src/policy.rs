@@ -282,6 +282,22 @@ pub fn parse_rule(s: &str) -> Result<Rule, String> {
             ));
         }
     }
+    if let HostPattern::Net(c) = &host {
+        let pool = Cidr {
+            addr: IpAddr::V4(crate::pool::POOL_BASE),
+            prefix: 15,
+        };
+        let mapped = Cidr {
+            addr: IpAddr::V6(crate::pool::POOL_BASE.to_ipv6_mapped()),
+            prefix: 111,
+        };
+        if c.overlaps(&pool) || c.overlaps(&mapped) {
+            return Err(format!(
+                "rule {s:?}: {c} covers 198.18.0.0/15, the synthetic addresses keystone's DNS \
+                 gives the sandbox; allow the names instead, e.g. \"api.example.com\""
+            ));
+        }
+    }
     Ok(Rule { host, ports })
 }
 
@@ -871,7 +887,17 @@ mod tests {
             let e = parse_rule(r).expect_err(r);
             assert!(e.contains("use host_services"), "{r}: {e}");
         }
-        assert!(parse_rule("128.0.0.0/1").is_ok());
+        for r in [
+            "198.18.0.0/15",
+            "198.19.1.1",
+            "198.0.0.0/8:22",
+            "[::ffff:198.18.0.1]:443",
+        ] {
+            let e = parse_rule(r).expect_err(r);
+            assert!(e.contains("synthetic"), "{r}: {e}");
+        }
+        assert!(parse_rule("198.20.0.0/16").is_ok());
+        assert!(parse_rule("64.0.0.0/3").is_ok());
         assert!(parse_rule("126.0.0.0/8").is_ok());
     }
 

@@ -363,3 +363,23 @@ async fn origin_form_to_the_proxy_is_400() {
     assert_eq!(status, 400);
     assert!(body.contains("keystone's egress proxy"), "{body}");
 }
+
+#[tokio::test]
+async fn plain_bytes_on_captured_443_are_refused_before_connecting() {
+    let w = world().await;
+    let ip = w.ctx.pool.assign("tls.test").expect("pool address");
+    let at = capture(w.ctx.clone(), SocketAddr::new(IpAddr::V4(ip), 443)).await;
+    let mut s = TcpStream::connect(at).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: tls.test\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(closed(&mut s).await);
+    let ev = log::tail(&w.log, 10);
+    assert!(
+        ev.iter()
+            .any(|e| e.decision == "deny" && e.rule == "non-TLS bytes on port 443"),
+        "{ev:?}"
+    );
+    // Nothing was resolved: refused before any upstream connection.
+    assert!(w.resolver.names().is_empty(), "{:?}", w.resolver.names());
+}
