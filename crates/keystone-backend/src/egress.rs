@@ -118,9 +118,9 @@ const MAX_PORTS: usize = 200;
 pub fn start(inst: &Instance, log: &fs::File, place: Place) -> Result<Egress, BackendError> {
     let paths = paths(&inst.dir);
     let spec = read_policy(&paths)?;
-    let policy = spec.compile().map_err(|e| {
-        BackendError::Failed(format!("{}: {e}", paths.policy.display()))
-    })?;
+    let policy = spec
+        .compile()
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", paths.policy.display())))?;
     let ports: Vec<u16> = policy
         .ports()
         .into_iter()
@@ -161,7 +161,11 @@ pub fn start(inst: &Instance, log: &fs::File, place: Place) -> Result<Egress, Ba
         nix::unistd::ForkResult::Parent { child } => Supervised::adopt("egress factory", child)?,
     };
     drop(theirs);
-    let _ = setsockopt(&ours, sockopt::ReceiveTimeout, &timeval(Duration::from_secs(10)));
+    let _ = setsockopt(
+        &ours,
+        sockopt::ReceiveTimeout,
+        &timeval(Duration::from_secs(10)),
+    );
     let (data, mut fds) = recv(&ours).map_err(|e| {
         BackendError::Failed(format!(
             "the egress point's namespace was not set up ({e}); see the sandbox's logs"
@@ -266,9 +270,7 @@ fn spawn_daemon(
             // SAFETY: _exit in a forked child.
             unsafe { libc::_exit(if r.is_ok() { 0 } else { 1 }) }
         }
-        nix::unistd::ForkResult::Parent { child } => {
-            Ok(Supervised::adopt("egress point", child)?)
-        }
+        nix::unistd::ForkResult::Parent { child } => Ok(Supervised::adopt("egress point", child)?),
     }
 }
 
@@ -297,14 +299,27 @@ fn factory_main(
         Place::Container { user, net } => {
             nix::sched::setns(&user, nix::sched::CloneFlags::CLONE_NEWUSER)
                 .map_err(|e| format!("setns user: {e}"))?;
+            // Become the namespace's root: host root is no id there, and
+            // `ip` would lose every capability at exec. (The host's
+            // supplementary groups go too, where the namespace allows it.)
+            let root_gid = nix::unistd::Gid::from_raw(0);
+            let _ = nix::unistd::setgroups(&[]);
+            nix::unistd::setresgid(root_gid, root_gid, root_gid)
+                .map_err(|e| format!("setresgid 0 in the sandbox: {e}"))?;
+            let root = nix::unistd::Uid::from_raw(0);
+            nix::unistd::setresuid(root, root, root)
+                .map_err(|e| format!("setresuid 0 in the sandbox: {e}"))?;
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| format!("unshare net: {e}"))?;
             let own = fs::File::open("/proc/self/ns/net")
                 .map_err(|e| format!("/proc/self/ns/net: {e}"))?;
             // `ip` inherits C's namespace as its own descriptor.
             let n = net.as_raw_fd();
-            nix::fcntl::fcntl(n, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-                .map_err(|e| format!("fcntl: {e}"))?;
+            nix::fcntl::fcntl(
+                n,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(|e| format!("fcntl: {e}"))?;
             ip_batch(&format!(
                 "link add {TAP} type veth peer name eth0 netns /proc/self/fd/{n}\n\
                  link set {TAP} up\naddr add {GATEWAY_LINK} dev {TAP}\n"

@@ -131,8 +131,7 @@ mod tests {
     #[test]
     fn resolv_conf_drops_loopback_resolvers_and_is_empty_offline() {
         use keystone_registry::{EgressMode, NetworkMode};
-        let mut s: keystone_registry::Settings =
-            serde_json::from_str(SETTINGS).expect("settings");
+        let mut s: keystone_registry::Settings = serde_json::from_str(SETTINGS).expect("settings");
         s.network = NetworkMode::None;
         assert_eq!(resolv_conf(&s), "");
         s.network = NetworkMode::Nat;

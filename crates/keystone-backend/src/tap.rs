@@ -35,4 +35,3 @@ pub fn open(name: &str) -> Result<OwnedFd, BackendError> {
     }
     Ok(tun.into())
 }
-

@@ -78,7 +78,10 @@ pub const VARS: &[(&str, &str)] = &[
     ("egress.presets", "KEYSTONE_AGENT_EGRESS_PRESETS"),
     ("egress.allow", "KEYSTONE_AGENT_EGRESS_ALLOW"),
     ("egress.deny", "KEYSTONE_AGENT_EGRESS_DENY"),
-    ("egress.host_services", "KEYSTONE_AGENT_EGRESS_HOST_SERVICES"),
+    (
+        "egress.host_services",
+        "KEYSTONE_AGENT_EGRESS_HOST_SERVICES",
+    ),
     ("egress.resolver", "KEYSTONE_AGENT_EGRESS_RESOLVER"),
 ];
 

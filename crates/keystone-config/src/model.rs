@@ -464,7 +464,10 @@ impl Default for EgressConfig {
     fn default() -> Self {
         EgressConfig {
             mode: EgressMode::Allowlist,
-            presets: DEFAULT_EGRESS_PRESETS.iter().map(|s| s.to_string()).collect(),
+            presets: DEFAULT_EGRESS_PRESETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             allow: Vec::new(),
             deny: Vec::new(),
             host_services: Vec::new(),

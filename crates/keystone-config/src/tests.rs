@@ -481,7 +481,7 @@ fn unknown_top_level_key_lists_the_tables() {
         message,
         format!(
             "{}:2:1: unknown top-level key `memory`; the top level only holds the tables: \
-             defaults, backend, proxy, guest, session",
+             defaults, backend, proxy, guest, session, egress",
             path.display()
         )
     );
@@ -494,7 +494,7 @@ fn unknown_top_level_table_lists_the_tables() {
         message,
         format!(
             "{}:1:2: unknown table `default` (did you mean `defaults`?); the top level only \
-             holds the tables: defaults, backend, proxy, guest, session",
+             holds the tables: defaults, backend, proxy, guest, session, egress",
             path.display()
         )
     );
@@ -1263,7 +1263,7 @@ fn entries_list_every_leaf_key_of_config() {
         "",
         &mut expected,
     );
-    assert_eq!(expected.len(), 38);
+    assert_eq!(expected.len(), 44);
     listed.sort();
     expected.sort();
     assert_eq!(listed, expected);
@@ -1283,7 +1283,12 @@ fn entries_render_values_as_toml_in_layout_order() {
     assert_eq!(entries[0].key, "defaults.memory");
     assert_eq!(
         entries.last().map(|e| e.key.as_str()),
-        Some("session.multiplexer")
+        Some("egress.resolver")
+    );
+    assert_eq!(get("egress.mode"), "\"allowlist\"");
+    assert_eq!(
+        get("egress.presets"),
+        "[\"agents\", \"registries\", \"git\"]"
     );
     assert_eq!(get("defaults.memory"), "8192");
     assert_eq!(get("defaults.nested_virt"), "true");
@@ -1343,6 +1348,12 @@ fn rendered_entries_load_back_to_the_same_config() {
         Flag::new("guest.agents.codex.enable", "--x", "true"),
         Flag::new("guest.agents.codex.auto_accept", "--x", "false"),
         Flag::new("session.multiplexer", "--x", "zellij"),
+        Flag::new("egress.mode", "--x", "open"),
+        Flag::new("egress.presets", "--x", "git"),
+        Flag::new("egress.allow", "--x", "*.example.com,example.org:22"),
+        Flag::new("egress.deny", "--x", "bad.example.com"),
+        Flag::new("egress.host_services", "--x", "127.0.0.1:11434"),
+        Flag::new("egress.resolver", "--x", "192.0.2.53"),
     ];
     let custom = load(&Inputs {
         flags,

@@ -30,7 +30,10 @@ pub const HOST_ONLY: &[(&str, &str)] = &[
     ("egress.presets", "it decides what the sandbox may reach"),
     ("egress.allow", "it decides what the sandbox may reach"),
     ("egress.deny", "it decides what the sandbox may reach"),
-    ("egress.host_services", "it exposes host services to the sandbox"),
+    (
+        "egress.host_services",
+        "it exposes host services to the sandbox",
+    ),
     ("egress.resolver", "it names a host network"),
     (
         "defaults.env_files",

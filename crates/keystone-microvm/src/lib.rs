@@ -63,8 +63,8 @@ mod vm;
 use accel::{KvmFacts, NestedHost};
 use artifacts::{check_disk_base, make_overlay, overlay, Artifacts};
 use config_disk::write_config;
-use keystone_backend::{disk, fault};
 use keystone_backend::signals::Signals;
+use keystone_backend::{disk, fault};
 use keystone_backend::{
     plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
 };
@@ -231,11 +231,8 @@ impl Backend for MicrovmBackend {
         // own namespace, made once for every attempt below.
         let mut egress = if inst.settings.egress_allowlist() {
             let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
-            let egress = keystone_backend::egress::start(
-                inst,
-                &log,
-                keystone_backend::egress::Place::Tap,
-            )?;
+            let egress =
+                keystone_backend::egress::start(inst, &log, keystone_backend::egress::Place::Tap)?;
             fault::point("microvm-egress")?;
             Some(egress)
         } else {
@@ -249,34 +246,33 @@ impl Backend for MicrovmBackend {
         let mut vm = loop {
             attempt += 1;
             let port = ports::free_port()?;
-            let (nat_fd, passt) = if inst.settings.network == NetworkMode::Nat
-                && egress_tap.is_none()
-            {
-                let (a, b) = socketpair(
-                    AddressFamily::Unix,
-                    SockType::Stream,
-                    None,
-                    SockFlag::SOCK_CLOEXEC,
-                )?;
-                let log = plumbing::open_log(&inst.log_dir().join("passt.log"))?;
-                let mut cmd = Command::new("passt");
-                // Foreground, one client (the socketpair), IPv4, the
-                // guest's static address, no inbound forwards, and no
-                // mapping of the gateway to the host's loopback.
-                cmd.args(["-f", "-q", "-4", "--no-map-gw", "-t", "none", "-u", "none"])
-                    .args(["-a", qemu::NAT_IP, "-n", "24", "-g", qemu::NAT_GATEWAY])
-                    .args(["-F", &a.as_raw_fd().to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().map_err(BackendError::io("passt.log"))?)
-                    .stderr(log)
-                    .env_clear()
-                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-                let p = Spawn::new("passt", cmd).keep(&[a.as_raw_fd()]).start()?;
-                drop(a);
-                (Some(b), Some(p))
-            } else {
-                (None, None)
-            };
+            let (nat_fd, passt) =
+                if inst.settings.network == NetworkMode::Nat && egress_tap.is_none() {
+                    let (a, b) = socketpair(
+                        AddressFamily::Unix,
+                        SockType::Stream,
+                        None,
+                        SockFlag::SOCK_CLOEXEC,
+                    )?;
+                    let log = plumbing::open_log(&inst.log_dir().join("passt.log"))?;
+                    let mut cmd = Command::new("passt");
+                    // Foreground, one client (the socketpair), IPv4, the
+                    // guest's static address, no inbound forwards, and no
+                    // mapping of the gateway to the host's loopback.
+                    cmd.args(["-f", "-q", "-4", "--no-map-gw", "-t", "none", "-u", "none"])
+                        .args(["-a", qemu::NAT_IP, "-n", "24", "-g", qemu::NAT_GATEWAY])
+                        .args(["-F", &a.as_raw_fd().to_string()])
+                        .stdin(Stdio::null())
+                        .stdout(log.try_clone().map_err(BackendError::io("passt.log"))?)
+                        .stderr(log)
+                        .env_clear()
+                        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+                    let p = Spawn::new("passt", cmd).keep(&[a.as_raw_fd()]).start()?;
+                    drop(a);
+                    (Some(b), Some(p))
+                } else {
+                    (None, None)
+                };
             // Each child started here is killed and reaped if a later step
             // fails (Supervised's drop).
             let virtiofsd = match &share_daemon {

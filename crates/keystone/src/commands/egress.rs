@@ -151,11 +151,8 @@ pub fn deny(args: PolicyChangeArgs) -> Result<i32> {
 fn change(args: PolicyChangeArgs, allow: bool) -> Result<i32> {
     let (name, rule) = split(&args);
     let rule = rule.trim().to_string();
-    keystone_egress::policy::parse_rule(&rule).map_err(|e| {
-        CliError::state(format!(
-            "{rule:?} is not an egress rule: {e}"
-        ))
-    })?;
+    keystone_egress::policy::parse_rule(&rule)
+        .map_err(|e| CliError::state(format!("{rule:?} is not an egress rule: {e}")))?;
     let ctx = Ctx::new()?;
     let sb = ctx.resolve(name)?;
     let p = paths(&ctx.sandbox_dir(&sb));
@@ -229,16 +226,23 @@ pub fn mode_line(sb: &Sandbox) -> String {
     }
 }
 
-/// The latest refusals, for `status`.
+/// The latest `n` distinct refusals (what, where, why; the newest time
+/// of each), oldest first, for `status`.
 pub fn latest_denials(ctx: &Ctx, sb: &Sandbox, n: usize) -> Vec<keystone_egress::log::Event> {
     let p = paths(&ctx.sandbox_dir(sb));
-    let mut denied: Vec<_> = keystone_egress::log::tail(&p.log, 500)
+    let mut distinct: Vec<keystone_egress::log::Event> = Vec::new();
+    for e in keystone_egress::log::tail(&p.log, 500)
         .into_iter()
         .filter(|e| e.decision == "deny")
-        .collect();
-    let skip = denied.len().saturating_sub(n);
-    denied.drain(..skip);
-    denied
+    {
+        distinct.retain(|d| {
+            (&d.proto, &d.host, d.port, &d.rule) != (&e.proto, &e.host, e.port, &e.rule)
+        });
+        distinct.push(e);
+    }
+    let skip = distinct.len().saturating_sub(n);
+    distinct.drain(..skip);
+    distinct
 }
 
 pub fn log(args: EgressLogArgs) -> Result<i32> {

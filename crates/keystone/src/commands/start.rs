@@ -155,9 +155,8 @@ use one or the other",
         _ => cfg.defaults.network,
     };
     for rule in &args.allow {
-        keystone_egress::policy::parse_rule(rule).map_err(|e| {
-            CliError::state(format!("--allow {rule:?} is not an egress rule: {e}"))
-        })?;
+        keystone_egress::policy::parse_rule(rule)
+            .map_err(|e| CliError::state(format!("--allow {rule:?} is not an egress rule: {e}")))?;
     }
     let egress_spec = commands::egress::spec_from_config(cfg, &args.allow);
     egress_spec

@@ -164,7 +164,10 @@ fn print_view(v: &StatusView) {
         );
     }
     if !v.egress.denials.is_empty() {
-        println!("  (`keystone agent allow {} HOST` allows one; `keystone agent egress log` shows all)", v.name);
+        println!(
+            "  (`keystone agent allow {} HOST` allows one; `keystone agent egress log` shows all)",
+            v.name
+        );
     }
     if v.workspace == "share" {
         println!("workspace: {} shared live (nothing to sync)", v.project);
