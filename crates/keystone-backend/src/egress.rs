@@ -106,6 +106,25 @@ pub struct Egress {
     pub daemon: Supervised,
     /// With [`Place::Tap`]: the tap, for QEMU to inherit.
     pub tap: Option<OwnedFd>,
+    /// The daemon's control socket, removed when this is dropped (a
+    /// daemon killed outright cannot remove it itself).
+    pub control: ControlSocket,
+}
+
+/// The path of an egress point's control socket, removed on drop.
+#[derive(Debug)]
+pub struct ControlSocket(PathBuf);
+
+impl ControlSocket {
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// The guest link's name inside the egress namespace (alone there).
@@ -222,6 +241,7 @@ pub fn start(inst: &Instance, log: &fs::File, place: Place) -> Result<Egress, Ba
         factory,
         daemon,
         tap,
+        control: ControlSocket(paths.control),
     })
 }
 

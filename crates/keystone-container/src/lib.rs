@@ -397,6 +397,7 @@ impl Backend for ContainerBackend {
             helpers: Vec::new(),
             cgroup: cg.clone(),
             socket: inst.socket.clone(),
+            egress_control: None,
             chan: ours,
             done: false,
         };

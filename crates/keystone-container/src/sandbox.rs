@@ -90,6 +90,7 @@ pub(super) fn start(
         };
         let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
         let egress = keystone_backend::egress::start(inst, &log, place)?;
+        guard.egress_control = Some(egress.control);
         guard.helpers.push(egress.factory);
         guard.helpers.push(egress.daemon);
         fault::point("container-egress")?;
@@ -147,6 +148,8 @@ pub(super) struct Teardown {
     pub(super) helpers: Vec<Supervised>,
     pub(super) cgroup: Cgroup,
     pub(super) socket: PathBuf,
+    /// The egress point's control socket, with the allowlist.
+    pub(super) egress_control: Option<keystone_backend::egress::ControlSocket>,
     /// The handshake with C, which also carries what failed inside.
     pub(super) chan: handshake::Channel,
     /// Set once `teardown` has run (whatever its verdict).
@@ -221,9 +224,12 @@ impl Teardown {
     /// Check that nothing of the sandbox remains; remove the cgroup.
     pub(super) fn verify(&mut self) -> Result<(), BackendError> {
         let mut left = Vec::new();
-        if let Err(e) = fs::remove_file(&self.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                left.push(format!("the socket {} ({e})", self.socket.display()));
+        let control = self.egress_control.as_ref().map(|c| c.path());
+        for socket in std::iter::once(self.socket.as_path()).chain(control) {
+            if let Err(e) = fs::remove_file(socket) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    left.push(format!("the socket {} ({e})", socket.display()));
+                }
             }
         }
         if let Some(g) = &self.g {

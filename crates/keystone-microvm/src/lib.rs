@@ -229,7 +229,10 @@ impl Backend for MicrovmBackend {
 
         // With the allowlist the way out is a tap in the egress point's
         // own namespace, made once for every attempt below.
-        let mut egress = if inst.settings.egress_allowlist() {
+        let mut egress: Option<keystone_backend::egress::Egress> = if inst
+            .settings
+            .egress_allowlist()
+        {
             let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
             let egress =
                 keystone_backend::egress::start(inst, &log, keystone_backend::egress::Place::Tap)?;
@@ -238,7 +241,12 @@ impl Backend for MicrovmBackend {
         } else {
             None
         };
-        let egress_tap = egress.as_mut().and_then(|e| e.tap.take());
+        // Its processes move into each attempt's Vm, and back out before
+        // a failed attempt's teardown: the egress point serves them all.
+        let (egress_tap, mut egress_procs, mut egress_control) = match egress.take() {
+            Some(e) => (e.tap, vec![e.factory, e.daemon], Some(e.control)),
+            None => (None, Vec::new(), None),
+        };
 
         // A port that is free now; whoever binds it is checked below, and
         // a lost race is retried with another.
@@ -335,16 +343,14 @@ impl Backend for MicrovmBackend {
             let mut vm = Vm {
                 qemu,
                 passt,
-                egress: egress
-                    .take()
-                    .map(|e| vec![e.factory, e.daemon])
-                    .unwrap_or_default(),
+                egress: std::mem::take(&mut egress_procs),
                 virtiofsd,
                 relay: None,
                 bridge: bridge_plan.clone(),
                 port,
                 qmp: qmp_path.clone(),
                 socket: inst.socket.clone(),
+                egress_control: None,
                 torn_down: false,
             };
             // The forward must be bound by our own child, nobody else.
@@ -380,8 +386,12 @@ impl Backend for MicrovmBackend {
                     .map_err(|e| e.to_string())
             });
             match verdict {
-                Ok(()) => break vm,
+                Ok(()) => {
+                    vm.egress_control = egress_control.take();
+                    break vm;
+                }
                 Err(e) => {
+                    egress_procs = std::mem::take(&mut vm.egress);
                     let e = vm.fail(&mut signals, BackendError::Failed(e));
                     if attempt >= 3 {
                         return Err(e);

@@ -106,6 +106,8 @@ pub(super) struct Vm {
     pub(super) port: u16,
     pub(super) qmp: PathBuf,
     pub(super) socket: PathBuf,
+    /// The egress point's control socket, with the allowlist.
+    pub(super) egress_control: Option<keystone_backend::egress::ControlSocket>,
     /// Set once `teardown` has run (whatever its verdict).
     pub(super) torn_down: bool,
 }
@@ -194,6 +196,9 @@ impl Vm {
     pub(super) fn verify(&mut self) -> Result<(), BackendError> {
         let _ = fs::remove_file(&self.socket);
         let _ = fs::remove_file(&self.qmp);
+        if let Some(control) = &self.egress_control {
+            let _ = fs::remove_file(control.path());
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut left = Vec::new();
