@@ -621,7 +621,7 @@ fn egress_preset(s: &str, label: &str) -> Result<(), String> {
 fn egress_rule(s: &str, label: &str) -> Result<(), String> {
     keystone_egress::policy::parse_rule(s)
         .map(|_| ())
-        .map_err(|e| format!("{label} entry \"{s}\": {e}"))
+        .map_err(|e| format!("{label}: {e}"))
 }
 
 /// `127.0.0.1:PORT` or `[::1]:PORT`: a port of the host's loopback, the

@@ -331,3 +331,41 @@ fn follow(path: &Path, print: &dyn Fn(&keystone_egress::log::Event)) -> Result<i
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_stands_for_the_enabled_agents_own_presets() {
+        let mut cfg = Config::default();
+        cfg.guest.agents.claude.enable = true;
+        cfg.guest.agents.gemini.enable = false;
+        cfg.guest.agents.codex.enable = true;
+        let spec = spec_from_config(&cfg, &["extra.example.com".into()]);
+        assert_eq!(spec.presets, ["claude", "codex", "registries", "git"]);
+        assert_eq!(spec.allow, ["extra.example.com"]);
+        assert!(spec.compile().is_ok());
+        // The minimal image has no agents, so none of their hosts.
+        cfg.guest.profile = Profile::Minimal;
+        assert_eq!(spec_from_config(&cfg, &[]).presets, ["registries", "git"]);
+    }
+
+    #[test]
+    fn changes_add_to_the_configuration_and_deny_wins() {
+        let base = Spec {
+            allow: vec!["a.example.com".into()],
+            ..Spec::default()
+        };
+        let changes = Changes {
+            allow: vec!["b.example.com".into(), "a.example.com".into()],
+            deny: vec!["a.example.com".into()],
+        };
+        let merged = merge(&base, &changes);
+        assert_eq!(merged.allow, ["a.example.com", "b.example.com"]);
+        let policy = merged.compile().expect("compiles");
+        let name = |n: &str| keystone_egress::policy::Target::Name(n.into());
+        assert!(!policy.decide(&name("a.example.com"), 443).allowed);
+        assert!(policy.decide(&name("b.example.com"), 443).allowed);
+    }
+}

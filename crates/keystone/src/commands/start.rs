@@ -156,7 +156,7 @@ use one or the other",
     };
     for rule in &args.allow {
         keystone_egress::policy::parse_rule(rule)
-            .map_err(|e| CliError::state(format!("--allow {rule:?} is not an egress rule: {e}")))?;
+            .map_err(|e| CliError::state(format!("--allow: {e}")))?;
     }
     let egress_spec = commands::egress::spec_from_config(cfg, &args.allow);
     egress_spec
