@@ -130,6 +130,8 @@ struct OpenReach {
     v6_tcp: bool,
     v6_dns: bool,
     v6_udp: bool,
+    /// The IPv6 probes' own words.
+    v6_detail: Vec<String>,
 }
 
 /// (b): the open sandbox reaches the lab by every path the allowlist will
@@ -186,9 +188,10 @@ fn open_reach(h: &Host, lab: &Lab) -> OpenReach {
             break;
         }
     }
-    probe(h, &["http", &format!("http://[{LAB_V6}]/open-v6-{t}")]);
+    let v = probe(h, &["http", &format!("http://[{LAB_V6}]/open-v6-{t}")]);
+    r.v6_detail.push(v["detail"].to_string());
     r.v6_tcp = lab_saw(lab, "http", &format!("open-v6-{t}"));
-    probe(
+    let v = probe(
         h,
         &[
             "dns",
@@ -197,11 +200,13 @@ fn open_reach(h: &Host, lab: &Lab) -> OpenReach {
             LAB_V6,
         ],
     );
+    r.v6_detail.push(v["detail"].to_string());
     r.v6_dns = lab_saw(lab, "dns", &format!("open-v6dns-{t}"));
-    probe(
+    let v = probe(
         h,
         &["udp", LAB_V6, "7", "--payload", &format!("open-v6udp-{t}")],
     );
+    r.v6_detail.push(v["detail"].to_string());
     r.v6_udp = lab_saw(lab, "udp", &format!("open-v6udp-{t}"));
     r
 }
@@ -219,7 +224,7 @@ fn host_ping_sockets_disabled() -> bool {
 /// What the open run must have shown, per class; a class that could not
 /// be shown fails here unless the reason is one this file documents.
 fn require_open_reach(h: &Host, r: &OpenReach, lab: &Lab) {
-    eprintln!("open-mode reachability on {}: {r:#?}", h.backend);
+    eprintln!("open-mode reachability on {}: {r:#?}", backend(h));
     let must = [
         ("HTTP to the lab's IPv4 address", r.http),
         ("HTTP on :7000", r.http_7000),
@@ -227,9 +232,6 @@ fn require_open_reach(h: &Host, r: &OpenReach, lab: &Lab) {
         ("DNS over UDP straight to the lab", r.dns_udp),
         ("DNS over TCP straight to the lab", r.dns_tcp),
         ("UDP echo", r.udp),
-        ("HTTP over IPv6", r.v6_tcp),
-        ("DNS over IPv6", r.v6_dns),
-        ("UDP over IPv6", r.v6_udp),
     ];
     for (what, reached) in must {
         assert!(
@@ -238,6 +240,41 @@ fn require_open_reach(h: &Host, r: &OpenReach, lab: &Lab) {
             h.backend,
             lab.dump()
         );
+    }
+    let v6 = [
+        ("HTTP over IPv6", r.v6_tcp),
+        ("DNS over IPv6", r.v6_dns),
+        ("UDP over IPv6", r.v6_udp),
+    ];
+    if h.backend == "microvm" && v6.iter().all(|(_, reached)| !reached) {
+        // The microVM's NAT is IPv4 only: keystone runs passt with `-4`
+        // (keystone-microvm's lib.rs) and the guest's init configures eth1
+        // with a static IPv4 address, so an open microVM has no IPv6 way
+        // out at all and the allowlist's IPv6 assertions there show only
+        // that the probes fail. What is checked instead: the guest has no
+        // IPv6 default route and each probe failed as unreachable, not by
+        // a timeout (so a future passt with IPv6 fails this, on purpose).
+        let routes = h.sh("ip -6 route show default");
+        assert!(
+            routes.trim().is_empty(),
+            "the microVM has an IPv6 default route, yet IPv6 did not reach the lab:\n{routes}"
+        );
+        for d in &r.v6_detail {
+            assert!(
+                d.contains("ENETUNREACH"),
+                "IPv6 from the open microVM failed otherwise than unreachable: {d}"
+            );
+        }
+        eprintln!("IPv6 cannot be shown reachable on microvm: passt runs with -4 (no IPv6 default route in the guest)");
+    } else {
+        for (what, reached) in v6 {
+            assert!(
+                reached,
+                "{what} did not reach the lab with open egress on {}: the blocked assertion for it would prove nothing\n{}",
+                h.backend,
+                lab.dump()
+            );
+        }
     }
     if !r.icmp {
         // pasta and passt forward a guest's echo requests only through
@@ -256,8 +293,16 @@ fn require_open_reach(h: &Host, r: &OpenReach, lab: &Lab) {
         );
         eprintln!(
             "ICMP cannot be shown reachable on {}: the host's net.ipv4.ping_group_range is empty, so pasta/passt send no echo ({})",
-            h.backend, r.icmp_detail
+            backend(h), r.icmp_detail
         );
+    }
+}
+
+/// The backend, and whether keystone runs unprivileged.
+fn backend(h: &Host) -> String {
+    match &h.user {
+        Some(u) => format!("{} (rootless, as {u})", h.backend),
+        None => h.backend.clone(),
     }
 }
 
@@ -367,7 +412,7 @@ pub fn egress_policy(h: Host) {
     assert!(
         implemented,
         "the open half passed on {}; the allowlist half needs `[egress]` (this build's `start` has no --egress)",
-        h.backend
+        backend(&h)
     );
 
     // (c) allowlist.
