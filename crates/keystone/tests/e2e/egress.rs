@@ -19,8 +19,8 @@ use crate::lab::{Lab, HOST_V4, LAB_V4, LAB_V6};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const PROBE: &str = include_str!("../fixtures/egress-probe.py");
@@ -314,10 +314,11 @@ fn backend(h: &Host) -> String {
 }
 
 /// A TCP server on the host's 127.0.0.1 that answers one HTTP response
-/// (`host-service <tag>`) per connection and counts them.
+/// (`host-service <tag>`) per connection and keeps each connection's
+/// first line (empty when nothing was sent within 2 s).
 struct HostService {
     port: u16,
-    hits: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -327,18 +328,23 @@ impl HostService {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         listener.set_nonblocking(true).expect("nonblocking");
-        let hits = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (h2, s2) = (hits.clone(), stop.clone());
+        let (seen2, stop2) = (seen.clone(), stop.clone());
         let body = format!("host-service {tag}\n");
         let thread = std::thread::spawn(move || {
-            while !s2.load(Ordering::Relaxed) {
+            while !stop2.load(Ordering::Relaxed) {
                 if let Ok((mut s, _)) = listener.accept() {
-                    h2.fetch_add(1, Ordering::Relaxed);
                     let _ = s.set_nonblocking(false);
                     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                     let mut buf = [0u8; 4096];
-                    let _ = s.read(&mut buf);
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    let first = String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    seen2.lock().expect("seen").push(first);
                     let _ = s.write_all(
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -352,14 +358,15 @@ impl HostService {
         });
         HostService {
             port,
-            hits,
+            seen,
             stop,
             thread: Some(thread),
         }
     }
 
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::Relaxed)
+    /// Each connection's first line so far.
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().expect("seen").clone()
     }
 }
 
@@ -885,17 +892,16 @@ pub fn egress_policy(h: Host) {
     // The host's loopback: not through any gateway address; only a listed
     // host service, and only as host.keystone.internal. (A TCP handshake
     // with keystone's own listener in the guest's namespace, which holds
-    // the listed port, is not the host's service: the service's answer and
-    // its connection count are what must not come.)
+    // the listed port, is not the host's service: the service's answer,
+    // and the requests it logs, are what must not come.)
     {
-        let before = (listed.hits(), unlisted.hits());
         for (svc, tag) in [(&listed, "listed"), (&unlisted, "unlisted")] {
             for addr in [GATEWAY, "10.0.2.2", "10.0.3.2", "127.0.0.1"] {
                 let v = probe(
                     &h,
                     &[
                         "http",
-                        &format!("http://{addr}:{}/", svc.port),
+                        &format!("http://{addr}:{}/lo-{addr}-{t}", svc.port),
                         "--expect",
                         &format!("host-service {tag}"),
                     ],
@@ -903,17 +909,20 @@ pub fn egress_policy(h: Host) {
                 assert!(!ok(&v), "host loopback :{} via {addr}: {v}", svc.port);
             }
         }
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(
-            (listed.hits(), unlisted.hits()),
-            before,
-            "a host loopback service was reached through a gateway address"
-        );
+        std::thread::sleep(Duration::from_millis(500));
+        for svc in [&listed, &unlisted] {
+            assert!(
+                svc.seen().is_empty(),
+                "the host's loopback service :{} was reached through a gateway address: {:?}",
+                svc.port,
+                svc.seen()
+            );
+        }
         let v = probe(
             &h,
             &[
                 "http",
-                &format!("http://host.keystone.internal:{}/", listed.port),
+                &format!("http://host.keystone.internal:{}/internal-{t}", listed.port),
                 "--expect",
                 "host-service listed",
             ],
@@ -922,22 +931,37 @@ pub fn egress_policy(h: Host) {
             ok(&v),
             "a listed host service as host.keystone.internal: {v}"
         );
-        assert_eq!(listed.hits(), before.0 + 1, "the listed service's hits");
+        let seen = listed.seen();
+        assert_eq!(
+            seen.iter()
+                .filter(|l| l.contains(&format!("/internal-{t}")))
+                .count(),
+            1,
+            "the listed service got the request once: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .all(|l| l.is_empty() || l.contains(&format!("/internal-{t}"))),
+            "the listed service got other requests: {seen:?}"
+        );
         let v = probe(
             &h,
             &[
                 "http",
-                &format!("http://host.keystone.internal:{}/", unlisted.port),
+                &format!(
+                    "http://host.keystone.internal:{}/unlisted-{t}",
+                    unlisted.port
+                ),
                 "--expect",
                 "host-service unlisted",
             ],
         );
         assert!(!ok(&v), "an unlisted host service: {v}");
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(
-            unlisted.hits(),
-            before.1,
-            "the unlisted service was reached"
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            unlisted.seen().is_empty(),
+            "the unlisted service was reached: {:?}",
+            unlisted.seen()
         );
     }
 
