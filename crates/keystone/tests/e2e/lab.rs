@@ -3,9 +3,10 @@
 //! see (tests/fixtures/egress-lab.py), so that a test can prove both that
 //! a probe got out and that it did not.
 //!
-//! Addresses (TEST-NET-3 and the IPv6 documentation range, never routed
-//! anywhere real): the host side of a veth pair has 203.0.113.1/24 and
-//! 2001:db8:77::1/64, the lab side 203.0.113.2/24 and 2001:db8:77::2/64.
+//! Addresses (TEST-NET-2 and the IPv6 documentation range; not TEST-NET-1
+//! or -3, which our CI machines use for their uplink and package mirror,
+//! and which a lab route would hijack): the host side of a veth pair has 198.51.100.1/24 and
+//! 2001:db8:77::1/64, the lab side 198.51.100.2/24 and 2001:db8:77::2/64.
 //! The host reaches the lab through that connected route only, so any
 //! probe the lab logs left through the host's own stack (pasta, passt, or
 //! keystone's egress point on the host side).
@@ -17,9 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const LAB_V4: &str = "203.0.113.2";
+pub const LAB_V4: &str = "198.51.100.2";
 pub const LAB_V6: &str = "2001:db8:77::2";
-pub const HOST_V4: &str = "203.0.113.1";
+pub const HOST_V4: &str = "198.51.100.1";
 
 const SERVER: &str = include_str!("../fixtures/egress-lab.py");
 
@@ -114,7 +115,7 @@ impl Lab {
             &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
         );
         run(&ip, &["link", "set", &peer, "netns", &ns]);
-        run(&ip, &["addr", "add", "203.0.113.1/24", "dev", &veth]);
+        run(&ip, &["addr", "add", "198.51.100.1/24", "dev", &veth]);
         run(
             &ip,
             &["addr", "add", "2001:db8:77::1/64", "dev", &veth, "nodad"],
@@ -126,7 +127,7 @@ impl Lab {
             run(&ip, &all);
         };
         in_ns(&["link", "set", "lo", "up"]);
-        in_ns(&["addr", "add", "203.0.113.2/24", "dev", &peer]);
+        in_ns(&["addr", "add", "198.51.100.2/24", "dev", &peer]);
         in_ns(&["addr", "add", "2001:db8:77::2/64", "dev", &peer, "nodad"]);
         in_ns(&["link", "set", &peer, "up"]);
 
