@@ -23,6 +23,7 @@
 #
 # Prints absolute figures and ratios. Not a test: nothing here fails on time.
 #   sudo ./bench/egress.sh [ITERATIONS]      # latency samples per path (default 50)
+#   (BENCH_EGRESS_NET=A.B.C puts the lab on A.B.C.0/24 instead of 198.51.100.0/24)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 N=${1:-50}
@@ -30,9 +31,13 @@ DL=3                                          # 100 MiB downloads per path
 bench_require curl:curl openssl:openssl python3:python3 ip:iproute2 pasta:passt bc:bc
 [ "$(id -u)" = 0 ] || { echo "run as root (it makes a network namespace)" >&2; exit 4; }
 
-NET=198.51.100                                # the lab's /24; no route may use it
-if ip -4 route show | grep -q "^$NET\.\|via $NET\."; then
-    echo "$NET.0/24 is already routed on this host (ip route); pick another range" >&2; exit 4
+# The lab's /24 (first three octets): no route on the host may use it, and
+# keystone must not count it special (private, CGNAT, 198.18/15: refused).
+NET=${BENCH_EGRESS_NET:-198.51.100}
+if ip -4 route show | grep -qF -e "$NET." ; then
+    echo "$NET.0/24 is already routed on this host (ip route: $(ip -4 route show | grep -F "$NET." | head -1));" \
+        "wait for its user or set BENCH_EGRESS_NET to a free /24" >&2
+    exit 4
 fi
 HOST_IP=$NET.1 LAB_IP=$NET.2 NAME=bench.lab.test
 
