@@ -5,7 +5,8 @@
 #  1. latency of one small HTTPS request (a fresh curl, so a fresh TCP
 #     connection and TLS handshake each time; curl's own %{time_total}
 #     inside the guest, so exec/ssh overhead is not in it), p50 and p90;
-#  2. throughput of a 100 MiB HTTPS download (%{speed_download}), median of 3;
+#  2. throughput of a 100 MiB HTTPS download (%{speed_download}), median of
+#     3 per round;
 #
 # for: A `mode = "open"` (pasta), B `mode = "allowlist"` through the
 # explicit proxy (the guest's default HTTPS_PROXY) and B through the
@@ -22,12 +23,21 @@
 # floor (what the server and the host's stack alone cost).
 #
 # Prints absolute figures and ratios. Not a test: nothing here fails on time.
-#   sudo ./bench/egress.sh [ITERATIONS]      # latency samples per path (default 50)
+#   sudo ./bench/egress.sh [ITERATIONS [ROUNDS]]     # default 50 requests, 3 rounds
 #   (BENCH_EGRESS_NET=A.B.C puts the lab on A.B.C.0/24 instead of 198.51.100.0/24)
+#
+# A round is: the host floor, run A (start, measure, stop), run B (config
+# rewritten, start, measure, stop); the rounds' samples are pooled, so
+# drift of a shared machine between A and B is spread over both.
+#
+# The transparent path's time includes the guest's own lookup of the name
+# (keystone's DNS, shown as "dns"); the other paths do none (A: --resolve,
+# proxy: the proxy resolves it, on the host, as on every path of run B).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-N=${1:-50}
-DL=3                                          # 100 MiB downloads per path
+N=${1:-50}                                    # small requests per path and round
+ROUNDS=${2:-3}                                # A then B, this many times, pooled
+DL=3                                          # 100 MiB downloads per path and round
 bench_require curl:curl openssl:openssl python3:python3 ip:iproute2 pasta:passt bc:bc
 [ "$(id -u)" = 0 ] || { echo "run as root (it makes a network namespace)" >&2; exit 4; }
 
@@ -171,7 +181,7 @@ IFS="|"; for p in $paths; do
     while [ "$i" -lt "$dl" ]; do get $p; i=$((i + 1)); done
 done
 '
-probe_timeout=$(( N * 3 * 10 + DL * 3 * 120 + 60 ))   # curl --max-time bounds each request
+probe_timeout=$(( (N + 4) * 2 * 10 + DL * 2 * 120 + 60 ))   # curl --max-time bounds each request
 
 # values LABEL FIELD < results: that column of LABEL's lines
 values() { awk -v l="$1" -v f="$2" '$1 == l && $2 != "error" {print $f}'; }
@@ -181,37 +191,48 @@ ms_of() { fmt %.2f "$(calc "$1 * 1000" 6)"; }
 mib_of() { fmt %.1f "$(calc "$1 / 1048576" 3)"; }
 delta() { fmt %+.2f "$(calc "$1 - $2" 3)"; }
 
-# The floor: the host itself, straight to the lab.
+# open_config / allow_config: the [egress] table (the file's last) of run A / B.
+open_config() {
+    sed -i '/^\[egress\]/,$d' "$cfg"
+    printf '[egress]\nmode = "open"\n' >> "$cfg"
+}
+allow_config() {
+    sed -i '/^\[egress\]/,$d' "$cfg"
+    printf '[egress]\nmode = "allowlist"\npresets = []\nallow = ["%s"]\nresolver = "%s"\n' "$NAME" "$LAB_IP" >> "$cfg"
+}
 printf '%s' "$probe_script" > "$lab/probe.sh"
-timeout "$probe_timeout" sh "$lab/probe.sh" "host ${pin[*]}" "$N" "$DL" "https://$NAME" "$BIG" > "$work/host.txt"
+: > "$work/all.txt"
+for round in $(seq "$ROUNDS"); do
+    # The floor: the host itself, straight to the lab.
+    timeout "$probe_timeout" sh "$lab/probe.sh" "host ${pin[*]}" "$N" "$DL" "https://$NAME" "$BIG" >> "$work/all.txt"
 
-# A: open.
-timeout 900 "$K" agent start --no-attach >/dev/null 2>&1     # may build the image once
-timeout 60 "$K" agent exec -- sh -c 'test -z "${HTTPS_PROXY:-}"' \
-    || { echo "run A (open) has HTTPS_PROXY set in the guest" >&2; exit 1; }
-timeout "$probe_timeout" "$K" agent exec -- sh -c "$probe_script" probe \
-    "open ${pin[*]}" "$N" "$DL" "https://$NAME" "$BIG" > "$work/a.txt"
-timeout 120 "$K" agent stop >/dev/null
+    # A: open.
+    open_config
+    timeout 900 "$K" agent start --no-attach >/dev/null 2>&1     # the first may build the image
+    timeout 60 "$K" agent exec -- sh -c 'test -z "${HTTPS_PROXY:-}"' \
+        || { echo "run A (open) has HTTPS_PROXY set in the guest" >&2; exit 1; }
+    timeout "$probe_timeout" "$K" agent exec -- sh -c "$probe_script" probe \
+        "open ${pin[*]}" "$N" "$DL" "https://$NAME" "$BIG" >> "$work/all.txt"
+    timeout 120 "$K" agent stop >/dev/null
 
-# B: allowlist, only the lab's name, resolved on the host by the lab's DNS.
-sed -i '/^\[egress\]/,$d' "$cfg"
-printf '[egress]\nmode = "allowlist"\npresets = []\nallow = ["%s"]\nresolver = "%s"\n' "$NAME" "$LAB_IP" >> "$cfg"
-timeout 300 "$K" agent start --no-attach >/dev/null 2>&1
-proxy=$(timeout 60 "$K" agent exec -- sh -c 'echo "${HTTPS_PROXY:-}"')
-[ -n "$proxy" ] || { echo "run B (allowlist) has no HTTPS_PROXY in the guest" >&2; exit 1; }
-# Sanity: the lab's address itself is not reachable from the guest.
-if timeout 60 "$K" agent exec -- curl -sk --max-time 5 --noproxy '*' -o /dev/null "https://$LAB_IP/small"; then
-    echo "run B (allowlist) reaches $LAB_IP directly: not the egress path" >&2; exit 1
-fi
-timeout "$probe_timeout" "$K" agent exec -- sh -c "$probe_script" probe \
-    "proxy|transparent --noproxy *" "$N" "$DL" "https://$NAME" "$BIG" > "$work/b.txt"
+    # B: allowlist, only the lab's name, resolved on the host by the lab's DNS.
+    allow_config
+    timeout 300 "$K" agent start --no-attach >/dev/null 2>&1
+    proxy=$(timeout 60 "$K" agent exec -- sh -c 'echo "${HTTPS_PROXY:-}"')
+    [ -n "$proxy" ] || { echo "run B (allowlist) has no HTTPS_PROXY in the guest" >&2; exit 1; }
+    # Sanity: the lab's address itself is not reachable from the guest.
+    if timeout 60 "$K" agent exec -- curl -sk --max-time 5 --noproxy '*' -o /dev/null "https://$LAB_IP/small"; then
+        echo "run B (allowlist) reaches $LAB_IP directly: not the egress path" >&2; exit 1
+    fi
+    timeout "$probe_timeout" "$K" agent exec -- sh -c "$probe_script" probe \
+        "proxy|transparent --noproxy *" "$N" "$DL" "https://$NAME" "$BIG" >> "$work/all.txt"
+    timeout 120 "$K" agent stop >/dev/null
+done
 decisions=$(python3 -c 'import collections, json, sys
 c = collections.Counter((e["proto"], e["decision"]) for e in map(json.loads, open(sys.argv[1])))
 print(", ".join(f"{p} {d} {n}" for (p, d), n in sorted(c.items())))' "$sdir/egress/decisions.jsonl")
-timeout 120 "$K" agent stop >/dev/null
 
 # --- report -------------------------------------------------------------------
-cat "$work/host.txt" "$work/a.txt" "$work/b.txt" > "$work/all.txt"
 errors=$(grep -c ' error ' "$work/all.txt" || true)
 declare -A p50 p90 dns mibs
 for path in host open proxy transparent; do
@@ -228,13 +249,14 @@ for path in host open proxy transparent; do
 done
 echo "lab: $server on $LAB_IP ($NAME, self-signed), python3 DNS; proxy in the guest: $proxy"
 echo "run B decision log: $decisions"
-echo "small HTTPS request, fresh connection, curl time_total in the guest (ms; p50 / p90 of $N; p50 of its DNS lookup):"
+echo "small HTTPS request, fresh connection, curl time_total in the guest (ms; p50 / p90 of $N x $ROUNDS rounds; p50 of its DNS lookup):"
 for path in host open proxy transparent; do
     printf '  %-12s p50 %6s  p90 %6s   dns %s\n' "$path" "${p50[$path]}" "${p90[$path]}" "${dns[$path]}"
 done
-echo "100 MiB HTTPS download (MiB/s, median of $DL):"
+echo "100 MiB HTTPS download (MiB/s, median of $DL x $ROUNDS rounds; min-max):"
 for path in host open proxy transparent; do
-    printf '  %-12s %s\n' "$path" "${mibs[$path]}"
+    range=$(values "$path-dl" 2 < "$work/all.txt" | sort -n | sed -n '1p;$p' | while read -r v; do mib_of "$v"; echo; done | paste -sd-)
+    printf '  %-12s %6s   (%s)\n' "$path" "${mibs[$path]}" "$range"
 done
 [ "$errors" = 0 ] || echo "failed requests: $errors (see $work/all.txt lines with 'error')"
 for path in proxy transparent; do
