@@ -24,11 +24,13 @@
 //! (`plumbing`) and the leak tests' fault points (`fault`).
 
 pub mod disk;
+pub mod egress;
 pub mod fault;
 pub mod hostbridge;
 pub mod idmap;
 pub mod plumbing;
 pub mod signals;
+pub mod tap;
 
 pub use signals::{unblock_all, StopRequest, STOP_FORCE, STOP_GRACEFUL};
 

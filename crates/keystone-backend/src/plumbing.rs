@@ -75,11 +75,15 @@ pub fn start_relay(
     }
 }
 
-/// The guest's resolv.conf for a network mode: the host's resolvers
-/// without the loopback ones (unreachable from inside) for NAT; nothing
+/// The guest's resolv.conf: keystone's egress point with the allowlist
+/// (which answers every query itself); the host's resolvers without the
+/// loopback ones (unreachable from inside) for open NAT; nothing
 /// otherwise (offline, or a bridge whose DHCP lease brings them).
-pub fn resolv_conf(nat: bool) -> String {
-    if !nat {
+pub fn resolv_conf(settings: &keystone_registry::Settings) -> String {
+    if settings.egress_allowlist() {
+        return format!("nameserver {}\n", keystone_egress::GATEWAY);
+    }
+    if settings.network != keystone_registry::NetworkMode::Nat {
         return String::new();
     }
     fs::read_to_string("/etc/resolv.conf")
@@ -126,9 +130,19 @@ mod tests {
 
     #[test]
     fn resolv_conf_drops_loopback_resolvers_and_is_empty_offline() {
-        assert_eq!(resolv_conf(false), "");
-        assert!(!resolv_conf(true).contains("127."));
+        use keystone_registry::{EgressMode, NetworkMode};
+        let mut s: keystone_registry::Settings = serde_json::from_str(SETTINGS).expect("settings");
+        s.network = NetworkMode::None;
+        assert_eq!(resolv_conf(&s), "");
+        s.network = NetworkMode::Nat;
+        s.egress = EgressMode::Open;
+        assert!(!resolv_conf(&s).contains("127."));
+        s.egress = EgressMode::Allowlist;
+        assert_eq!(resolv_conf(&s), "nameserver 198.18.0.1\n");
     }
+
+    const SETTINGS: &str = r#"{"memory_mb":1024,"vcpus":1,"nested_virt":false,"network":"nat",
+        "sync_mode":"manual","persist":true,"image":"x"}"#;
 
     #[test]
     fn the_probe_wants_an_ssh_banner() {

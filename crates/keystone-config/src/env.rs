@@ -74,6 +74,15 @@ pub const VARS: &[(&str, &str)] = &[
         "KEYSTONE_AGENT_CODEX_AUTO_ACCEPT",
     ),
     ("session.multiplexer", "KEYSTONE_AGENT_MULTIPLEXER"),
+    ("egress.mode", "KEYSTONE_AGENT_EGRESS"),
+    ("egress.presets", "KEYSTONE_AGENT_EGRESS_PRESETS"),
+    ("egress.allow", "KEYSTONE_AGENT_EGRESS_ALLOW"),
+    ("egress.deny", "KEYSTONE_AGENT_EGRESS_DENY"),
+    (
+        "egress.host_services",
+        "KEYSTONE_AGENT_EGRESS_HOST_SERVICES",
+    ),
+    ("egress.resolver", "KEYSTONE_AGENT_EGRESS_RESOLVER"),
 ];
 
 /// The variable that sets `key`, if any.

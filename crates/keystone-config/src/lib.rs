@@ -38,9 +38,9 @@ pub mod trust;
 pub use error::ConfigError;
 pub use model::{
     AgentConfig, AgentKind, AgentsConfig, BackendConfig, BackendKind, Config, Defaults,
-    GuestConfig, Hypervisor, KubernetesConfig, MicrovmConfig, Multiplexer, NetworkMode,
-    ParseEnumError, Profile, ProxyConfig, PullPolicy, SessionConfig, ShareProto, SyncMode,
-    WorkspaceMode, DEFAULT_FORWARD_ENV,
+    EgressConfig, EgressMode, GuestConfig, Hypervisor, KubernetesConfig, MicrovmConfig,
+    Multiplexer, NetworkMode, ParseEnumError, Profile, ProxyConfig, PullPolicy, SessionConfig,
+    ShareProto, SyncMode, WorkspaceMode, DEFAULT_EGRESS_PRESETS, DEFAULT_FORWARD_ENV,
 };
 pub use trust::{ProjectStatus, TrustStore};
 

@@ -87,6 +87,19 @@ config_enum! {
 }
 
 config_enum! {
+    /// What the guest may reach with `network = "nat"` (`[egress]`).
+    EgressMode, "egress mode" {
+        /// Only the hosts the policy allows, through keystone's egress
+        /// point; no route to anything else, on any protocol.
+        Allowlist = "allowlist",
+        /// Everything the host reaches (the host's loopback excepted).
+        Open = "open",
+        /// No network at all: the same as `network = "none"`.
+        None = "none",
+    }
+}
+
+config_enum! {
     /// When sandbox commits come back to the host.
     SyncMode, "sync mode" {
         /// Only on `keystone agent sync`.
@@ -177,6 +190,7 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub guest: GuestConfig,
     pub session: SessionConfig,
+    pub egress: EgressConfig,
 }
 
 /// `[defaults]`: what `keystone agent start` uses unless told otherwise.
@@ -413,6 +427,51 @@ impl Default for AgentConfig {
         AgentConfig {
             enable: false,
             auto_accept: true,
+        }
+    }
+}
+
+/// `[egress]`: what the guest may reach (see `keystone-egress`).
+///
+/// The default is the allowlist with the presets every enabled agent,
+/// `apt`, `npm`, `pip`, `cargo` and git hosting need: a prompt-injected
+/// agent can then send what it read only to those hosts' own services
+/// (out of scope: see docs/SECURITY.md), never to a host of its choosing,
+/// and nothing a user does every day breaks. Every key is host-only: a
+/// project file, which the sandbox can rewrite, may never widen it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    pub mode: EgressMode,
+    /// Named rule sets; `agents` stands for the enabled agents' own.
+    pub presets: Vec<String>,
+    /// Rules: `host`, `*.domain`, `host:port`, `host:*`, `CIDR[:port]`.
+    pub allow: Vec<String>,
+    /// Same syntax; a deny rule wins over every allow rule.
+    pub deny: Vec<String>,
+    /// Host loopback ports (`127.0.0.1:11434`) the guest may reach as
+    /// `host.keystone.internal:PORT`; nothing else of the host's.
+    pub host_services: Vec<String>,
+    /// The DNS server keystone resolves allowed names with on the host;
+    /// empty means the host's own resolver.
+    pub resolver: String,
+}
+
+/// The presets of the default policy.
+pub const DEFAULT_EGRESS_PRESETS: &[&str] = &["agents", "registries", "git"];
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            mode: EgressMode::Allowlist,
+            presets: DEFAULT_EGRESS_PRESETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            host_services: Vec::new(),
+            resolver: String::new(),
         }
     }
 }

@@ -12,8 +12,8 @@ use std::path::{Component, Path};
 use toml_edit::Value;
 
 use crate::model::{
-    BackendKind, Config, Hypervisor, Multiplexer, NetworkMode, Profile, PullPolicy, ShareProto,
-    SyncMode, WorkspaceMode,
+    BackendKind, Config, EgressMode, Hypervisor, Multiplexer, NetworkMode, Profile, PullPolicy,
+    ShareProto, SyncMode, WorkspaceMode,
 };
 
 /// A rejected value: the message, and (for a list element) the span of the
@@ -259,6 +259,7 @@ macro_rules! enum_setting {
 
 enum_setting!(
     NetworkMode,
+    EgressMode,
     SyncMode,
     BackendKind,
     ShareProto,
@@ -406,6 +407,12 @@ pub(crate) static FIELDS: &[Field] = &[
     field!("guest.agents.codex.enable" => guest.agents.codex.enable, ()),
     field!("guest.agents.codex.auto_accept" => guest.agents.codex.auto_accept, ()),
     field!("session.multiplexer" => session.multiplexer, ()),
+    field!("egress.mode" => egress.mode, ()),
+    field!("egress.presets" => egress.presets, ItemRule(egress_preset)),
+    field!("egress.allow" => egress.allow, ItemRule(egress_rule)),
+    field!("egress.deny" => egress.deny, ItemRule(egress_rule)),
+    field!("egress.host_services" => egress.host_services, ItemRule(host_service)),
+    field!("egress.resolver" => egress.resolver, StrRule(resolver_or_empty)),
 ];
 
 /// Position of a leaf key in [`FIELDS`].
@@ -594,6 +601,51 @@ fn debian_package(s: &str, label: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A preset of `keystone_egress::policy::presets`, or `agents` (the
+/// enabled agents' own, expanded at start).
+fn egress_preset(s: &str, label: &str) -> Result<(), String> {
+    let known: Vec<&str> = std::iter::once("agents")
+        .chain(keystone_egress::policy::presets().iter().map(|(n, _)| *n))
+        .collect();
+    if known.contains(&s) {
+        return Ok(());
+    }
+    Err(format!(
+        "{label} entry \"{s}\" is not a preset; the presets are {}",
+        known.join(", ")
+    ))
+}
+
+fn egress_rule(s: &str, label: &str) -> Result<(), String> {
+    keystone_egress::policy::parse_rule(s)
+        .map(|_| ())
+        .map_err(|e| format!("{label}: {e}"))
+}
+
+/// `127.0.0.1:PORT` or `[::1]:PORT`: a port of the host's loopback, the
+/// only host addresses a guest may be given (anything else is a network
+/// address, which `allow` takes).
+fn host_service(s: &str, label: &str) -> Result<(), String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_loopback() && a.port() != 0 => Ok(()),
+        _ => Err(format!(
+            "{label} entry \"{s}\" must be a port on the host's loopback, e.g. \"127.0.0.1:11434\""
+        )),
+    }
+}
+
+fn resolver_or_empty(s: &str, label: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.parse::<std::net::IpAddr>().is_ok()
+        || s.parse::<std::net::SocketAddr>().is_ok()
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "{label} must be a DNS server's address (\"IP\" or \"IP:PORT\"), or \"\" for the host's own resolver"
+    ))
 }
 
 fn env_var_name(s: &str, label: &str) -> Result<(), String> {

@@ -481,7 +481,7 @@ fn unknown_top_level_key_lists_the_tables() {
         message,
         format!(
             "{}:2:1: unknown top-level key `memory`; the top level only holds the tables: \
-             defaults, backend, proxy, guest, session",
+             defaults, backend, proxy, guest, session, egress",
             path.display()
         )
     );
@@ -494,7 +494,7 @@ fn unknown_top_level_table_lists_the_tables() {
         message,
         format!(
             "{}:1:2: unknown table `default` (did you mean `defaults`?); the top level only \
-             holds the tables: defaults, backend, proxy, guest, session",
+             holds the tables: defaults, backend, proxy, guest, session, egress",
             path.display()
         )
     );
@@ -1263,7 +1263,7 @@ fn entries_list_every_leaf_key_of_config() {
         "",
         &mut expected,
     );
-    assert_eq!(expected.len(), 38);
+    assert_eq!(expected.len(), 44);
     listed.sort();
     expected.sort();
     assert_eq!(listed, expected);
@@ -1283,7 +1283,12 @@ fn entries_render_values_as_toml_in_layout_order() {
     assert_eq!(entries[0].key, "defaults.memory");
     assert_eq!(
         entries.last().map(|e| e.key.as_str()),
-        Some("session.multiplexer")
+        Some("egress.resolver")
+    );
+    assert_eq!(get("egress.mode"), "\"allowlist\"");
+    assert_eq!(
+        get("egress.presets"),
+        "[\"agents\", \"registries\", \"git\"]"
     );
     assert_eq!(get("defaults.memory"), "8192");
     assert_eq!(get("defaults.nested_virt"), "true");
@@ -1343,6 +1348,12 @@ fn rendered_entries_load_back_to_the_same_config() {
         Flag::new("guest.agents.codex.enable", "--x", "true"),
         Flag::new("guest.agents.codex.auto_accept", "--x", "false"),
         Flag::new("session.multiplexer", "--x", "zellij"),
+        Flag::new("egress.mode", "--x", "open"),
+        Flag::new("egress.presets", "--x", "git"),
+        Flag::new("egress.allow", "--x", "*.example.com,example.org:22"),
+        Flag::new("egress.deny", "--x", "bad.example.com"),
+        Flag::new("egress.host_services", "--x", "127.0.0.1:11434"),
+        Flag::new("egress.resolver", "--x", "192.0.2.53"),
     ];
     let custom = load(&Inputs {
         flags,
@@ -1428,4 +1439,97 @@ fn agents_helpers() {
     agents.codex.enable = true;
     assert_eq!(agents.enabled(), vec![AgentKind::Claude, AgentKind::Codex]);
     assert!(agents.get(AgentKind::Codex).auto_accept);
+}
+
+// ---- [egress] ----
+
+#[test]
+fn the_default_egress_is_the_allowlist_with_its_presets() {
+    let e = file_ok("");
+    assert_eq!(e.config.egress.mode, EgressMode::Allowlist);
+    assert_eq!(e.config.egress.presets, ["agents", "registries", "git"]);
+    assert!(e.config.egress.allow.is_empty());
+}
+
+#[test]
+fn egress_rules_presets_services_and_resolver_are_checked_where_written() {
+    let (message, path) = file_error("[egress]\nallow = [\"ok.example.com\", \"bad host\"]\n");
+    assert!(
+        message.starts_with(&format!(
+            "{}:2:28: egress.allow: rule \"bad host\"",
+            path.display()
+        )),
+        "{message}"
+    );
+    let (message, _) = file_error("[egress]\npresets = [\"nope\"]\n");
+    assert!(
+        message.contains(
+            "not a preset; the presets are agents, claude, gemini, codex, registries, git"
+        ),
+        "{message}"
+    );
+    let (message, _) = file_error("[egress]\nhost_services = [\"10.0.0.1:80\"]\n");
+    assert!(
+        message.contains("a port on the host's loopback"),
+        "{message}"
+    );
+    let (message, _) = file_error("[egress]\nresolver = \"dns.example.com\"\n");
+    assert!(message.contains("a DNS server's address"), "{message}");
+    let (message, _) = file_error("[egress]\nmode = \"closed\"\n");
+    assert!(message.contains("allowlist"), "{message}");
+    let (message, _) = file_error("[egress]\nallow = [\"127.0.0.0/8\"]\n");
+    assert!(message.contains("host_services"), "{message}");
+}
+
+#[test]
+fn a_trusted_project_file_never_widens_the_egress_policy() {
+    let fx = Fixture::new();
+    fx.user("[egress]\nallow = [\"mine.example.com\"]\n");
+    fx.project(
+        "[defaults]\nvcpus = 3\n[egress]\nmode = \"open\"\nallow = [\"evil.example.com\"]\n\
+         presets = [\"git\"]\nhost_services = [\"127.0.0.1:22\"]\nresolver = \"192.0.2.53\"\n",
+    );
+    let effective = load(&fx.inputs()).expect("load");
+    assert_eq!(effective.config.defaults.vcpus, 3, "the rest applies");
+    let egress = &effective.config.egress;
+    assert_eq!(egress.mode, EgressMode::Allowlist);
+    assert_eq!(egress.allow, ["mine.example.com"]);
+    assert_eq!(egress.presets, ["agents", "registries", "git"]);
+    assert!(egress.host_services.is_empty());
+    assert_eq!(egress.resolver, "");
+    let Some(ProjectStatus::Trusted { ignored_keys, .. }) = &effective.project else {
+        panic!("{:?}", effective.project);
+    };
+    for key in [
+        "egress.mode",
+        "egress.allow",
+        "egress.presets",
+        "egress.host_services",
+        "egress.resolver",
+    ] {
+        assert!(
+            ignored_keys.iter().any(|k| k == key),
+            "{key}: {ignored_keys:?}"
+        );
+    }
+}
+
+#[test]
+fn egress_comes_from_the_environment_too() {
+    let e = load(&Inputs {
+        env: env(&[
+            ("KEYSTONE_AGENT_EGRESS", "open"),
+            (
+                "KEYSTONE_AGENT_EGRESS_ALLOW",
+                "a.example.com,*.b.example.com:8443",
+            ),
+        ]),
+        ..Inputs::default()
+    })
+    .expect("load");
+    assert_eq!(e.config.egress.mode, EgressMode::Open);
+    assert_eq!(
+        e.config.egress.allow,
+        ["a.example.com", "*.b.example.com:8443"]
+    );
 }

@@ -26,6 +26,15 @@ use sha2::{Digest, Sha256};
 
 /// Keys a project file never sets, trusted or not, and why.
 pub const HOST_ONLY: &[(&str, &str)] = &[
+    ("egress.mode", "it decides what the sandbox may reach"),
+    ("egress.presets", "it decides what the sandbox may reach"),
+    ("egress.allow", "it decides what the sandbox may reach"),
+    ("egress.deny", "it decides what the sandbox may reach"),
+    (
+        "egress.host_services",
+        "it exposes host services to the sandbox",
+    ),
+    ("egress.resolver", "it names a host network"),
     (
         "defaults.env_files",
         "it chooses host files to copy into the sandbox",

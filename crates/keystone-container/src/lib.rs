@@ -184,7 +184,9 @@ impl Backend for ContainerBackend {
     fn prepare(&self, inst: &Instance, progress: &mut dyn FnMut(&str)) -> Result<(), BackendError> {
         let map = IdMap::for_container()?;
         require_tool("tar", "tar", "it unpacks the image")?;
-        if inst.settings.network == NetworkMode::Nat {
+        if inst.settings.egress_allowlist() {
+            require_tool("ip", "iproute2", "the egress allowlist needs it")?;
+        } else if inst.settings.network == NetworkMode::Nat {
             require_tool(
                 "pasta",
                 "passt",
@@ -192,6 +194,7 @@ impl Backend for ContainerBackend {
             )?;
         }
         if inst.settings.network == NetworkMode::Nat
+            && !inst.settings.egress_allowlist()
             && !map.is_root()
             && nix::unistd::access(
                 "/dev/net/tun",
@@ -354,7 +357,7 @@ impl Backend for ContainerBackend {
                 "127.0.0.1\tlocalhost\n127.0.1.1\t{0}\n::1\tlocalhost ip6-localhost ip6-loopback\n",
                 inst.name
             ),
-            resolv: plumbing::resolv_conf(inst.settings.network == NetworkMode::Nat),
+            resolv: plumbing::resolv_conf(&inst.settings),
             supervisor: nix::unistd::getpid(),
             argv: cstrings(&[
                 "/usr/bin/tini",
@@ -394,6 +397,7 @@ impl Backend for ContainerBackend {
             helpers: Vec::new(),
             cgroup: cg.clone(),
             socket: inst.socket.clone(),
+            egress_control: None,
             chan: ours,
             done: false,
         };

@@ -26,7 +26,7 @@ pub(super) struct ContainerRuntime {
     #[serde(default)]
     pub(super) init: Option<ProcessId>,
     pub(super) cgroup: Cgroup,
-    /// The relay, pasta, the DHCP client.
+    /// The relay, pasta or the egress point, the DHCP client.
     #[serde(default)]
     pub(super) helpers: Vec<ProcessId>,
 }
@@ -76,7 +76,25 @@ pub(super) fn start(
         || enter_sandbox_network(c),
     )?);
 
-    if inst.settings.network == NetworkMode::Nat {
+    if inst.settings.egress_allowlist() {
+        // The allowlist: the guest's only link leads to keystone's egress
+        // point. C's namespaces are opened here, as host root: once in
+        // the sandbox's user namespace, C's /proc entries are not ours.
+        let open = |ns: &str| {
+            let path = format!("/proc/{c}/ns/{ns}");
+            fs::File::open(&path).map_err(BackendError::io(path))
+        };
+        let place = keystone_backend::egress::Place::Container {
+            user: open("user")?,
+            net: open("net")?,
+        };
+        let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
+        let egress = keystone_backend::egress::start(inst, &log, place)?;
+        guard.egress_control = Some(egress.control);
+        guard.helpers.push(egress.factory);
+        guard.helpers.push(egress.daemon);
+        fault::point("container-egress")?;
+    } else if inst.settings.network == NetworkMode::Nat {
         let p = spawn_pasta(c, log, map).map_err(BackendError::Failed)?;
         let pasta = p.pid();
         guard.helpers.push(p);
@@ -130,6 +148,8 @@ pub(super) struct Teardown {
     pub(super) helpers: Vec<Supervised>,
     pub(super) cgroup: Cgroup,
     pub(super) socket: PathBuf,
+    /// The egress point's control socket, with the allowlist.
+    pub(super) egress_control: Option<keystone_backend::egress::ControlSocket>,
     /// The handshake with C, which also carries what failed inside.
     pub(super) chan: handshake::Channel,
     /// Set once `teardown` has run (whatever its verdict).
@@ -204,9 +224,12 @@ impl Teardown {
     /// Check that nothing of the sandbox remains; remove the cgroup.
     pub(super) fn verify(&mut self) -> Result<(), BackendError> {
         let mut left = Vec::new();
-        if let Err(e) = fs::remove_file(&self.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                left.push(format!("the socket {} ({e})", self.socket.display()));
+        let control = self.egress_control.as_ref().map(|c| c.path());
+        for socket in std::iter::once(self.socket.as_path()).chain(control) {
+            if let Err(e) = fs::remove_file(socket) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    left.push(format!("the socket {} ({e})", socket.display()));
+                }
             }
         }
         if let Some(g) = &self.g {

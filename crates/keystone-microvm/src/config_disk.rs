@@ -56,10 +56,7 @@ pub(super) fn write_config(inst: &Instance, run: &Path) -> Result<PathBuf, Backe
             String::new()
         },
     )?;
-    write(
-        "resolv.conf",
-        plumbing::resolv_conf(inst.settings.network == NetworkMode::Nat),
-    )?;
+    write("resolv.conf", plumbing::resolv_conf(&inst.settings))?;
     let tar = run.join("config.tar");
     // Files only: a "./" entry would give the guest's /etc/keystone the
     // staging directory's 0700, and sshd reads authorized_keys as the user.

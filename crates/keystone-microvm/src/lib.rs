@@ -63,8 +63,8 @@ mod vm;
 use accel::{KvmFacts, NestedHost};
 use artifacts::{check_disk_base, make_overlay, overlay, Artifacts};
 use config_disk::write_config;
-use keystone_backend::disk;
 use keystone_backend::signals::Signals;
+use keystone_backend::{disk, fault};
 use keystone_backend::{
     plumbing, require_tool, Backend, BackendError, Ended, Instance, Running, Usage,
 };
@@ -121,6 +121,9 @@ impl Backend for MicrovmBackend {
         require_tool("mkfs.ext4", "e2fsprogs", "it makes the microVM root disk")?;
         require_tool("tar", "tar", "it unpacks the image")?;
         match inst.settings.network {
+            NetworkMode::Nat if inst.settings.egress_allowlist() => {
+                require_tool("ip", "iproute2", "the egress allowlist needs it")?
+            }
             NetworkMode::Nat => require_tool(
                 "passt",
                 "passt",
@@ -224,38 +227,60 @@ impl Backend for MicrovmBackend {
             .map_err(BackendError::io(disk.display().to_string()))?;
         let config_file = open_ro(&config)?;
 
+        // With the allowlist the way out is a tap in the egress point's
+        // own namespace, made once for every attempt below.
+        let mut egress: Option<keystone_backend::egress::Egress> = if inst
+            .settings
+            .egress_allowlist()
+        {
+            let log = plumbing::open_log(&inst.log_dir().join("egress.log"))?;
+            let egress =
+                keystone_backend::egress::start(inst, &log, keystone_backend::egress::Place::Tap)?;
+            fault::point("microvm-egress")?;
+            Some(egress)
+        } else {
+            None
+        };
+        // Its processes move into each attempt's Vm, and back out before
+        // a failed attempt's teardown: the egress point serves them all.
+        let (egress_tap, mut egress_procs, mut egress_control) = match egress.take() {
+            Some(e) => (e.tap, vec![e.factory, e.daemon], Some(e.control)),
+            None => (None, Vec::new(), None),
+        };
+
         // A port that is free now; whoever binds it is checked below, and
         // a lost race is retried with another.
         let mut attempt = 0;
         let mut vm = loop {
             attempt += 1;
             let port = ports::free_port()?;
-            let (nat_fd, passt) = if inst.settings.network == NetworkMode::Nat {
-                let (a, b) = socketpair(
-                    AddressFamily::Unix,
-                    SockType::Stream,
-                    None,
-                    SockFlag::SOCK_CLOEXEC,
-                )?;
-                let log = plumbing::open_log(&inst.log_dir().join("passt.log"))?;
-                let mut cmd = Command::new("passt");
-                // Foreground, one client (the socketpair), IPv4, the
-                // guest's static address, no inbound forwards, and no
-                // mapping of the gateway to the host's loopback.
-                cmd.args(["-f", "-q", "-4", "--no-map-gw", "-t", "none", "-u", "none"])
-                    .args(["-a", qemu::NAT_IP, "-n", "24", "-g", qemu::NAT_GATEWAY])
-                    .args(["-F", &a.as_raw_fd().to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().map_err(BackendError::io("passt.log"))?)
-                    .stderr(log)
-                    .env_clear()
-                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-                let p = Spawn::new("passt", cmd).keep(&[a.as_raw_fd()]).start()?;
-                drop(a);
-                (Some(b), Some(p))
-            } else {
-                (None, None)
-            };
+            let (nat_fd, passt) =
+                if inst.settings.network == NetworkMode::Nat && egress_tap.is_none() {
+                    let (a, b) = socketpair(
+                        AddressFamily::Unix,
+                        SockType::Stream,
+                        None,
+                        SockFlag::SOCK_CLOEXEC,
+                    )?;
+                    let log = plumbing::open_log(&inst.log_dir().join("passt.log"))?;
+                    let mut cmd = Command::new("passt");
+                    // Foreground, one client (the socketpair), IPv4, the
+                    // guest's static address, no inbound forwards, and no
+                    // mapping of the gateway to the host's loopback.
+                    cmd.args(["-f", "-q", "-4", "--no-map-gw", "-t", "none", "-u", "none"])
+                        .args(["-a", qemu::NAT_IP, "-n", "24", "-g", qemu::NAT_GATEWAY])
+                        .args(["-F", &a.as_raw_fd().to_string()])
+                        .stdin(Stdio::null())
+                        .stdout(log.try_clone().map_err(BackendError::io("passt.log"))?)
+                        .stderr(log)
+                        .env_clear()
+                        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+                    let p = Spawn::new("passt", cmd).keep(&[a.as_raw_fd()]).start()?;
+                    drop(a);
+                    (Some(b), Some(p))
+                } else {
+                    (None, None)
+                };
             // Each child started here is killed and reaped if a later step
             // fails (Supervised's drop).
             let virtiofsd = match &share_daemon {
@@ -268,7 +293,8 @@ impl Backend for MicrovmBackend {
                 virtiofsd.as_ref().map(|_| share_socket.as_path()),
                 bridge_plan.as_ref(),
             )?;
-            let uplink = match (&nat_fd, &links.tap) {
+            let tap = links.tap.as_ref().or(egress_tap.as_ref());
+            let uplink = match (&nat_fd, tap) {
                 (Some(fd), _) => Some(format!("socket,id=nat,fd={}", fd.as_raw_fd())),
                 (None, Some(tap)) => Some(bridge::netdev(tap.as_raw_fd())),
                 (None, None) => None,
@@ -304,7 +330,7 @@ impl Backend for MicrovmBackend {
             tracing::info!(args = ?spec.args(), "starting qemu");
             let mut keep = fds.all();
             keep.extend(nat_fd.as_ref().map(|fd| fd.as_raw_fd()));
-            keep.extend(links.tap.as_ref().map(|fd| fd.as_raw_fd()));
+            keep.extend(tap.map(|fd| fd.as_raw_fd()));
             jail::hide_host_files(&inst.dir)?.apply(&mut cmd);
             let qemu = Spawn::new("qemu", cmd)
                 .keep(&keep)
@@ -317,12 +343,14 @@ impl Backend for MicrovmBackend {
             let mut vm = Vm {
                 qemu,
                 passt,
+                egress: std::mem::take(&mut egress_procs),
                 virtiofsd,
                 relay: None,
                 bridge: bridge_plan.clone(),
                 port,
                 qmp: qmp_path.clone(),
                 socket: inst.socket.clone(),
+                egress_control: None,
                 torn_down: false,
             };
             // The forward must be bound by our own child, nobody else.
@@ -358,8 +386,12 @@ impl Backend for MicrovmBackend {
                     .map_err(|e| e.to_string())
             });
             match verdict {
-                Ok(()) => break vm,
+                Ok(()) => {
+                    vm.egress_control = egress_control.take();
+                    break vm;
+                }
                 Err(e) => {
+                    egress_procs = std::mem::take(&mut vm.egress);
                     let e = vm.fail(&mut signals, BackendError::Failed(e));
                     if attempt >= 3 {
                         return Err(e);

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 /// forward to sshd. Static, so the guest's init needs no DHCP.
 pub const GUEST_ADDRESS: &str = "10.0.2.15/24";
 pub const GUEST_IP: &str = "10.0.2.15";
-/// The guest's side of passt (eth1), with `--network nat` only.
+/// The guest's way out (eth1), with `--network nat` only: passt, or the
+/// egress point's tap with the allowlist.
 pub const NAT_ADDRESS: &str = "10.0.3.15/24";
 pub const NAT_IP: &str = "10.0.3.15";
 pub const NAT_GATEWAY: &str = "10.0.3.2";

@@ -66,6 +66,9 @@ pub(super) struct MicrovmRuntime {
     pub(super) qemu: Option<ProcessId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) passt: Option<ProcessId>,
+    /// The egress point's factory and daemon, with the allowlist.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) egress: Vec<ProcessId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) virtiofsd: Option<ProcessId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,6 +89,7 @@ impl MicrovmRuntime {
         [&self.qemu, &self.passt, &self.virtiofsd, &self.relay]
             .into_iter()
             .flatten()
+            .chain(&self.egress)
     }
 }
 
@@ -93,6 +97,8 @@ impl MicrovmRuntime {
 pub(super) struct Vm {
     pub(super) qemu: Supervised,
     pub(super) passt: Option<Supervised>,
+    /// The egress point (factory, daemon), with the allowlist.
+    pub(super) egress: Vec<Supervised>,
     pub(super) virtiofsd: Option<Supervised>,
     pub(super) relay: Option<Supervised>,
     /// The bridge attachment, whose tap must be gone after teardown.
@@ -100,6 +106,8 @@ pub(super) struct Vm {
     pub(super) port: u16,
     pub(super) qmp: PathBuf,
     pub(super) socket: PathBuf,
+    /// The egress point's control socket, with the allowlist.
+    pub(super) egress_control: Option<keystone_backend::egress::ControlSocket>,
     /// Set once `teardown` has run (whatever its verdict).
     pub(super) torn_down: bool,
 }
@@ -146,6 +154,7 @@ impl Vm {
     pub(super) fn children(&mut self) -> impl Iterator<Item = &mut Supervised> {
         std::iter::once(&mut self.qemu)
             .chain(self.passt.as_mut())
+            .chain(self.egress.iter_mut())
             .chain(self.virtiofsd.as_mut())
             .chain(self.relay.as_mut())
     }
@@ -187,6 +196,9 @@ impl Vm {
     pub(super) fn verify(&mut self) -> Result<(), BackendError> {
         let _ = fs::remove_file(&self.socket);
         let _ = fs::remove_file(&self.qmp);
+        if let Some(control) = &self.egress_control {
+            let _ = fs::remove_file(control.path());
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let mut left = Vec::new();
@@ -321,6 +333,7 @@ pub(super) fn serve(
     let record = MicrovmRuntime {
         qemu: id(Some(&vm.qemu)),
         passt: id(vm.passt.as_ref()),
+        egress: vm.egress.iter().filter_map(|c| id(Some(c))).collect(),
         virtiofsd: id(vm.virtiofsd.as_ref()),
         relay: id(vm.relay.as_ref()),
         ssh_port: vm.port,

@@ -23,7 +23,7 @@ pub use process::ProcessId;
 pub use state::State;
 
 pub use keystone_config::{
-    BackendKind, Multiplexer, NetworkMode, ShareProto, SyncMode, WorkspaceMode,
+    BackendKind, EgressMode, Multiplexer, NetworkMode, ShareProto, SyncMode, WorkspaceMode,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -46,6 +46,10 @@ pub struct Settings {
     pub disk_gb: u32,
     pub nested_virt: bool,
     pub network: NetworkMode,
+    /// What the guest may reach with `network = "nat"`; records written
+    /// before the egress policy existed were open.
+    #[serde(default = "default_egress")]
+    pub egress: EgressMode,
     pub sync_mode: SyncMode,
     pub persist: bool,
     /// Id of the guest image the sandbox runs.
@@ -74,6 +78,10 @@ pub struct Settings {
     /// `[backend.kubernetes]`, frozen at start, for a sandbox on Kubernetes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubeSettings>,
+}
+
+fn default_egress() -> EgressMode {
+    EgressMode::Open
 }
 
 fn default_disk_gb() -> u32 {
@@ -118,6 +126,13 @@ impl Settings {
     /// Whether `/workspace` is the project directory itself (no sync).
     pub fn is_share(&self) -> bool {
         self.workspace == WorkspaceMode::Share
+    }
+
+    /// Whether the guest's only way out is keystone's egress point: the
+    /// allowlist on a NAT network (a bridge puts the guest on a host
+    /// network, which no allowlist of ours can fence).
+    pub fn egress_allowlist(&self) -> bool {
+        self.network == NetworkMode::Nat && self.egress == EgressMode::Allowlist
     }
 }
 
@@ -476,6 +491,7 @@ mod tests {
             vcpus: 1,
             nested_virt: false,
             network: NetworkMode::Nat,
+            egress: EgressMode::Allowlist,
             sync_mode: SyncMode::Manual,
             persist: true,
             image: "minimal-x".into(),

@@ -58,6 +58,13 @@ pub enum NetworkArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EgressArg {
+    Allowlist,
+    Open,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SyncModeArg {
     Manual,
     AutoCommit,
@@ -121,6 +128,44 @@ pub enum Agent {
     Proxy(Proxy),
     /// Show which credentials would be forwarded, and from where.
     Tokens(TokensArgs),
+    /// Let a sandbox reach a host (a rule: `host`, `*.domain`, `host:port`,
+    /// `CIDR[:port]`), at once if it is running, and on every later start.
+    Allow(PolicyChangeArgs),
+    /// Stop a sandbox reaching a host (deny wins over every allow rule).
+    Deny(PolicyChangeArgs),
+    /// The egress policy's decisions.
+    #[command(subcommand)]
+    Egress(Egress),
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyChangeArgs {
+    /// `[SANDBOX] RULE`: the sandbox (default: the current project's) and the rule.
+    #[arg(num_args = 1..=2, required = true, value_name = "[SANDBOX] RULE")]
+    pub args: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Egress {
+    /// Print the decisions of a sandbox's egress point (newest last).
+    Log(EgressLogArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EgressLogArgs {
+    pub sandbox: Option<String>,
+    /// Keep printing decisions as they are made.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// JSON lines, as logged.
+    #[arg(long)]
+    pub json: bool,
+    /// How many of the latest decisions to print first.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub lines: usize,
+    /// Only refusals.
+    #[arg(long)]
+    pub denied: bool,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +193,12 @@ pub struct StartArgs {
     /// Network mode [default: nat].
     #[arg(long, value_enum)]
     pub network: Option<NetworkArg>,
+    /// What the sandbox may reach on a nat network [default: allowlist].
+    #[arg(long, value_enum)]
+    pub egress: Option<EgressArg>,
+    /// Also allow this (repeatable; see `keystone agent allow`).
+    #[arg(long, value_name = "RULE")]
+    pub allow: Vec<String>,
     /// How the sandbox's commits reach the host [default: manual].
     #[arg(long, value_enum)]
     pub sync_mode: Option<SyncModeArg>,

@@ -215,12 +215,17 @@ pub fn parse_dotenv(text: &str) -> Vec<(String, String)> {
 }
 
 /// The guest file's text: `export NAME='value'` lines, shell-quoted.
-pub fn render_env_file(creds: &[Credential]) -> String {
-    let mut s = String::from("# Written by keystone on every start: the forwarded credentials.\n");
+pub fn render_env_file(creds: &[Credential], extra: &[(String, String)]) -> String {
+    let mut s = String::from(
+        "# Written by keystone on every start: the forwarded credentials, and the egress proxy.\n",
+    );
     for c in creds {
         if let Some(v) = &c.value {
             s.push_str(&format!("export {}={}\n", c.name, shell_words::quote(v)));
         }
+    }
+    for (k, v) in extra {
+        s.push_str(&format!("export {k}={}\n", shell_words::quote(v)));
     }
     s
 }
@@ -231,7 +236,11 @@ pub fn render_env_file(creds: &[Credential]) -> String {
 /// Code's API key is forwarded, its last 20 characters are also recorded
 /// as approved in `~/.claude.json`, so the interactive UI does not ask
 /// "use this API key?" (jq reads the key from its environment, not argv).
-pub fn write_to_guest(channel: &Channel, creds: &[Credential]) -> Result<()> {
+pub fn write_to_guest(
+    channel: &Channel,
+    creds: &[Credential],
+    extra: &[(String, String)],
+) -> Result<()> {
     let file = keystone_channel::GUEST_ENV_FILE;
     let script = format!(
         "set -e; umask 077; mkdir -p \"$(dirname {f})\"; cat > {f}.tmp; mv -f {f}.tmp {f}; \
@@ -254,7 +263,7 @@ jq '.customApiKeyResponses.approved = (((.customApiKeyResponses.approved // []) 
         .spawn()
         .map_err(|e| CliError::failed(format!("cannot run ssh: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(render_env_file(creds).as_bytes())?;
+        stdin.write_all(render_env_file(creds, extra).as_bytes())?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
@@ -296,7 +305,7 @@ mod tests {
         assert_eq!(by("D").source, Source::Missing, "not on a matching file");
         assert_eq!(by("E").source, Source::Missing);
         assert!(creds.iter().all(|c| c.name != "C"), "C is not on the list");
-        let text = render_env_file(&creds);
+        let text = render_env_file(&creds, &[]);
         assert!(text.contains("export A=from-host\n"));
         assert!(text.contains("export B='from local'\n"));
         assert!(!text.contains("C="));
@@ -316,7 +325,7 @@ mod tests {
             source: Source::Host,
             value: Some("a'b $(x) `y`".into()),
         };
-        let text = render_env_file(&[c]);
+        let text = render_env_file(&[c], &[]);
         let out = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!("{text}\nprintf %s \"$K\""))

@@ -63,6 +63,9 @@ fn dispatch(cmd: Agent) -> error::Result<i32> {
         Agent::Doctor(a) => doctor::run(a),
         Agent::Proxy(cli::Proxy::Status(a)) => proxy::status(a),
         Agent::Tokens(a) => commands::tokens::run(a),
+        Agent::Allow(a) => egress::allow(a),
+        Agent::Deny(a) => egress::deny(a),
+        Agent::Egress(cli::Egress::Log(a)) => egress::log(a),
     }
 }
 

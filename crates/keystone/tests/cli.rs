@@ -82,7 +82,7 @@ fn help_lists_every_command_and_option_of_the_spec() {
     let help = out.text();
     for cmd in [
         "start", "stop", "attach", "sync", "worktree", "status", "list", "destroy", "exec", "ssh",
-        "config", "image", "doctor",
+        "config", "image", "doctor", "allow", "deny", "egress",
     ] {
         assert!(help.contains(cmd), "agent --help lacks {cmd}:\n{help}");
     }
@@ -101,8 +101,11 @@ fn help_lists_every_command_and_option_of_the_spec() {
                 "--agent",
                 "--backend",
                 "--strict",
+                "--egress",
+                "--allow",
             ],
         ),
+        (&["egress", "log"], &["--follow", "--json", "--denied"]),
         (&["stop"], &["--force", "--sync"]),
         (&["attach"], &["--worktree", "--web"]),
         (&["sync"], &["--artifacts", "--dry-run", "--branch"]),
@@ -124,6 +127,27 @@ fn help_lists_every_command_and_option_of_the_spec() {
             assert!(help.contains(o), "{cmd:?} --help lacks {o}:\n{help}");
         }
     }
+}
+
+#[test]
+fn a_bad_egress_rule_is_refused_before_anything_is_made() {
+    let env = Env::new();
+    env.ks_in(
+        env.tmp.path(),
+        &["agent", "allow", "nosuch", "bad host!"],
+        &[],
+    )
+    .code(2)
+    .says("rule \"bad host!\"");
+    env.ks_in(env.tmp.path(), &["agent", "deny", "*.com"], &[])
+        .code(2)
+        .says("*.com");
+    env.start(&env.repo(), &["--allow", "http://example.com/"])
+        .code(2)
+        .says("--allow: rule \"http://example.com/\"");
+    env.ks_in(env.tmp.path(), &["agent", "list", "--json"], &[])
+        .ok()
+        .says("[]");
 }
 
 #[test]
@@ -160,6 +184,9 @@ fn unknown_sandbox_exits_1() {
         &["agent", "stop", "nosuch"],
         &["agent", "exec", "nosuch", "--", "true"],
         &["agent", "destroy", "nosuch", "--force"],
+        &["agent", "allow", "nosuch", "example.com"],
+        &["agent", "deny", "nosuch", "example.com"],
+        &["agent", "egress", "log", "nosuch"],
     ] {
         let out = env.ks_in(env.tmp.path(), args, &[]);
         assert_eq!(out.code, Some(1), "{args:?}: {}", out.text());

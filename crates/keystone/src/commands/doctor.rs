@@ -69,7 +69,13 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
         tool("ssh-keygen", "openssh-client", "per-sandbox keys", true),
         tool("mmdebstrap", "mmdebstrap", "building the guest image", true),
         tool("tar", "tar", "unpacking the image", true),
-        tool("pasta", "passt", "container backend, --network nat", false),
+        tool("pasta", "passt", "container backend, --egress open", false),
+        tool(
+            "ip",
+            "iproute2",
+            "the egress allowlist (the default): its network namespace",
+            false,
+        ),
         tool(
             "qemu-system-x86_64",
             "qemu-system-x86",
@@ -88,7 +94,7 @@ pub fn run(args: DoctorArgs) -> Result<i32> {
             "microvm backend: the root disk",
             false,
         ),
-        tool("passt", "passt", "microvm backend, --network nat", false),
+        tool("passt", "passt", "microvm backend, --egress open", false),
         tool("rsync", "rsync", "sync --artifacts", false),
         tool("skopeo", "skopeo", "image push", false),
     ];

@@ -5,6 +5,7 @@ pub mod autosync;
 pub mod config;
 pub mod destroy;
 pub mod doctor;
+pub mod egress;
 pub mod exec;
 pub mod image;
 pub mod proxy;

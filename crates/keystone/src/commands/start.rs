@@ -1,6 +1,6 @@
 //! `keystone agent start`: create or restart the sandbox of a project.
 
-use crate::cli::{AgentArg, BackendArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
+use crate::cli::{AgentArg, BackendArg, EgressArg, NetworkArg, ProfileArg, StartArgs, SyncModeArg};
 use crate::context::{backend_for, load_config, Ctx};
 use crate::credentials;
 use crate::detached::{self, Verdict};
@@ -37,6 +37,14 @@ fn flags(args: &StartArgs) -> Vec<Flag> {
             NetworkArg::Bridge => "bridge",
         };
         f.push(Flag::new("defaults.network", "--network", v));
+    }
+    if let Some(e) = args.egress {
+        let v = match e {
+            EgressArg::Allowlist => "allowlist",
+            EgressArg::Open => "open",
+            EgressArg::None => "none",
+        };
+        f.push(Flag::new("egress.mode", "--egress", v));
     }
     if let Some(s) = args.sync_mode {
         let v = match s {
@@ -141,12 +149,26 @@ use one or the other",
             )));
         }
     }
+    // `--egress none` is `--network none`: nothing to fence.
+    let network = match cfg.egress.mode {
+        keystone_config::EgressMode::None => keystone_config::NetworkMode::None,
+        _ => cfg.defaults.network,
+    };
+    for rule in &args.allow {
+        keystone_egress::policy::parse_rule(rule)
+            .map_err(|e| CliError::state(format!("--allow: {e}")))?;
+    }
+    let egress_spec = commands::egress::spec_from_config(cfg, &args.allow);
+    egress_spec
+        .compile()
+        .map_err(|e| CliError::state(format!("the egress policy: {e}")))?;
     let settings = Settings {
         memory_mb: cfg.defaults.memory,
         vcpus: cfg.defaults.vcpus,
         disk_gb: cfg.defaults.disk,
         nested_virt: cfg.defaults.nested_virt,
-        network: cfg.defaults.network,
+        network,
+        egress: cfg.egress.mode,
         sync_mode: cfg.defaults.sync_mode,
         persist: cfg.defaults.persist,
         image: recipe.id(),
@@ -174,7 +196,8 @@ use one or the other",
     };
 
     // From here on a failure must leave no half-made sandbox.
-    let result = keep_disk_image(&ctx, sandbox.clone(), &recipe, args.fresh)
+    let result = commands::egress::prepare(&ctx, &sandbox, &egress_spec)
+        .and_then(|()| keep_disk_image(&ctx, sandbox.clone(), &recipe, args.fresh))
         .and_then(|sb| bring_up(&ctx, &*backend, &sb, &recipe, &git, args.fresh));
     // The credentials and env files, then the agent: it must start with
     // them. All of it is part of start: a failure undoes the sandbox.
@@ -186,7 +209,7 @@ use one or the other",
             &cfg.defaults.env_files,
             &|k| std::env::var(k).ok(),
         )?;
-        credentials::write_to_guest(&channel, &creds)?;
+        credentials::write_to_guest(&channel, &creds, &guest_proxy_env(&sb))?;
         // On the live share the env files are already there.
         let env_files = if sb.settings.is_share() {
             Vec::new()
@@ -226,6 +249,7 @@ use one or the other",
         sandbox.settings.network,
         sandbox.settings.sync_mode,
     );
+    println!("  egress:    {}", commands::egress::mode_line(&sandbox));
     if sandbox.settings.is_share() {
         println!(
             "  workspace: {} shared live at /workspace ({}); nothing to sync",
@@ -351,6 +375,31 @@ fn claim(
         }
         Ok((sb.clone(), created, previous))
     })
+}
+
+/// The proxy variables every guest shell gets with the allowlist, for
+/// the tools that honour them (the rest are captured transparently).
+fn guest_proxy_env(sb: &Sandbox) -> Vec<(String, String)> {
+    if !commands::egress::enforced(sb) {
+        return Vec::new();
+    }
+    let url = format!(
+        "http://{}:{}",
+        keystone_egress::GATEWAY,
+        keystone_egress::PROXY_PORT
+    );
+    let no_proxy = "localhost,127.0.0.1,::1".to_string();
+    [
+        ("HTTP_PROXY", &url),
+        ("HTTPS_PROXY", &url),
+        ("http_proxy", &url),
+        ("https_proxy", &url),
+        ("NO_PROXY", &no_proxy),
+        ("no_proxy", &no_proxy),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.clone()))
+    .collect()
 }
 
 fn kube_settings(cfg: &keystone_config::Config, image_id: &str) -> keystone_registry::KubeSettings {

@@ -22,6 +22,8 @@ pub struct StatusView {
     pub memory_mb: u32,
     pub vcpus: u32,
     pub network: String,
+    /// What the sandbox may reach, and the latest refusals.
+    pub egress: EgressView,
     /// The host bridge, with `network = "bridge"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge: Option<String>,
@@ -40,6 +42,20 @@ pub struct StatusView {
     /// and whether each answered just now.
     pub dev_servers: Vec<crate::commands::proxy::DevServer>,
     pub worktrees: Vec<String>,
+}
+
+/// `status`'s egress part.
+#[derive(Serialize)]
+pub struct EgressView {
+    /// allowlist, open or none.
+    pub mode: String,
+    /// Whether keystone's egress point fences the sandbox (the allowlist
+    /// on a nat network, on a backend that enforces it).
+    pub enforced: bool,
+    /// What `mode` means here, in words.
+    pub summary: String,
+    /// The latest refusals, oldest first.
+    pub denials: Vec<keystone_egress::log::Event>,
 }
 
 pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
@@ -69,6 +85,16 @@ pub fn view(ctx: &Ctx, sb: &Sandbox) -> StatusView {
         memory_mb: sb.settings.memory_mb,
         vcpus: sb.settings.vcpus,
         network: sb.settings.network.to_string(),
+        egress: EgressView {
+            mode: if sb.settings.network == keystone_registry::NetworkMode::None {
+                "none".to_string()
+            } else {
+                sb.settings.egress.to_string()
+            },
+            enforced: crate::commands::egress::enforced(sb),
+            summary: crate::commands::egress::mode_line(sb),
+            denials: crate::commands::egress::latest_denials(ctx, sb, 5),
+        },
         bridge: (sb.settings.network == keystone_registry::NetworkMode::Bridge)
             .then(|| sb.settings.bridge.clone()),
         workspace: sb.settings.workspace.to_string(),
@@ -125,6 +151,23 @@ fn print_view(v: &StatusView) {
     match &v.bridge {
         Some(b) => println!("network:   bridge {b}"),
         None => println!("network:   {}", v.network),
+    }
+    println!("egress:    {}", v.egress.summary);
+    for d in &v.egress.denials {
+        println!(
+            "  denied:  {} {}:{} ({}) at {}",
+            d.proto,
+            ui::escape_controls(&d.host),
+            d.port,
+            ui::escape_controls(&d.rule),
+            d.time
+        );
+    }
+    if !v.egress.denials.is_empty() {
+        println!(
+            "  (`keystone agent allow {} HOST` allows one; `keystone agent egress log` shows all)",
+            v.name
+        );
     }
     if v.workspace == "share" {
         println!("workspace: {} shared live (nothing to sync)", v.project);

@@ -251,8 +251,8 @@ pub fn fault_points(h: Host, points: &[&str]) {
 /// `fault::point` calls).
 pub fn points(backend: &str) -> &'static [&'static str] {
     match backend {
-        "container" => &["container-relay", "container-network"],
-        "microvm" => &["microvm-relay", "microvm-boot"],
+        "container" => &["container-relay", "container-egress", "container-network"],
+        "microvm" => &["microvm-egress", "microvm-relay", "microvm-boot"],
         other => panic!("no fault points listed for {other}"),
     }
 }

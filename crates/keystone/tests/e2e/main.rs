@@ -5,8 +5,10 @@
 mod agents;
 mod attack;
 mod bridge_share;
+mod egress;
 mod harness;
 mod kubernetes;
+mod lab;
 mod leaks;
 mod proxy;
 mod scenarios;
@@ -79,6 +81,8 @@ macro_rules! backend_suite {
                 fault_points_leave_nothing "leak"
                     |h| $crate::leaks::fault_points(h, $crate::leaks::points($backend)), local;
                 destroy_guards "guard" scenarios::destroy_guards, all;
+                // The lab is a network namespace on this host (lab.rs).
+                egress_policy "egress" $crate::egress::egress_policy, local;
             );
 
             $($item)*
@@ -233,6 +237,15 @@ mod rootless {
         crate::attack::guest_root_is_not_host_root(Host::with_user(
             "container",
             "atk-root-rootless",
+            Some(user()),
+        ));
+    }
+
+    #[test]
+    fn egress_policy_rootless() {
+        crate::egress::egress_policy(Host::with_user(
+            "container",
+            "egress-rootless",
             Some(user()),
         ));
     }
