@@ -16,11 +16,14 @@
 #   caddy, wrk               bench/proxy.sh: the reverse-proxy baseline and
 #                            the load generator (latency percentiles)
 #   skopeo                   `image push`: the OCI image to a registry
+#   iproute2                 the egress allowlist's network namespace (`ip`)
+#   python3, openssl         the egress tests' lab (its servers, its
+#                            self-signed certificate) and bench/egress.sh
 set -euo pipefail
 
 packages=(git openssh-client mmdebstrap passt uidmap tar rsync e2fsprogs
           qemu-system-x86 qemu-utils tmux ca-certificates procps iproute2 bubblewrap bc
-          npm chromium chromium-driver curl caddy wrk skopeo)
+          npm chromium chromium-driver curl caddy wrk skopeo python3 openssl)
 
 if [ "$(id -u)" -ne 0 ]; then
     SUDO=sudo
