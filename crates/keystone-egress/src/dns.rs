@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 
 pub const TYPE_A: u16 = 1;
 pub const TYPE_CNAME: u16 = 5;
@@ -257,11 +257,16 @@ pub async fn serve_tcp(listener: TcpListener, ctx: Arc<Ctx>) {
                 continue;
             }
         };
-        tokio::spawn(tcp_conn(stream, ctx.clone()));
+        tokio::spawn(serve_tcp_conn(stream, ctx.clone()));
     }
 }
 
-async fn tcp_conn(mut stream: TcpStream, ctx: Arc<Ctx>) {
+/// One DNS-over-TCP connection (or a stream the Kubernetes relay
+/// brought, which frames UDP queries the same way).
+pub async fn serve_tcp_conn<S>(mut stream: S, ctx: Arc<Ctx>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     loop {
         let mut len = [0u8; 2];
         let Ok(Ok(_)) = tokio::time::timeout(TCP_TIMEOUT, stream.read_exact(&mut len)).await else {

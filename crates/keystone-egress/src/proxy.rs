@@ -152,7 +152,7 @@ fn split_host_port(s: &str) -> Result<(&str, Option<u16>), String> {
 /// Serve the explicit HTTP proxy until the task is dropped.
 pub async fn serve_explicit(listener: TcpListener, ctx: Arc<Ctx>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("egress proxy accept: {e}");
@@ -161,24 +161,30 @@ pub async fn serve_explicit(listener: TcpListener, ctx: Arc<Ctx>) {
             }
         };
         let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_explicit_conn(stream, ctx.clone()));
+    }
+}
+
+/// One client connection of the explicit proxy (a TCP connection, or a
+/// stream the Kubernetes relay brought).
+pub async fn serve_explicit_conn<S>(io: S, ctx: Arc<Ctx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(explicit_request(ctx, req).await) }
-            });
-            let r = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await;
-            if let Err(e) = r {
-                tracing::debug!(%peer, "egress proxy connection: {e}");
-            }
-        });
+        async move { Ok::<_, Infallible>(explicit_request(ctx, req).await) }
+    });
+    let r = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await;
+    if let Err(e) = r {
+        tracing::debug!("egress proxy connection: {e}");
     }
 }
 
@@ -772,14 +778,23 @@ async fn checked_request(flow: &Flow, req: Request<Incoming>) -> Response<Body> 
     forward(ctx, &flow.target, flow.port, req).await
 }
 
-/// Close at once with a TCP reset (SO_LINGER 0), so the guest fails fast.
-fn reset(stream: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    let _ = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger);
-    drop(stream);
+/// A guest connection as the egress point receives it: a TCP socket in
+/// the egress namespace, or a stream the Kubernetes relay brought.
+pub trait GuestConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Close at once so the guest fails fast.
+    fn refuse(self);
+}
+
+impl GuestConn for TcpStream {
+    /// A TCP reset (SO_LINGER 0).
+    fn refuse(self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let _ = nix::sys::socket::setsockopt(&self, nix::sys::socket::sockopt::Linger, &linger);
+        drop(self);
+    }
 }
 
 /// Serve captured connections until the task is dropped.
@@ -794,17 +809,18 @@ pub async fn serve_capture(listener: TcpListener, ctx: Arc<Ctx>) {
             }
         };
         let Ok(dest) = stream.local_addr() else {
-            reset(stream);
+            stream.refuse();
             continue;
         };
+        let _ = stream.set_nodelay(true);
         tokio::spawn(handle_capture(stream, dest, ctx.clone()));
     }
 }
 
 /// One captured connection; `dest` is the address the guest dialled (the
-/// accepted socket's local address, which [`serve_capture`] passes).
-pub async fn handle_capture(stream: TcpStream, dest: SocketAddr, ctx: Arc<Ctx>) {
-    let _ = stream.set_nodelay(true);
+/// accepted socket's local address, which [`serve_capture`] passes, or
+/// what the Kubernetes relay read from its socket).
+pub async fn handle_capture<S: GuestConn>(stream: S, dest: SocketAddr, ctx: Arc<Ctx>) {
     let port = dest.port();
     let target = match dest.ip().to_canonical() {
         IpAddr::V4(v4) if pool::in_range(v4) => match ctx.pool.lookup(v4) {
@@ -814,7 +830,7 @@ pub async fn handle_capture(stream: TcpStream, dest: SocketAddr, ctx: Arc<Ctx>) 
                     "{v4} is not an address this sandbox's DNS gave out"
                 ));
                 ctx.record("tcp", &Target::Addr(v4.into()), port, &d);
-                reset(stream);
+                stream.refuse();
                 return;
             }
         },
@@ -827,7 +843,7 @@ pub async fn handle_capture(stream: TcpStream, dest: SocketAddr, ctx: Arc<Ctx>) 
         if port == 80 {
             refuse_http(stream, denied_text(&ctx.sandbox, &target, port, &d.rule)).await;
         } else {
-            reset(stream);
+            stream.refuse();
         }
         return;
     }
@@ -843,7 +859,7 @@ pub async fn handle_capture(stream: TcpStream, dest: SocketAddr, ctx: Arc<Ctx>) 
                 } else {
                     tracing::warn!(%target, port, "egress upstream: {}", r.reason);
                 }
-                reset(stream);
+                stream.refuse();
                 return;
             }
         }
@@ -858,7 +874,7 @@ pub async fn handle_capture(stream: TcpStream, dest: SocketAddr, ctx: Arc<Ctx>) 
 }
 
 /// Answer a 403 on a captured port-80 connection, then close.
-async fn refuse_http(mut stream: TcpStream, body: String) {
+async fn refuse_http<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: String) {
     let head = format!(
         "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
