@@ -41,7 +41,9 @@ pub fn load_policy(path: &Path) -> Result<Policy, String> {
 pub struct Reloader {
     policy_file: PathBuf,
     ctx: Arc<Ctx>,
-    bind_capture: BindCapture,
+    /// `None` where every port is captured already (the Kubernetes
+    /// relay's redirect takes all TCP).
+    bind_capture: Option<BindCapture>,
     bound: Mutex<BTreeSet<u16>>,
     runtime: tokio::runtime::Handle,
 }
@@ -52,7 +54,7 @@ impl Reloader {
     pub fn new(
         policy_file: PathBuf,
         ctx: Arc<Ctx>,
-        bind_capture: BindCapture,
+        bind_capture: Option<BindCapture>,
         bound: BTreeSet<u16>,
     ) -> Reloader {
         Reloader {
@@ -68,10 +70,13 @@ impl Reloader {
     /// served. All or nothing: if one port fails, none of the new
     /// listeners is kept.
     pub fn ensure_capture(&self, policy: &Policy) -> Result<(), String> {
+        let Some(bind_capture) = &self.bind_capture else {
+            return Ok(());
+        };
         let mut bound = self.bound.lock().map_err(|_| "lock poisoned".to_string())?;
         let mut fresh = Vec::new();
         for port in policy.ports().difference(&bound) {
-            let l = (self.bind_capture)(*port)
+            let l = bind_capture(*port)
                 .and_then(|l| l.set_nonblocking(true).map(|_| l))
                 .map_err(|e| format!("capture port {port}: {e}"))?;
             fresh.push((*port, l));

@@ -120,7 +120,7 @@ async fn serve(
     let reloader = Arc::new(Reloader::new(
         options.policy_file.clone(),
         ctx.clone(),
-        options.bind_capture,
+        Some(options.bind_capture),
         bound,
     ));
     let policy = ctx.policy();

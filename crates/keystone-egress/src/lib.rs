@@ -35,6 +35,8 @@
 //! - [`log`]: the JSON-lines decision log and [`log::tail`].
 //! - [`control`]: reload over a Unix socket ([`control::reload`] for the CLI).
 //! - [`daemon`]: all of it as one process ([`daemon::run`]).
+//! - [`relay`]: the same egress point for a Kubernetes pod, whose traffic
+//!   an in-pod relay brings here over pulls this host opens.
 //!
 //! Known limits (by design here, not oversights): inside an allowed TLS
 //! tunnel the HTTP `Host` cannot be checked without terminating TLS (no
@@ -58,5 +60,6 @@ pub mod log;
 pub mod policy;
 pub mod pool;
 pub mod proxy;
+pub mod relay;
 pub mod sni;
 pub mod upstream;
