@@ -75,17 +75,18 @@ pub fn fence_script() -> String {
         r#"set -e
 nft -f - <<'EOF'
 table inet keystone_egress {{
-  chain redirect {{
+  chain to_relay {{
     type nat hook output priority -100; policy accept;
     ip daddr 127.0.0.0/8 return
     ip6 daddr ::1 return
     ip daddr {gw} udp dport 53 redirect to :{dns}
     meta l4proto tcp redirect to :{capture}
   }}
-  chain only_loopback {{
+  chain loopback_only {{
     type filter hook output priority 0; policy drop;
     ip daddr 127.0.0.0/8 accept
     ip6 daddr ::1 accept
+    fib daddr type local accept
   }}
 }}
 EOF

@@ -28,6 +28,8 @@ pub(super) struct Created {
     pod: bool,
     socket: Option<PathBuf>,
     server: Option<tokio::task::JoinHandle<()>>,
+    /// The relayed egress point and its control socket.
+    egress: Option<(tokio::task::JoinHandle<()>, PathBuf)>,
 }
 
 impl Created {
@@ -50,6 +52,7 @@ impl Created {
             pod: false,
             socket: None,
             server: None,
+            egress: None,
         }
     }
 
@@ -72,6 +75,10 @@ impl Created {
     /// The task serving the socket.
     pub(super) fn server(&mut self, task: tokio::task::JoinHandle<()>) {
         self.server = Some(task);
+    }
+    /// The relayed egress point's task and its control socket.
+    pub(super) fn egress(&mut self, task: tokio::task::JoinHandle<()>, control: PathBuf) {
+        self.egress = Some((task, control));
     }
 
     /// The start succeeded: a claim it created is now the sandbox's disk,
@@ -110,6 +117,17 @@ impl Created {
         let mut left = Vec::new();
         if let Some(server) = self.server.take() {
             server.abort();
+        }
+        if let Some((task, control)) = self.egress.take() {
+            task.abort();
+            match std::fs::remove_file(&control) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => left.push(format!(
+                    "could not remove the egress control socket {}: {e}",
+                    control.display()
+                )),
+            }
         }
         if let Some(socket) = self.socket.take() {
             match std::fs::remove_file(&socket) {
@@ -158,7 +176,8 @@ impl Created {
             || self.policy
             || self.pod
             || self.socket.is_some()
-            || self.server.is_some())
+            || self.server.is_some()
+            || self.egress.is_some())
     }
 }
 

@@ -126,6 +126,10 @@ struct Sandbox {
 }
 
 fn sandbox() -> Sandbox {
+    sandbox_with_egress("open")
+}
+
+fn sandbox_with_egress(egress: &str) -> Sandbox {
     let dir = tempfile::tempdir().expect("tempdir");
     let guest = dir.path().join("guest");
     std::fs::create_dir(&guest).expect("guest dir");
@@ -141,7 +145,7 @@ fn sandbox() -> Sandbox {
     let settings = serde_json::from_value(serde_json::json!({
         "memory_mb": 2048, "vcpus": 2, "nested_virt": false, "network": "nat",
         "sync_mode": "manual", "persist": true, "image": "img",
-        "kubernetes": k,
+        "kubernetes": k, "egress": egress,
     }))
     .expect("settings");
     let inst = Instance {
@@ -531,4 +535,64 @@ fn a_pod_deleted_outside_ends_the_sandbox_and_reports_a_failed_cleanup() {
     assert_eq!(log(&fake), expected);
     assert_eq!(objects(&fake), [CLAIM, SECRET]);
     assert!(!s.inst.socket.exists(), "socket left");
+}
+
+/// With the allowlist: only the init container holds NET_ADMIN and runs
+/// the fence; the guest's resolver is keystone's; the Secret carries the
+/// relay and START runs it; the NetworkPolicy denies all egress.
+#[test]
+fn the_allowlist_fences_the_pod_and_carries_the_relay() {
+    use crate::objects::{pod_object, policy_object, secret_object};
+    let sb = sandbox_with_egress("allowlist");
+    let names = Names::of(&sb.inst);
+    let pod =
+        serde_json::to_value(pod_object(&sb.inst, &names, &sb.k).expect("pod")).expect("json");
+    let spec = &pod["spec"];
+    let init = spec["initContainers"].as_array().expect("init containers");
+    assert_eq!(init.len(), 1, "{spec}");
+    assert_eq!(
+        init[0]["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN"])
+    );
+    assert_eq!(
+        init[0]["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    let script = init[0]["command"][2].as_str().expect("script");
+    assert!(
+        script.contains("nft -f -") && script.contains("redirect to :15001"),
+        "{script}"
+    );
+    let sandbox_caps = spec["containers"][0]["securityContext"]["capabilities"]["add"].to_string();
+    assert!(!sandbox_caps.contains("NET_ADMIN"), "{sandbox_caps}");
+    assert_eq!(spec["dnsPolicy"], "None");
+    assert_eq!(
+        spec["dnsConfig"]["nameservers"],
+        serde_json::json!(["198.18.0.1"])
+    );
+    let start = spec["containers"][0]["command"][2].as_str().expect("start");
+    assert!(start.contains("egress-relay.py"), "{start}");
+
+    let secret =
+        serde_json::to_value(secret_object(&sb.inst, &names).expect("secret")).expect("json");
+    assert_eq!(
+        secret["stringData"]["egress-relay.py"].as_str(),
+        Some(keystone_egress::relay::SCRIPT)
+    );
+    let policy =
+        serde_json::to_value(policy_object(&sb.inst, &names).expect("policy")).expect("json");
+    assert_eq!(policy["spec"]["egress"], serde_json::json!([]), "{policy}");
+
+    // Open egress: none of it.
+    let sb = sandbox_with_egress("open");
+    let pod =
+        serde_json::to_value(pod_object(&sb.inst, &names, &sb.k).expect("pod")).expect("json");
+    assert!(pod["spec"].get("initContainers").is_none(), "{pod}");
+    assert!(pod["spec"].get("dnsPolicy").is_none(), "{pod}");
+    let secret =
+        serde_json::to_value(secret_object(&sb.inst, &names).expect("secret")).expect("json");
+    assert!(secret["stringData"].get("egress-relay.py").is_none());
+    let policy =
+        serde_json::to_value(policy_object(&sb.inst, &names).expect("policy")).expect("json");
+    assert_ne!(policy["spec"]["egress"], serde_json::json!([]), "{policy}");
 }

@@ -13,15 +13,21 @@ use std::fs;
 const WORKSPACE_SIZE: &str = "10Gi";
 pub(super) const SSH_PORT: u16 = 22;
 const SECRET_MOUNT: &str = "/run/keystone-secrets";
+/// The relay program's key in the Secret (with the egress allowlist).
+const RELAY_KEY: &str = "egress-relay.py";
 
 /// The container's command: keys into place, the workspace owned by the
-/// agent (a fresh volume is root's), then sshd under tini, which reaps
-/// orphans as PID 1.
+/// agent (a fresh volume is root's), the egress relay when the Secret
+/// carries it (kept running: it is the pod's only way out), then sshd
+/// under tini, which reaps orphans as PID 1.
 const START: &str = r#"set -e
 install -d -m 0755 /etc/keystone /run/sshd
 install -m 0600 /run/keystone-secrets/ssh_host_ed25519_key /etc/keystone/ssh_host_ed25519_key
 install -m 0644 /run/keystone-secrets/authorized_keys /etc/keystone/authorized_keys
 [ "$(stat -c %u /workspace)" = 1000 ] || chown 1000:1000 /workspace
+if [ -f /run/keystone-secrets/egress-relay.py ]; then
+  (while :; do /usr/bin/python3 /run/keystone-secrets/egress-relay.py; sleep 1; done) </dev/null &
+fi
 exec /usr/bin/tini -g -- /usr/sbin/sshd -D -e
 "#;
 
@@ -34,13 +40,17 @@ pub(super) fn secret_object(inst: &Instance, names: &Names) -> Result<Secret, Ba
         let p = inst.guest_dir.join(name);
         fs::read_to_string(&p).map_err(BackendError::io(p.display().to_string()))
     };
+    let mut data = serde_json::json!({
+        "ssh_host_ed25519_key": read("ssh_host_ed25519_key")?,
+        "authorized_keys": read("authorized_keys")?,
+    });
+    if inst.settings.egress_allowlist() {
+        data[RELAY_KEY] = serde_json::json!(keystone_egress::relay::SCRIPT);
+    }
     object(serde_json::json!({
         "metadata": {"name": names.secret, "labels": names.labels(&inst.id)},
         "type": "Opaque",
-        "stringData": {
-            "ssh_host_ed25519_key": read("ssh_host_ed25519_key")?,
-            "authorized_keys": read("authorized_keys")?,
-        }
+        "stringData": data,
     }))
 }
 
@@ -83,7 +93,7 @@ pub(super) fn pod_object(
             "name": "workspace", "persistentVolumeClaim": {"claimName": names.claim}
         }));
     }
-    object(serde_json::json!({
+    let mut pod = serde_json::json!({
         "metadata": {"name": names.pod, "labels": names.labels(&inst.id)},
         "spec": {
             "hostname": names.sandbox,
@@ -107,7 +117,45 @@ pub(super) fn pod_object(
             }],
             "volumes": volumes,
         }
-    }))
+    });
+    if inst.settings.egress_allowlist() {
+        let spec = &mut pod["spec"];
+        spec["initContainers"] = serde_json::json!([fence_container(k)]);
+        // The guest's resolver is keystone's (the fence redirects it to
+        // the relay); the cluster's DNS is not reachable anyway.
+        spec["dnsPolicy"] = serde_json::json!("None");
+        spec["dnsConfig"] = serde_json::json!({
+            "nameservers": [keystone_egress::GATEWAY.to_string()],
+            "options": [{"name": "ndots", "value": "1"}],
+        });
+    }
+    object(pod)
+}
+
+/// The init container that fences the pod's network namespace before the
+/// sandbox's container starts (keystone_egress::relay's module docs). It
+/// alone holds NET_ADMIN, runs only `nft`, and has exited before the
+/// guest exists; a failure fails the pod with its output.
+fn fence_container(k: &KubeSettings) -> serde_json::Value {
+    serde_json::json!({
+        "name": "egress-fence",
+        "image": k.image,
+        "imagePullPolicy": k.pull_policy,
+        "command": ["/bin/sh", "-c", keystone_egress::relay::fence_script()],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        // requests = limits, as the sandbox's own: the pod stays in the
+        // Guaranteed class.
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "64Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": {
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "runAsUser": 0,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN"]},
+        },
+    })
 }
 
 /// Capabilities the sandbox container keeps: the container backend's set
@@ -156,7 +204,15 @@ const METADATA_ADDRESSES_V6: &[&str] = &["fd00:ec2::254/128"];
 /// pod network). Enforced only by a network plugin that implements
 /// NetworkPolicy (Calico, Cilium, Antrea; not flannel alone).
 pub(super) fn policy_object(inst: &Instance, names: &Names) -> Result<NetworkPolicy, BackendError> {
-    let egress = egress_rules(inst.settings.network.as_str());
+    // With the allowlist the pod reaches nothing itself (its traffic
+    // leaves through the relay, from this host): deny all, as a second
+    // layer where the plugin enforces it.
+    let network = if inst.settings.egress_allowlist() {
+        "none"
+    } else {
+        inst.settings.network.as_str()
+    };
+    let egress = egress_rules(network);
     object(serde_json::json!({
         "metadata": {"name": names.policy, "labels": names.labels(&inst.id)},
         "spec": {

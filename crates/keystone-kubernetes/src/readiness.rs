@@ -50,6 +50,25 @@ fn verdict_of(status: &PodStatus) -> PodVerdict {
             return PodVerdict::Failed(explain(status.reason.as_ref(), status.message.as_ref()));
         }
     }
+    // An init container (the egress fence) that failed: the pod never
+    // runs (restartPolicy Never); its message is the reason.
+    for c in status.init_container_statuses.iter().flatten() {
+        let Some(state) = &c.state else { continue };
+        if let Some(t) = state.terminated.as_ref().filter(|t| t.exit_code != 0) {
+            let mut why = explain(t.reason.as_ref(), t.message.as_ref());
+            why.push_str(&format!(" (exit code {})", t.exit_code));
+            return PodVerdict::Failed(format!("init container {} failed: {why}", c.name));
+        }
+        if let Some(w) = &state.waiting {
+            if FATAL_WAITING.contains(&w.reason.as_deref().unwrap_or_default()) {
+                return PodVerdict::Failed(format!(
+                    "init container {}: {}",
+                    c.name,
+                    explain(w.reason.as_ref(), w.message.as_ref())
+                ));
+            }
+        }
+    }
     for c in status.container_statuses.iter().flatten() {
         if let Some(state) = &c.state {
             if let Some(t) = &state.terminated {
@@ -99,6 +118,36 @@ mod tests {
 
     fn status(v: serde_json::Value) -> PodStatus {
         serde_json::from_value(v).expect("status")
+    }
+
+    #[test]
+    fn a_failed_init_container_fails_with_its_message() {
+        let s = status(serde_json::json!({
+            "phase": "Failed",
+            "initContainerStatuses": [{"name": "egress-fence", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 1, "reason": "Error",
+                "message": "Error: Could not process rule: Operation not permitted"}}}],
+            "containerStatuses": [{"name": "sandbox", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}]
+        }));
+        assert_eq!(
+            verdict_of(&s),
+            PodVerdict::Failed(
+                "init container egress-fence failed: Error: Error: Could not process rule: Operation not permitted (exit code 1)".into()
+            )
+        );
+        // One that finished well is no verdict of its own.
+        let s = status(serde_json::json!({
+            "phase": "Pending",
+            "initContainerStatuses": [{"name": "egress-fence", "image": "x", "imageID": "", "ready": true,
+                "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
+            "containerStatuses": [{"name": "sandbox", "image": "x", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]
+        }));
+        assert_eq!(
+            verdict_of(&s),
+            PodVerdict::Waiting(Some("ContainerCreating".into()))
+        );
     }
 
     #[test]

@@ -137,7 +137,18 @@ fn start(
         let _guard = rt.enter();
         tokio::net::UnixListener::from_std(std_listener).map_err(BackendError::io("socket"))?
     };
-    made.server(rt.spawn(serve(listener, upstream)));
+    made.server(rt.spawn(serve(listener, upstream.clone())));
+    if inst.settings.egress_allowlist() {
+        let files = egress_files(inst);
+        let task = {
+            let _guard = rt.enter();
+            start_egress(&files, &inst.name, upstream).map_err(|e| {
+                BackendError::Failed(format!("the egress point of {}: {e}", inst.name))
+            })?
+        };
+        made.egress(task, files.control);
+        fault::point("kubernetes-egress-started")?;
+    }
 
     // sshd answers through the port-forward: the channel works.
     loop {
@@ -310,6 +321,109 @@ fn ended(made: Created, why: String) -> Ended {
         Ok(()) => Ended::Exited(why),
         Err(e) => Ended::Exited(format!("{why}; {e}")),
     }
+}
+
+/// Where the sandbox's egress files are (the same as the local backends').
+fn egress_files(inst: &Instance) -> keystone_egress::relay::Files {
+    let p = keystone_backend::egress::paths(&inst.dir);
+    keystone_egress::relay::Files {
+        policy: p.policy,
+        pool: p.pool,
+        log: p.log,
+        control: p.control,
+    }
+}
+
+/// How many pulls wait in the pod: each guest connection takes one, and
+/// a new one is opened at once (a port-forward through the API server,
+/// tens of milliseconds), so this many connections can start at the same
+/// instant without waiting.
+const IDLE_PULLS: usize = 8;
+
+/// The relayed egress point (keystone_egress::relay), its pulls opened
+/// through the same channel as SSH. Must run inside the runtime.
+fn start_egress(
+    files: &keystone_egress::relay::Files,
+    sandbox: &str,
+    upstream: Upstream,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    use keystone_egress::relay::{self, PULL_PORT};
+    match upstream {
+        Upstream::PortForward(pods, pod) => relay::spawn(
+            files,
+            sandbox,
+            move || {
+                let (pods, pod) = (pods.clone(), pod.clone());
+                async move { pull_stream(&pods, &pod, PULL_PORT).await }
+            },
+            IDLE_PULLS,
+        ),
+        #[cfg(test)]
+        Upstream::Greeting(_) => relay::spawn(
+            files,
+            sandbox,
+            || async {
+                Err::<tokio::io::DuplexStream, _>(std::io::Error::other("no pod in the unit tests"))
+            },
+            1,
+        ),
+    }
+}
+
+/// A port-forward stream to `port` in the pod that ends the forward when
+/// dropped.
+struct ForwardStream {
+    pf: kube::api::Portforwarder,
+    stream: tokio::io::DuplexStream,
+}
+
+impl Drop for ForwardStream {
+    fn drop(&mut self) {
+        self.pf.abort();
+    }
+}
+
+impl tokio::io::AsyncRead for ForwardStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ForwardStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+async fn pull_stream(pods: &Api<Pod>, pod: &str, port: u16) -> std::io::Result<ForwardStream> {
+    let mut pf = pods
+        .portforward(pod, &[port])
+        .await
+        .map_err(|e| std::io::Error::other(api_message(&e)))?;
+    let stream = pf
+        .take_stream(port)
+        .ok_or_else(|| std::io::Error::other("the port-forward has no stream"))?;
+    Ok(ForwardStream { pf, stream })
 }
 
 /// Serve the sandbox's Unix socket: each connection gets its own
