@@ -310,6 +310,9 @@ cmd_up() {
     in_ns ip addr add "$NODE_IP/24" dev kst-node
     in_ns ip link set kst-node up
     in_ns ip route add default via "$HOST_IP"
+    # Pods reach what the namespace routes to (a test's lab; nothing else
+    # routes back to the pod network): forwarding inside the namespace only.
+    in_ns sysctl -q -w net.ipv4.ip_forward=1
 
     certs
     local pki=$STATE/pki
@@ -442,6 +445,9 @@ EOF
 
 cmd_env() {
     echo "export KUBECONFIG=$KUBECONFIG_PATH KEYSTONE_TEST_REGISTRY=$REGISTRY"
+    # Where the pods are, for tests that give them a route to a network of
+    # their own (the egress lab, crates/keystone/tests/e2e/lab.rs).
+    echo "export KEYSTONE_TEST_CLUSTER_NETNS=$NETNS KEYSTONE_TEST_POD_CIDR=$POD_CIDR"
     # The cluster is local: never through a proxy the environment names.
     local np="$HOST_IP,$NODE_IP"
     echo "export NO_PROXY=${NO_PROXY:+$NO_PROXY,}$np no_proxy=${no_proxy:+$no_proxy,}$np"

@@ -209,9 +209,10 @@ start it with `keystone agent start`, then change it",
     Ok(0)
 }
 
-/// Whether keystone's egress point fences this sandbox.
+/// Whether keystone's egress point fences this sandbox (on every backend:
+/// a pod is fenced by its init container and relayed to this host).
 pub fn enforced(sb: &Sandbox) -> bool {
-    sb.settings.egress_allowlist() && sb.backend != keystone_registry::BackendKind::Kubernetes
+    sb.settings.egress_allowlist()
 }
 
 /// The mode as `status` and `start` print it.
@@ -219,10 +220,15 @@ pub fn mode_line(sb: &Sandbox) -> String {
     use keystone_registry::NetworkMode;
     match sb.settings.network {
         NetworkMode::None => "none (no network)".into(),
-        NetworkMode::Bridge => "open (a bridge puts the sandbox on a host network; the allowlist needs --network nat)".into(),
-        NetworkMode::Nat if !sb.settings.egress_allowlist() => sb.settings.egress.to_string(),
-        NetworkMode::Nat if enforced(sb) => "allowlist (enforced)".into(),
-        NetworkMode::Nat => "allowlist (NOT enforced: the Kubernetes backend does not fence egress yet; the pod's network is open)".into(),
+        NetworkMode::Bridge => {
+            "open (a bridge puts the sandbox on a host network; the allowlist needs --network nat)"
+                .into()
+        }
+        NetworkMode::Nat if !enforced(sb) => sb.settings.egress.to_string(),
+        NetworkMode::Nat if sb.backend == keystone_registry::BackendKind::Kubernetes => {
+            "allowlist (enforced in the pod; its traffic leaves from this host)".into()
+        }
+        NetworkMode::Nat => "allowlist (enforced)".into(),
     }
 }
 

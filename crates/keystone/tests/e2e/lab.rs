@@ -30,6 +30,8 @@ pub struct Lab {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     log: PathBuf,
+    /// The veth end in the test cluster's namespace, once made.
+    cluster_link: Option<(String, String)>,
 }
 
 /// Fail (never skip) when a host tool is missing, naming its package.
@@ -107,6 +109,7 @@ impl Lab {
             child: None,
             log: dir.path().join("events.jsonl"),
             dir,
+            cluster_link: None,
         };
 
         run(&ip, &["netns", "add", &ns]);
@@ -233,8 +236,91 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Give the test cluster's pods a route to the lab, as the host has
+    /// (the open run must show a pod reaching it): a second veth pair from
+    /// the lab into the cluster's network namespace
+    /// (`KEYSTONE_TEST_CLUSTER_NETNS`, which forwards), on 198.51.101.0/30,
+    /// with routes for the lab's address there and for the pod network
+    /// (`KEYSTONE_TEST_POD_CIDR`) back. IPv4 only: the test cluster's pods
+    /// have no IPv6.
+    pub fn reach_from_cluster(&mut self) {
+        let var =
+            |name: &str| {
+                std::env::var(name).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| {
+                panic!("{name} is not set: `eval \"$(scripts/test-cluster.sh env)\"` after `up`")
+            })
+            };
+        let cluster = var("KEYSTONE_TEST_CLUSTER_NETNS");
+        let pods = var("KEYSTONE_TEST_POD_CIDR");
+        let ip = require("ip", "iproute2");
+        // The lab's host end is `kslab<pid>h` (at most 15 bytes); these
+        // two replace its last byte.
+        let stem = &self.veth[..self.veth.len() - 1];
+        let (lab_end, cluster_end) = (format!("{stem}k"), format!("{stem}c"));
+        run(
+            &ip,
+            &[
+                "link",
+                "add",
+                &lab_end,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &cluster_end,
+            ],
+        );
+        run(&ip, &["link", "set", &lab_end, "netns", &self.ns]);
+        run(&ip, &["link", "set", &cluster_end, "netns", &cluster]);
+        let lab = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", self.ns.as_str(), "ip"];
+            all.extend_from_slice(args);
+            run(&ip, &all);
+        };
+        lab(&["addr", "add", "198.51.101.2/30", "dev", &lab_end]);
+        lab(&["link", "set", &lab_end, "up"]);
+        lab(&["route", "add", &pods, "via", "198.51.101.1"]);
+        // Not `ip netns exec` for the cluster's namespace: it would remount
+        // /sys under the running kubelet's processes' feet (nsenter is
+        // what scripts/test-cluster.sh uses).
+        let nsenter = require("nsenter", "util-linux");
+        let netns = format!("--net=/var/run/netns/{cluster}");
+        let cl = |args: &[&str]| {
+            let mut all = vec![netns.as_str(), "--", "ip"];
+            all.extend_from_slice(args);
+            run(&nsenter, &all);
+        };
+        cl(&["addr", "add", "198.51.101.1/30", "dev", &cluster_end]);
+        cl(&["link", "set", &cluster_end, "up"]);
+        cl(&[
+            "route",
+            "add",
+            &format!("{LAB_V4}/32"),
+            "via",
+            "198.51.101.2",
+        ]);
+        self.cluster_link = Some((cluster, cluster_end));
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some((cluster, link)) = self.cluster_link.take() {
+            // Deleting the lab's namespace deletes the pair; this is for
+            // a failure half way.
+            let _ = Command::new("nsenter")
+                .args([
+                    &format!("--net=/var/run/netns/{cluster}"),
+                    "--",
+                    "ip",
+                    "link",
+                    "del",
+                    &link,
+                ])
+                .stderr(Stdio::null())
+                .output();
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -81,8 +81,9 @@ macro_rules! backend_suite {
                 fault_points_leave_nothing "leak"
                     |h| $crate::leaks::fault_points(h, $crate::leaks::points($backend)), local;
                 destroy_guards "guard" scenarios::destroy_guards, all;
-                // The lab is a network namespace on this host (lab.rs).
-                egress_policy "egress" $crate::egress::egress_policy, local;
+                // The lab is a network namespace on this host, routed into
+                // the test cluster's namespace for pods (lab.rs).
+                egress_policy "egress" $crate::egress::egress_policy, all;
             );
 
             $($item)*
