@@ -267,6 +267,20 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // A failed test shows what its supervisors logged (the sandbox's
+        // directory goes with the host's temporary directory).
+        if std::thread::panicking() {
+            let dir = self.state_dir().join("sandboxes");
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let log = entry.path().join("logs/supervisor.log");
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("--- the last lines of {}:", log.display());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         // Never leave a sandbox running after a test, pass or fail.
         let r = self.ks(&["list", "--json"]);
         if let Ok(serde_json::Value::Array(all)) =

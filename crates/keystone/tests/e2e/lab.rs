@@ -280,7 +280,9 @@ impl Lab {
         };
         lab(&["addr", "add", "198.51.101.2/30", "dev", &lab_end]);
         lab(&["link", "set", &lab_end, "up"]);
-        lab(&["route", "add", &pods, "via", "198.51.101.1"]);
+        // From the lab's own address, so a UDP answer comes from where the
+        // query went.
+        lab(&["route", "add", &pods, "via", "198.51.101.1", "src", LAB_V4]);
         // Not `ip netns exec` for the cluster's namespace: it would remount
         // /sys under the running kubelet's processes' feet (nsenter is
         // what scripts/test-cluster.sh uses).
