@@ -178,6 +178,8 @@ where
     let r = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // A client may shut its write side once its request is sent.
+        .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), svc)
@@ -729,6 +731,8 @@ where
     let r = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
+        // A client may shut its write side once its request is sent.
+        .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades()

@@ -8,8 +8,11 @@
 # connection or query to the host: the host keeps "pulls" open to
 # 127.0.0.1:15002 through the API server's port-forward, and the relay
 # writes one header line on a pull ("tcp ADDR PORT" with the address the
-# guest dialled, or "dns" followed by DNS-over-TCP framing), then copies
-# bytes both ways.
+# guest dialled, or "dns" with one query in DNS-over-TCP framing), then
+# copies bytes both ways in frames: a 4-byte big-endian length and that
+# many bytes, length 0 ending that direction. The port-forward has no
+# half-close (closing it loses data in flight), so each side says where
+# its bytes end and only this side closes a pull, once both have ended.
 #
 # It is a transport only and trusts nothing: it runs inside the sandbox,
 # where the agent's root can replace it, so every decision is the host's
@@ -24,7 +27,8 @@ import time
 CAPTURE_PORT = 15001
 PULL_PORT = 15002
 DNS_PORT = 15053
-HELLO = b"keystone-egress-pull 1\n"
+HELLO = b"keystone-egress-pull 2\n"
+MAX_FRAME = 65536
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST is 80 too
 PULL_WAIT = 10.0  # seconds a guest connection waits for a pull
 BUF = 65536
@@ -76,42 +80,80 @@ def send_on_pull(header):
     return None
 
 
+def recv_exact(s, n):
+    out = b""
+    while len(out) < n:
+        b = s.recv(n - len(out))
+        if not b:
+            raise OSError("closed")
+        out += b
+    return out
+
+
 def reset(s):
+    """Close with a TCP reset. SHUT_RD first wakes a thread blocked reading
+    it (close alone would not) without sending anything."""
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     s.close()
 
 
-def pump(src, dst, sent):
+def send_frame(pull, data):
+    pull.sendall(struct.pack("!I", len(data)) + data)
+
+
+def read_frame(pull):
+    """The next frame's bytes; b"" for the end frame."""
+    n = struct.unpack("!I", recv_exact(pull, 4))[0]
+    if n > MAX_FRAME:
+        raise OSError("frame too large")
+    return recv_exact(pull, n) if n else b""
+
+
+def guest_to_pull(guest, pull, failed):
     try:
         while True:
-            b = src.recv(BUF)
+            b = guest.recv(BUF)
+            send_frame(pull, b)
             if not b:
-                break
-            sent[0] = True
-            dst.sendall(b)
+                return
     except OSError:
-        pass
-    try:
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
+        failed[0] = True
+        try:
+            pull.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def splice(guest, pull):
-    """Copy both ways; a host that closes without a byte refuses (RST)."""
-    from_host = [False]
-    t = threading.Thread(target=pump, args=(guest, pull, [False]), daemon=True)
+    """Copy both ways in frames; a host that ends without a byte refuses
+    (the guest gets a reset)."""
+    failed = [False]
+    t = threading.Thread(target=guest_to_pull, args=(guest, pull, failed), daemon=True)
     t.start()
-    pump(pull, guest, from_host)
-    t.join(5)
+    from_host = False
+    try:
+        while True:
+            b = read_frame(pull)
+            if not b:
+                break
+            from_host = True
+            guest.sendall(b)
+        if from_host:
+            guest.shutdown(socket.SHUT_WR)
+            t.join()
+        else:
+            reset(guest)
+            guest = None
+            t.join(5)
+    except OSError:
+        pass
     pull.close()
-    if from_host[0]:
+    if guest is not None:
         guest.close()
-    else:
-        reset(guest)
 
 
 def original_dst(conn, family):
@@ -151,26 +193,25 @@ def serve_capture(listener, family):
         threading.Thread(target=captured, args=(conn, family), daemon=True).start()
 
 
-def recv_exact(s, n):
-    out = b""
-    while len(out) < n:
-        b = s.recv(n - len(out))
-        if not b:
-            raise OSError("closed")
-        out += b
-    return out
-
-
 def dns_query(sock, query, peer):
-    pull = send_on_pull(b"dns\n" + struct.pack("!H", len(query)) + query)
+    pull = send_on_pull(b"dns\n")
     if pull is None:
         log("no pull from the host for a DNS query")
         return
     try:
         pull.settimeout(10)
-        n = struct.unpack("!H", recv_exact(pull, 2))[0]
-        sock.sendto(recv_exact(pull, n), peer)
-    except OSError as e:
+        send_frame(pull, struct.pack("!H", len(query)) + query)
+        send_frame(pull, b"")
+        answer = b""
+        while True:
+            b = read_frame(pull)
+            if not b:
+                break
+            answer += b
+        n = struct.unpack("!H", answer[:2])[0]
+        if len(answer) >= 2 + n:
+            sock.sendto(answer[2 : 2 + n], peer)
+    except (OSError, struct.error) as e:
         log("dns: %s" % e)
     finally:
         pull.close()

@@ -33,6 +33,13 @@
 //!   the other backends.
 //! - `dns`: one UDP query, in DNS-over-TCP framing.
 //!
+//! After the header both directions are *framed* (a 4-byte big-endian
+//! length, then that many bytes; length 0 ends that direction), because
+//! the API server's port-forward has no half-close: closing our side of
+//! it sends a WebSocket Close that tears down the pod's end with data
+//! still in flight. So each side says where its bytes end, and only the
+//! relay closes a pull, once both directions have ended ([`framed`]).
+//!
 //! A relay that lies about `ADDR` gains nothing: a captured connection's
 //! address is checked exactly as in a local egress namespace (a synthetic
 //! address must be one this sandbox's DNS gave out, a literal address
@@ -63,9 +70,13 @@ pub const PULL_PORT: u16 = 15002;
 /// Where the pod's DNS queries to [`GATEWAY`] are redirected (127.0.0.1).
 pub const DNS_PORT: u16 = 15053;
 /// The first bytes of every pull.
-pub const HELLO: &[u8] = b"keystone-egress-pull 1\n";
+pub const HELLO: &[u8] = b"keystone-egress-pull 2\n";
 /// The longest header line a relay may send.
 const MAX_HEADER: usize = 128;
+/// The largest frame either side sends ([`framed`]).
+pub const MAX_FRAME: usize = 64 * 1024;
+/// How long a finished pull waits for the relay to close it.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// The init container's script: the nftables table that leaves the pod
 /// no way out but the relay (module docs). `nft -f` applies it as one
@@ -188,6 +199,70 @@ where
     parse_header(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+/// The guest connection a pull carries, as a stream with half-close:
+/// what is written to the returned stream goes to the relay in frames
+/// (its shutdown is the end frame); the relay's frames are what is read
+/// (its end frame is EOF). Two tasks move the bytes; once both directions
+/// have ended they wait (bounded) for the relay to close the pull, and
+/// only then drop it, so nothing written is lost to an early close.
+pub fn framed<S>(pull: S) -> tokio::io::DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (app, inner) = tokio::io::duplex(MAX_FRAME);
+    tokio::spawn(async move {
+        let (mut from_app, mut to_app) = tokio::io::split(inner);
+        let (mut from_pull, mut to_pull) = tokio::io::split(pull);
+        let up = async move {
+            let mut buf = vec![0u8; MAX_FRAME];
+            loop {
+                let n = from_app.read(&mut buf).await?;
+                to_pull.write_all(&(n as u32).to_be_bytes()).await?;
+                if n == 0 {
+                    to_pull.flush().await?;
+                    return Ok::<_, io::Error>(());
+                }
+                to_pull.write_all(&buf[..n]).await?;
+                to_pull.flush().await?;
+            }
+        };
+        let down = async move {
+            let mut buf = vec![0u8; MAX_FRAME];
+            loop {
+                let n = from_pull.read_u32().await? as usize;
+                if n == 0 {
+                    to_app.shutdown().await?;
+                    return Ok::<_, io::Error>(from_pull);
+                }
+                if n > MAX_FRAME {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "relay frame too large",
+                    ));
+                }
+                from_pull.read_exact(&mut buf[..n]).await?;
+                to_app.write_all(&buf[..n]).await?;
+            }
+        };
+        // The first error drops both directions, and so the guest's
+        // stream: the handler sees it end.
+        let mut from_pull = match tokio::try_join!(up, down) {
+            Ok(((), from_pull)) => from_pull,
+            Err(e) => {
+                tracing::debug!("egress relay: pull: {e}");
+                return;
+            }
+        };
+        // Both ends said so: the relay closes; wait for it.
+        let mut sink = [0u8; 64];
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while matches!(from_pull.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    });
+    app
+}
+
 /// Serve what a relay asked for, as the other backends' listeners would.
 pub async fn serve<S>(stream: S, work: Work, ctx: Arc<Ctx>)
 where
@@ -235,7 +310,7 @@ where
                 match await_work(&mut stream).await {
                     Ok(work) => {
                         pause = Duration::from_millis(100);
-                        tokio::spawn(serve(stream, work, ctx.clone()));
+                        tokio::spawn(serve(framed(stream), work, ctx.clone()));
                     }
                     Err(e) => {
                         // The pull closed (the pod restarting, an idle

@@ -282,6 +282,28 @@ async fn capture_http_checks_every_host() {
     assert_eq!(w.web.requests.lock().expect("lock").len(), 1);
 }
 
+/// A client that shuts its write side after the request (`nc -N`, some
+/// scripts) still gets the response, captured and through the proxy.
+#[tokio::test]
+async fn a_request_then_half_close_is_answered() {
+    let w = world().await;
+    let ip = w.ctx.pool.assign("web.test").expect("pool address");
+    let p = w.web.port;
+    let at = capture(w.ctx.clone(), SocketAddr::new(IpAddr::V4(ip), p)).await;
+    for (to, target) in [
+        (at, "/half".to_string()),
+        (w.proxy, format!("http://web.test:{p}/half")),
+    ] {
+        let mut s = TcpStream::connect(to).await.expect("connect");
+        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: web.test:{p}\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        s.shutdown().await.expect("half-close");
+        let (status, _, body) = read_response(&mut s).await;
+        assert_eq!(status, 200, "{target}: {body}");
+    }
+}
+
 #[tokio::test]
 async fn capture_of_an_unknown_address_is_reset_at_once() {
     let w = world().await;

@@ -39,8 +39,9 @@ async fn pod(ctx: Arc<Ctx>, idle: usize) -> Pod {
 
 impl Pod {
     /// The next pull, its hello read, `header` written: from here on the
-    /// stream is the guest's connection.
-    async fn work(&self, header: &str) -> TcpStream {
+    /// stream (framed both ways, as the relay frames it) is the guest's
+    /// connection.
+    async fn work(&self, header: &str) -> tokio::io::DuplexStream {
         let (mut s, _) = tokio::time::timeout(Duration::from_secs(5), self.pulls.accept())
             .await
             .expect("a pull in time")
@@ -51,12 +52,12 @@ impl Pod {
         s.write_all(format!("{header}\n").as_bytes())
             .await
             .expect("header");
-        s
+        relay::framed(s)
     }
 }
 
 /// One framed DNS exchange; the answer's A record, or the rcode.
-async fn dns(s: &mut TcpStream, name: &str) -> Result<std::net::Ipv4Addr, u8> {
+async fn dns(s: &mut tokio::io::DuplexStream, name: &str) -> Result<std::net::Ipv4Addr, u8> {
     let q = dns_query(7, name, 1);
     let mut out = (q.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(&q);

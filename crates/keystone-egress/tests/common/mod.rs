@@ -156,7 +156,7 @@ pub async fn echo() -> Echo {
 
 /// Read up to the end of a head (`\r\n\r\n`), byte by byte so nothing
 /// after it is consumed.
-pub async fn read_head(s: &mut TcpStream) -> Option<String> {
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -169,7 +169,7 @@ pub async fn read_head(s: &mut TcpStream) -> Option<String> {
 }
 
 /// A response: status, head, body (by Content-Length).
-pub async fn read_response(s: &mut TcpStream) -> (u16, String, String) {
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u16, String, String) {
     let head = read_head(s).await.expect("response head");
     let status: u16 = head
         .split(' ')
@@ -225,7 +225,7 @@ pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 }
 
 /// Does the peer close (EOF) or reset within a few seconds?
-pub async fn closed(s: &mut TcpStream) -> bool {
+pub async fn closed<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
     let mut b = [0u8; 64];
     matches!(
         tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
