@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 
 pub const WEB_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 pub const ECHO_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
