@@ -17,9 +17,16 @@
 //!   deleted again if that start fails), kept by `stop`, deleted by
 //!   `--fresh` and `destroy`.
 //! - NetworkPolicy `keystone-<name>-isolate`: no ingress (port-forward
-//!   does not cross the pod network); no egress with `--network none`,
-//!   else none to the cloud metadata addresses. Enforced only by a
-//!   network plugin that implements NetworkPolicy.
+//!   does not cross the pod network); no egress with `--network none` or
+//!   the egress allowlist, else none to the cloud metadata addresses.
+//!   Enforced only by a network plugin that implements NetworkPolicy.
+//! - With the egress allowlist: an init container `egress-fence` (the
+//!   only one holding NET_ADMIN) installs `keystone_egress::relay`'s
+//!   nftables fence in the pod's network namespace; the Secret carries the
+//!   relay program, which START runs beside sshd; the pod's resolver is
+//!   198.18.0.1 (`dnsPolicy: None`). The supervisor serves the relayed
+//!   egress point (policy, DNS, proxy, capture, control socket) in its
+//!   runtime, its pulls opened through the port-forward like SSH.
 //! - The pod's security context: the runtime's default seccomp profile,
 //!   all capabilities dropped but the baseline set, no host namespaces,
 //!   no service-account token, no service links.
@@ -43,7 +50,8 @@
 //!
 //! kube-rs needs an async runtime: the supervisor's signals are blocked
 //! (see `signals`) before the tokio runtime starts its threads, so they
-//! keep arriving on the signalfd only. This backend forks no processes.
+//! keep arriving on the signalfd only. This backend forks no processes:
+//! its egress point runs in the same runtime.
 
 use keystone_backend::signals::Signals;
 use keystone_backend::{Backend, BackendError, Ended, Instance, Running, Usage};
