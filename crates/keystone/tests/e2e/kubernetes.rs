@@ -415,7 +415,9 @@ fn push_and_pull() {
 
 /// The Kubernetes backend's fault points (keystone_backend::fault), in the
 /// order a start reaches them: after each object is created, once the pod
-/// runs, once the socket is bound, once sshd answers through it.
+/// runs, once the socket is bound, once the egress point is up (the
+/// harness's default egress is the allowlist), once sshd answers through
+/// it.
 const FAULT_POINTS: &[&str] = &[
     "kubernetes-claim-created",
     "kubernetes-secret-created",
@@ -423,6 +425,7 @@ const FAULT_POINTS: &[&str] = &[
     "kubernetes-pod-created",
     "kubernetes-pod-running",
     "kubernetes-socket-bound",
+    "kubernetes-egress-started",
     "kubernetes-sshd-answered",
 ];
 
@@ -584,6 +587,14 @@ fn fault_points_leave_nothing() {
         }
         if h.record(&name).is_some() {
             fail("a failed first start left a record".into());
+        }
+        let control = h
+            .state_dir()
+            .join("sandboxes")
+            .join(&name)
+            .join("egress/control.sock");
+        if control.exists() {
+            fail(format!("egress control socket left: {}", control.display()));
         }
         if !eventually(Duration::from_secs(10), || {
             processes_matching(&format!("__supervise {name}")).is_empty()
