@@ -181,7 +181,8 @@ def captured(conn, family):
     splice(conn, pull)
 
 
-def serve_capture(listener, family):
+def serve(listener, handle, *args):
+    """Accept for ever, each connection in a thread of its own."""
     while True:
         try:
             conn, _ = listener.accept()
@@ -190,7 +191,7 @@ def serve_capture(listener, family):
             time.sleep(0.1)
             continue
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=captured, args=(conn, family), daemon=True).start()
+        threading.Thread(target=handle, args=(conn,) + args, daemon=True).start()
 
 
 def dns_query(sock, query, peer):
@@ -236,7 +237,6 @@ def pulled(conn):
             conn.close()
             return
         conn.settimeout(None)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         conn.close()
         return
@@ -245,30 +245,19 @@ def pulled(conn):
         pulls_ready.notify()
 
 
-def serve_pulls(listener):
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError as e:
-            log("pull accept: %s" % e)
-            time.sleep(0.1)
-            continue
-        threading.Thread(target=pulled, args=(conn,), daemon=True).start()
-
-
 def main():
     threads = []
     v4 = listen(socket.AF_INET, "127.0.0.1", CAPTURE_PORT)
-    threads.append((serve_capture, (v4, socket.AF_INET)))
+    threads.append((serve, (v4, captured, socket.AF_INET)))
     try:
         v6 = listen(socket.AF_INET6, "::1", CAPTURE_PORT)
-        threads.append((serve_capture, (v6, socket.AF_INET6)))
+        threads.append((serve, (v6, captured, socket.AF_INET6)))
     except OSError as e:
         log("no IPv6 capture (%s); IPv6 stays unreachable" % e)
     dns = listen(socket.AF_INET, "127.0.0.1", DNS_PORT, socket.SOCK_DGRAM)
     threads.append((serve_dns, (dns,)))
     pull = listen(socket.AF_INET, "127.0.0.1", PULL_PORT)
-    threads.append((serve_pulls, (pull,)))
+    threads.append((serve, (pull, pulled)))
     for target, args in threads:
         threading.Thread(target=target, args=args, daemon=True).start()
     log("serving")

@@ -55,11 +55,9 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The relay program the pod runs (as root, beside sshd).
 pub const SCRIPT: &str = include_str!("relay.py");
@@ -136,37 +134,9 @@ pub fn parse_header(line: &str) -> Result<Work, String> {
     }
 }
 
-/// A pull that carries a guest connection: refusing it closes the pull,
-/// which the relay turns into a reset of the guest's socket.
-pub struct Relayed<S>(pub S);
-
-impl<S: AsyncRead + Unpin> AsyncRead for Relayed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Relayed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> GuestConn for Relayed<S> {
+/// A pull's guest connection ([`framed`]): refusing it ends it without a
+/// byte, which the relay turns into a reset of the guest's socket.
+impl GuestConn for tokio::io::DuplexStream {
     fn refuse(self) {
         drop(self);
     }
@@ -264,10 +234,7 @@ where
 }
 
 /// Serve what a relay asked for, as the other backends' listeners would.
-pub async fn serve<S>(stream: S, work: Work, ctx: Arc<Ctx>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub async fn serve(stream: tokio::io::DuplexStream, work: Work, ctx: Arc<Ctx>) {
     match work {
         Work::Dns => dns::serve_tcp_conn(stream, ctx).await,
         Work::Tcp(dest) if dest.ip() == IpAddr::V4(GATEWAY) && dest.port() == 53 => {
@@ -276,7 +243,7 @@ where
         Work::Tcp(dest) if dest.ip() == IpAddr::V4(GATEWAY) && dest.port() == PROXY_PORT => {
             proxy::serve_explicit_conn(stream, ctx).await
         }
-        Work::Tcp(dest) => proxy::handle_capture(Relayed(stream), dest, ctx).await,
+        Work::Tcp(dest) => proxy::handle_capture(stream, dest, ctx).await,
     }
 }
 

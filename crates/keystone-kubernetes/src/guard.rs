@@ -120,24 +120,10 @@ impl Created {
         }
         if let Some((task, control)) = self.egress.take() {
             task.abort();
-            match std::fs::remove_file(&control) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => left.push(format!(
-                    "could not remove the egress control socket {}: {e}",
-                    control.display()
-                )),
-            }
+            remove_socket(&control, "the egress control socket", &mut left);
         }
         if let Some(socket) = self.socket.take() {
-            match std::fs::remove_file(&socket) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => left.push(format!(
-                    "could not remove the socket {}: {e}",
-                    socket.display()
-                )),
-            }
+            remove_socket(&socket, "the socket", &mut left);
         }
         let (client, ns, names) = (&self.client, self.ns.as_str(), &self.names);
         let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -200,6 +186,15 @@ impl Drop for Created {
                 left.join("; ")
             );
         }
+    }
+}
+
+/// Remove a socket file; one already gone is no failure.
+fn remove_socket(path: &std::path::Path, what: &str, left: &mut Vec<String>) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => left.push(format!("could not remove {what} {}: {e}", path.display())),
     }
 }
 
