@@ -233,6 +233,7 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<Ctx>) {
                 continue;
             }
         };
+        let t0 = std::time::Instant::now();
         let policy = ctx.policy();
         let Some((resp, outcome)) = answer_with_outcome(&buf[..n], &policy, &ctx.pool) else {
             tracing::debug!(%peer, "dns udp: dropped a malformed query");
@@ -242,6 +243,11 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<Ctx>) {
         if let Err(e) = sock.send_to(&resp, peer).await {
             tracing::debug!(%peer, "dns udp send: {e}");
         }
+        tracing::debug!(
+            qtype = outcome.qtype,
+            answer_us = t0.elapsed().as_micros() as u64,
+            "egress timing: dns answered"
+        );
     }
 }
 

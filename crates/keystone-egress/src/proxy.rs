@@ -260,16 +260,24 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
         Ok(t) => t,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("keystone egress: {e}\n")),
     };
+    let t0 = std::time::Instant::now();
     let policy = ctx.policy();
     let d = policy.decide(&target, port);
     ctx.record("connect", &target, port, &d);
     if !d.allowed {
         return denied(&ctx, &target, port, &d.rule);
     }
+    let t1 = std::time::Instant::now();
     let up = match upstream::connect(&target, port, &policy, policy.resolver()).await {
         Ok((s, _)) => s,
         Err(r) => return refusal(&ctx, "connect", &target, port, &r),
     };
+    tracing::debug!(
+        %target,
+        decide_us = (t1 - t0).as_micros() as u64,
+        connect_us = t1.elapsed().as_micros() as u64,
+        "egress timing: CONNECT answered"
+    );
     let flow = Flow {
         target,
         port,
@@ -632,6 +640,7 @@ where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let port = flow.port;
+    let t0 = std::time::Instant::now();
     let mut buf = Vec::with_capacity(4096);
     let first = match upstream.as_mut() {
         // Server-first protocols: no deadline until the client speaks.
@@ -643,6 +652,7 @@ where
     if first.is_err() {
         return;
     }
+    let t_first = t0.elapsed();
     let deadline = Instant::now() + HEADER_TIMEOUT;
     let kind = loop {
         match classify(&buf, port) {
@@ -692,6 +702,7 @@ where
         }
         Kind::Raw | Kind::Undecided => {}
     }
+    let t_checked = t0.elapsed();
     let mut up = match upstream {
         Some(u) => u,
         None => {
@@ -712,6 +723,14 @@ where
     if up.write_all(&buf).await.is_err() {
         return;
     }
+    tracing::debug!(
+        target = %flow.target,
+        via = flow.via,
+        first_bytes_us = t_first.as_micros() as u64,
+        checked_us = t_checked.as_micros() as u64,
+        relaying_us = t0.elapsed().as_micros() as u64,
+        "egress timing: tunnel relaying"
+    );
     let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
 }
 

@@ -210,7 +210,9 @@ pub async fn connect(
             return dial(&[addr.ip()], port).await;
         }
         Target::Name(n) => {
+            let t0 = std::time::Instant::now();
             let all = resolve(n, resolver).await.map_err(Refusal::failed)?;
+            tracing::debug!(name = %n, resolve_us = t0.elapsed().as_micros() as u64, "egress timing: resolved");
             if all.is_empty() {
                 return Err(Refusal::failed(format!("{n} has no address")));
             }
@@ -243,6 +245,7 @@ fn usable(ip: IpAddr, port: u16, policy: &Policy) -> bool {
 }
 
 async fn dial(candidates: &[IpAddr], port: u16) -> Result<(TcpStream, IpAddr), Refusal> {
+    let t0 = std::time::Instant::now();
     let attempt = async {
         let mut last = String::from("no address");
         for ip in candidates {
@@ -256,9 +259,15 @@ async fn dial(candidates: &[IpAddr], port: u16) -> Result<(TcpStream, IpAddr), R
         }
         Err(Refusal::failed(format!("connect {last}")))
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+    let r = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
         .await
-        .map_err(|_| Refusal::failed(format!("connect to port {port} timed out")))?
+        .map_err(|_| Refusal::failed(format!("connect to port {port} timed out")))?;
+    tracing::debug!(
+        port,
+        dial_us = t0.elapsed().as_micros() as u64,
+        "egress timing: dialled"
+    );
+    r
 }
 
 #[cfg(test)]
