@@ -42,6 +42,10 @@ use tokio::time::Instant;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// And fit in this.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Each direction of a relayed tunnel copies through a buffer this big
+/// (tokio's default, 8 KiB, costs a read and a write syscall per 8 KiB of
+/// a download).
+pub const RELAY_BUF: usize = 64 * 1024;
 /// An upstream must start answering a forwarded request within this.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -56,6 +60,8 @@ pub struct Ctx {
     pub log: DecisionLog,
     /// The sandbox's name, for the "how to allow it" hint.
     pub sandbox: String,
+    /// Host-side answers, reused for their TTL by every path.
+    pub resolutions: upstream::Resolutions,
 }
 
 impl Ctx {
@@ -65,7 +71,21 @@ impl Ctx {
             pool,
             log,
             sandbox: sandbox.to_string(),
+            resolutions: upstream::Resolutions::new(),
         }
+    }
+
+    /// [`upstream::connect_cached`] with the current resolver and this
+    /// context's [`Ctx::resolutions`].
+    async fn connect(
+        &self,
+        target: &Target,
+        port: u16,
+        policy: &Policy,
+    ) -> Result<TcpStream, upstream::Refusal> {
+        upstream::connect_cached(target, port, policy, policy.resolver(), &self.resolutions)
+            .await
+            .map(|(s, _)| s)
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -268,8 +288,8 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
         return denied(&ctx, &target, port, &d.rule);
     }
     let t1 = std::time::Instant::now();
-    let up = match upstream::connect(&target, port, &policy, policy.resolver()).await {
-        Ok((s, _)) => s,
+    let up = match ctx.connect(&target, port, &policy).await {
+        Ok(s) => s,
         Err(r) => return refusal(&ctx, "connect", &target, port, &r),
     };
     tracing::debug!(
@@ -335,8 +355,8 @@ async fn forward(
     if !d.allowed {
         return denied(ctx, target, port, &d.rule);
     }
-    let stream = match upstream::connect(target, port, &policy, policy.resolver()).await {
-        Ok((s, _)) => s,
+    let stream = match ctx.connect(target, port, &policy).await {
+        Ok(s) => s,
         Err(r) => return refusal(ctx, "http", target, port, &r),
     };
     let (mut sender, conn) =
@@ -707,8 +727,8 @@ where
         Some(u) => u,
         None => {
             let policy = flow.ctx.policy();
-            match upstream::connect(&flow.target, port, &policy, policy.resolver()).await {
-                Ok((s, _)) => s,
+            match flow.ctx.connect(&flow.target, port, &policy).await {
+                Ok(s) => s,
                 Err(r) => {
                     if r.denied {
                         flow.ctx.record("tcp", &flow.target, port, &deny(r.reason));
@@ -731,7 +751,8 @@ where
         relaying_us = t0.elapsed().as_micros() as u64,
         "egress timing: tunnel relaying"
     );
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, RELAY_BUF, RELAY_BUF).await;
 }
 
 /// Plain HTTP inside a tunnel or a captured connection: every request's
@@ -870,8 +891,8 @@ pub async fn handle_capture<S: GuestConn>(stream: S, dest: SocketAddr, ctx: Arc<
     let upstream = if port == 80 || port == 443 {
         None
     } else {
-        match upstream::connect(&target, port, &policy, policy.resolver()).await {
-            Ok((s, _)) => Some(s),
+        match ctx.connect(&target, port, &policy).await {
+            Ok(s) => Some(s),
             Err(r) => {
                 if r.denied {
                     ctx.record("tcp", &target, port, &deny(r.reason));
