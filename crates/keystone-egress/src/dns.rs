@@ -239,10 +239,12 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<Ctx>) {
             tracing::debug!(%peer, "dns udp: dropped a malformed query");
             continue;
         };
-        record(&ctx, &outcome);
+        // Answer first, then log: the guest's lookup (A and AAAA, one
+        // after the other here) does not wait on the log file.
         if let Err(e) = sock.send_to(&resp, peer).await {
             tracing::debug!(%peer, "dns udp send: {e}");
         }
+        record(&ctx, &outcome);
         tracing::debug!(
             qtype = outcome.qtype,
             answer_us = t0.elapsed().as_micros() as u64,
@@ -290,10 +292,11 @@ where
         let Some((resp, outcome)) = answer_with_outcome(&q, &policy, &ctx.pool) else {
             return;
         };
-        record(&ctx, &outcome);
         let mut out = (resp.len() as u16).to_be_bytes().to_vec();
         out.extend_from_slice(&resp);
-        if stream.write_all(&out).await.is_err() {
+        let sent = stream.write_all(&out).await;
+        record(&ctx, &outcome);
+        if sent.is_err() {
             return;
         }
     }

@@ -394,6 +394,39 @@ async fn connect_with(
     }
 }
 
+/// Connect to `name:port` only if `cache` holds an unexpired answer for
+/// it: `None` when it does not (nothing is sent to any resolver). For a
+/// connection made before the client's first bytes are checked, which
+/// must not put the name on the wire when those bytes are then refused.
+/// A kept answer that does not connect is forgotten.
+pub async fn dial_kept(
+    name: &str,
+    port: u16,
+    policy: &Policy,
+    resolver: Option<SocketAddr>,
+    cache: &Resolutions,
+) -> Option<Result<(TcpStream, IpAddr), Refusal>> {
+    let target = Target::Name(name.to_string());
+    if name == HOST_SERVICE_NAME || !policy.decide(&target, port).allowed {
+        return None;
+    }
+    let all = cache.get(name, resolver, Instant::now())?;
+    let r = match filtered(name, &all, port, policy) {
+        Ok(ok) => dial(&ok, port).await,
+        Err(r) => Err(r),
+    };
+    if matches!(&r, Err(e) if !e.denied) {
+        cache.forget(name, resolver);
+    }
+    Some(r)
+}
+
+/// May a sandbox reach `ip` on `port` under `policy` (the address filter
+/// of the module docs)?
+pub fn may_reach(ip: IpAddr, port: u16, policy: &Policy) -> bool {
+    usable(ip, port, policy)
+}
+
 /// The addresses of `n`'s answer `all` a sandbox may reach on `port`.
 fn filtered(n: &str, all: &[IpAddr], port: u16, policy: &Policy) -> Result<Vec<IpAddr>, Refusal> {
     if all.is_empty() {

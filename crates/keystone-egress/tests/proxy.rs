@@ -472,3 +472,29 @@ async fn a_kept_answer_is_filtered_again_after_a_reload() {
         "refused from the kept answer"
     );
 }
+
+#[tokio::test]
+async fn captured_443_with_a_kept_answer_still_refuses_plain_bytes_unsent() {
+    // The answer for tls.test is kept (a CONNECT resolved it), so the
+    // capture dials early; the plain bytes are refused all the same, and
+    // no resolver is asked again before the check.
+    let w = world().await;
+    let (_s, status, _) = connect_via(w.proxy, &format!("tls.test:{}", w.echo.port)).await;
+    assert_eq!(status, 200);
+    let before = asked(&w.resolver, "tls.test");
+    let ip = w.ctx.pool.assign("tls.test").expect("pool address");
+    let at = capture(w.ctx.clone(), SocketAddr::new(IpAddr::V4(ip), 443)).await;
+    let mut s = TcpStream::connect(at).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: tls.test\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(closed(&mut s).await);
+    let ev = log::tail(&w.log, 10);
+    assert!(
+        ev.iter()
+            .any(|e| e.decision == "deny" && e.rule == "non-TLS bytes on port 443"),
+        "{ev:?}"
+    );
+    assert_eq!(asked(&w.resolver, "tls.test"), before);
+    assert!(w.echo.got.lock().expect("lock").is_empty());
+}
