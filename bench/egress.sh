@@ -24,7 +24,11 @@
 #
 # Prints absolute figures and ratios. Not a test: nothing here fails on time.
 #   sudo ./bench/egress.sh [ITERATIONS [ROUNDS]]     # default 50 requests, 3 rounds
-#   (BENCH_EGRESS_NET=A.B.C puts the lab on A.B.C.0/24 instead of 198.51.100.0/24)
+#   (BENCH_EGRESS_NET=A.B.C puts the lab on A.B.C.0/24 instead of 198.51.100.0/24;
+#   BENCH_KEYSTONE=PATH measures that keystone binary instead of building this
+#   checkout's, so two builds can be compared, interleaved, in one machine state;
+#   BENCH_EGRESS_LOG=FILE appends run B's egress daemon log to FILE, e.g. with
+#   RUST_LOG=keystone_egress=debug for its per-connection timings)
 #
 # A round is: the host floor, run A (start, measure, stop), run B (config
 # rewritten, start, measure, stop); the rounds' samples are pooled, so
@@ -51,7 +55,7 @@ if ip -4 route show | grep -qF -e "$NET." ; then
 fi
 HOST_IP=$NET.1 LAB_IP=$NET.2 NAME=bench.lab.test
 
-bench_build
+if [ -n "${BENCH_KEYSTONE:-}" ]; then K=$BENCH_KEYSTONE; else bench_build; fi
 bench_project bench container '' "[egress]\nmode = \"open\"\n"
 cfg=$XDG_CONFIG_HOME/keystone/agent.toml
 sdir=$XDG_STATE_HOME/keystone/sandboxes/bench
@@ -228,6 +232,7 @@ for round in $(seq "$ROUNDS"); do
         "proxy|transparent --noproxy *" "$N" "$DL" "https://$NAME" "$BIG" >> "$work/all.txt"
     timeout 120 "$K" agent stop >/dev/null
 done
+[ -z "${BENCH_EGRESS_LOG:-}" ] || cat "$sdir/logs/egress.log" >> "$BENCH_EGRESS_LOG" 2>/dev/null || true
 decisions=$(python3 -c 'import collections, json, sys
 c = collections.Counter((e["proto"], e["decision"]) for e in map(json.loads, open(sys.argv[1])))
 print(", ".join(f"{p} {d} {n}" for (p, d), n in sorted(c.items())))' "$sdir/egress/decisions.jsonl")

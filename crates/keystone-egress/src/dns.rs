@@ -233,15 +233,23 @@ pub async fn serve_udp(sock: UdpSocket, ctx: Arc<Ctx>) {
                 continue;
             }
         };
+        let t0 = std::time::Instant::now();
         let policy = ctx.policy();
         let Some((resp, outcome)) = answer_with_outcome(&buf[..n], &policy, &ctx.pool) else {
             tracing::debug!(%peer, "dns udp: dropped a malformed query");
             continue;
         };
-        record(&ctx, &outcome);
+        // Answer first, then log: the guest's lookup (A and AAAA, one
+        // after the other here) does not wait on the log file.
         if let Err(e) = sock.send_to(&resp, peer).await {
             tracing::debug!(%peer, "dns udp send: {e}");
         }
+        record(&ctx, &outcome);
+        tracing::debug!(
+            qtype = outcome.qtype,
+            answer_us = t0.elapsed().as_micros() as u64,
+            "egress timing: dns answered"
+        );
     }
 }
 
@@ -284,10 +292,11 @@ where
         let Some((resp, outcome)) = answer_with_outcome(&q, &policy, &ctx.pool) else {
             return;
         };
-        record(&ctx, &outcome);
         let mut out = (resp.len() as u16).to_be_bytes().to_vec();
         out.extend_from_slice(&resp);
-        if stream.write_all(&out).await.is_err() {
+        let sent = stream.write_all(&out).await;
+        record(&ctx, &outcome);
+        if sent.is_err() {
             return;
         }
     }
@@ -343,18 +352,36 @@ fn read_name(b: &[u8], mut at: usize) -> Option<(String, usize)> {
 /// The addresses of type `qtype` a resolver's reply gives for `name`,
 /// following CNAMEs within the answer section. NXDOMAIN and NODATA are
 /// empty; a reply to another question, or garbage, is an error.
+#[cfg(test)]
 pub(crate) fn parse_response(
     b: &[u8],
     id: u16,
     name: &str,
     qtype: u16,
 ) -> Result<Vec<IpAddr>, String> {
+    parse_answer(b, id, name, qtype).map(|a| a.addrs)
+}
+
+/// What a resolver's reply gave: see [`parse_answer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub addrs: Vec<IpAddr>,
+    /// The smallest TTL of the records that led to `addrs` (the CNAME
+    /// chain and the addresses); `None` when there are no addresses.
+    pub ttl: Option<u32>,
+}
+
+/// [`parse_response`], with the TTL the answer may be reused for.
+pub(crate) fn parse_answer(b: &[u8], id: u16, name: &str, qtype: u16) -> Result<Answer, String> {
     if be16(b, 0) != Some(id) || b.len() < 12 || b[2] & 0x80 == 0 {
         return Err("not a reply to our query".into());
     }
     let rcode = b[3] & 0x0f;
     if rcode == 3 {
-        return Ok(Vec::new());
+        return Ok(Answer {
+            addrs: Vec::new(),
+            ttl: None,
+        });
     }
     if rcode != 0 {
         return Err(format!("resolver answered rcode {rcode}"));
@@ -372,6 +399,11 @@ pub(crate) fn parse_response(
     for _ in 0..an {
         let (owner, next) = read_name(b, at).ok_or("bad record name")?;
         let rtype = be16(b, next).ok_or("short record")?;
+        let ttl = b
+            .get(next + 4..next + 8)
+            .and_then(|t| <[u8; 4]>::try_from(t).ok())
+            .map(u32::from_be_bytes)
+            .ok_or("short record")?;
         let rdlen = be16(b, next + 8).ok_or("short record")? as usize;
         let data_at = next + 10;
         let data = b.get(data_at..data_at + rdlen).ok_or("short record")?;
@@ -380,13 +412,13 @@ pub(crate) fn parse_response(
         } else {
             None
         };
-        records.push((owner, rtype, data, target));
+        records.push((owner, rtype, ttl, data, target));
         at = data_at + rdlen;
     }
     let mut names = vec![name.trim_end_matches('.').to_ascii_lowercase()];
     // CNAME chains, in any order, at most as long as the answer section.
     for _ in 0..records.len() {
-        for (owner, rtype, _, target) in &records {
+        for (owner, rtype, _, _, target) in &records {
             if *rtype == TYPE_CNAME && names.contains(owner) {
                 if let Some(t) = target {
                     if !names.contains(t) {
@@ -396,15 +428,30 @@ pub(crate) fn parse_response(
             }
         }
     }
-    Ok(records
+    let mut ttl: Option<u32> = None;
+    let addrs: Vec<IpAddr> = records
         .iter()
-        .filter(|(owner, rtype, _, _)| *rtype == qtype && names.contains(owner))
-        .filter_map(|(_, _, data, _)| match data.len() {
-            4 if qtype == TYPE_A => Some(IpAddr::from(<[u8; 4]>::try_from(*data).ok()?)),
-            16 if qtype == TYPE_AAAA => Some(IpAddr::from(<[u8; 16]>::try_from(*data).ok()?)),
-            _ => None,
+        .filter(|(owner, rtype, _, _, _)| *rtype == qtype && names.contains(owner))
+        .filter_map(|(_, _, t, data, _)| {
+            let ip = match data.len() {
+                4 if qtype == TYPE_A => IpAddr::from(<[u8; 4]>::try_from(*data).ok()?),
+                16 if qtype == TYPE_AAAA => IpAddr::from(<[u8; 16]>::try_from(*data).ok()?),
+                _ => return None,
+            };
+            ttl = Some(ttl.map_or(*t, |m| m.min(*t)));
+            Some(ip)
         })
-        .collect())
+        .collect();
+    if addrs.is_empty() {
+        return Ok(Answer { addrs, ttl: None });
+    }
+    // A CNAME in the chain can expire before the address it led to.
+    for (owner, rtype, t, _, _) in &records {
+        if *rtype == TYPE_CNAME && names.contains(owner) {
+            ttl = ttl.map(|m| m.min(*t));
+        }
+    }
+    Ok(Answer { addrs, ttl })
 }
 
 #[cfg(test)]
@@ -603,6 +650,18 @@ mod tests {
         r.extend_from_slice(&[0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 192, 0, 2, 7]);
         let got = parse_response(&r, 9, "www.example.com", TYPE_A).expect("parse");
         assert_eq!(got, vec![IpAddr::from([192, 0, 2, 7])]);
+        // Reusable for the shorter of the CNAME's and the address's TTL.
+        let ttl_at = r.len() - 10;
+        r[ttl_at..ttl_at + 4].copy_from_slice(&300u32.to_be_bytes());
+        let a = parse_answer(&r, 9, "www.example.com", TYPE_A).expect("parse");
+        assert_eq!(a.ttl, Some(60));
+        r[ttl_at..ttl_at + 4].copy_from_slice(&7u32.to_be_bytes());
+        let a = parse_answer(&r, 9, "www.example.com", TYPE_A).expect("parse");
+        assert_eq!(a.ttl, Some(7));
+        assert_eq!(
+            parse_answer(&r, 9, "www.example.com", TYPE_AAAA).map(|a| a.ttl),
+            Err("reply to another question".into())
+        );
         assert!(parse_response(&r, 8, "www.example.com", TYPE_A).is_err());
         assert!(parse_response(&r, 9, "other.example.com", TYPE_A).is_err());
         assert!(parse_response(&r[..r.len() - 2], 9, "www.example.com", TYPE_A).is_err());

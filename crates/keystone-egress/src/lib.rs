@@ -30,7 +30,8 @@
 //! - [`pool`]: per-sandbox synthetic addresses, persisted, never reused.
 //! - [`dns`]: answering the guest's queries from the policy alone.
 //! - [`sni`]: reading the server name from a ClientHello.
-//! - [`upstream`]: host-side resolution, the address filter, pinned connect.
+//! - [`upstream`]: host-side resolution (answers kept for their TTL, at
+//!   most 30 s), the address filter, pinned connect.
 //! - [`proxy`]: the explicit proxy and transparent capture.
 //! - [`log`]: the JSON-lines decision log and [`log::tail`].
 //! - [`control`]: reload over a Unix socket ([`control::reload`] for the CLI).

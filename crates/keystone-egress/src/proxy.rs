@@ -14,7 +14,12 @@
 //! and is forwarded on its own (no second keep-alive request to another
 //! host); anything else is relayed raw, except on port 443, which carries
 //! TLS or nothing. Upstream connections go to the address
-//! [`upstream::connect`] resolved and pinned.
+//! [`upstream::connect_cached`] resolved and pinned. On a captured 443 to a
+//! name whose answer is already kept, the upstream is dialled while the
+//! ClientHello is still on its way (the client's TLS setup takes
+//! milliseconds); that connection is used only once the hello has passed
+//! and is dropped, with nothing sent on it, otherwise. Without a kept
+//! answer nothing is resolved before the hello has passed.
 
 use crate::log::DecisionLog;
 use crate::policy::{normalize_name, Decision, Policy, Target};
@@ -42,6 +47,10 @@ use tokio::time::Instant;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// And fit in this.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Each direction of a relayed tunnel copies through a buffer this big
+/// (tokio's default, 8 KiB, costs a read and a write syscall per 8 KiB of
+/// a download).
+pub const RELAY_BUF: usize = 64 * 1024;
 /// An upstream must start answering a forwarded request within this.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -56,6 +65,8 @@ pub struct Ctx {
     pub log: DecisionLog,
     /// The sandbox's name, for the "how to allow it" hint.
     pub sandbox: String,
+    /// Host-side answers, reused for their TTL by every path.
+    pub resolutions: upstream::Resolutions,
 }
 
 impl Ctx {
@@ -65,7 +76,21 @@ impl Ctx {
             pool,
             log,
             sandbox: sandbox.to_string(),
+            resolutions: upstream::Resolutions::new(),
         }
+    }
+
+    /// [`upstream::connect_cached`] with the current resolver and this
+    /// context's [`Ctx::resolutions`].
+    async fn connect(
+        &self,
+        target: &Target,
+        port: u16,
+        policy: &Policy,
+    ) -> Result<TcpStream, upstream::Refusal> {
+        upstream::connect_cached(target, port, policy, policy.resolver(), &self.resolutions)
+            .await
+            .map(|(s, _)| s)
     }
 
     pub fn policy(&self) -> Arc<Policy> {
@@ -262,16 +287,24 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
         Ok(t) => t,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("keystone egress: {e}\n")),
     };
+    let t0 = std::time::Instant::now();
     let policy = ctx.policy();
     let d = policy.decide(&target, port);
     ctx.record("connect", &target, port, &d);
     if !d.allowed {
         return denied(&ctx, &target, port, &d.rule);
     }
-    let up = match upstream::connect(&target, port, &policy, policy.resolver()).await {
-        Ok((s, _)) => s,
+    let t1 = std::time::Instant::now();
+    let up = match ctx.connect(&target, port, &policy).await {
+        Ok(s) => s,
         Err(r) => return refusal(&ctx, "connect", &target, port, &r),
     };
+    tracing::debug!(
+        %target,
+        decide_us = (t1 - t0).as_micros() as u64,
+        connect_us = t1.elapsed().as_micros() as u64,
+        "egress timing: CONNECT answered"
+    );
     let flow = Flow {
         target,
         port,
@@ -280,7 +313,7 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
     };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(client) => relay(TokioIo::new(client), Some(up), flow).await,
+            Ok(client) => relay(TokioIo::new(client), Upstream::Open(up), flow).await,
             Err(e) => tracing::debug!("egress CONNECT upgrade: {e}"),
         }
     });
@@ -329,8 +362,8 @@ async fn forward(
     if !d.allowed {
         return denied(ctx, target, port, &d.rule);
     }
-    let stream = match upstream::connect(target, port, &policy, policy.resolver()).await {
-        Ok((s, _)) => s,
+    let stream = match ctx.connect(target, port, &policy).await {
+        Ok(s) => s,
         Err(r) => return refusal(ctx, "http", target, port, &r),
     };
     let (mut sender, conn) =
@@ -627,17 +660,63 @@ fn check_sni(flow: &Flow, sni: Option<&str>) -> Decision {
     }
 }
 
+/// The upstream side of a tunnel while its client's first bytes are
+/// looked at.
+enum Upstream {
+    /// Connected before the client spoke (CONNECT, server-first ports).
+    Open(TcpStream),
+    /// Being dialled from a kept answer while the ClientHello is read
+    /// (captured 443): used only once the hello passes; otherwise dropped
+    /// without a byte sent to it.
+    Early(EarlyDial),
+    /// To be connected once the first bytes pass.
+    Later,
+}
+
+type DialResult = Option<Result<(TcpStream, IpAddr), upstream::Refusal>>;
+
+/// An [`upstream::dial_kept`] running beside the ClientHello read;
+/// dropping it cancels the dial, or closes the connection it made.
+struct EarlyDial(tokio::task::JoinHandle<DialResult>);
+
+impl Drop for EarlyDial {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl EarlyDial {
+    fn start(ctx: &Arc<Ctx>, name: &str, port: u16, policy: Arc<Policy>) -> EarlyDial {
+        let ctx = ctx.clone();
+        let name = name.to_string();
+        EarlyDial(tokio::spawn(async move {
+            upstream::dial_kept(&name, port, &policy, policy.resolver(), &ctx.resolutions).await
+        }))
+    }
+
+    /// The connection, if the dial succeeded and the current policy still
+    /// lets the flow reach the address it went to.
+    async fn finish(mut self, flow: &Flow) -> Option<TcpStream> {
+        let (stream, ip) = (&mut self.0).await.ok()??.ok()?;
+        let policy = flow.ctx.policy();
+        let still = policy.decide(&flow.target, flow.port).allowed
+            && upstream::may_reach(ip, flow.port, &policy);
+        still.then_some(stream)
+    }
+}
+
 /// Run an allowed tunnel: look at the client's first bytes (module docs),
 /// then relay, serve HTTP with Host checks, or close.
-async fn relay<C>(mut client: C, mut upstream: Option<TcpStream>, flow: Flow)
+async fn relay<C>(mut client: C, mut upstream: Upstream, flow: Flow)
 where
     C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let port = flow.port;
+    let t0 = std::time::Instant::now();
     let mut buf = Vec::with_capacity(4096);
-    let first = match upstream.as_mut() {
+    let first = match &mut upstream {
         // Server-first protocols: no deadline until the client speaks.
-        Some(up) if port != 80 && port != 443 => {
+        Upstream::Open(up) if port != 80 && port != 443 => {
             first_bytes_passing(&mut client, up, &mut buf).await
         }
         _ => read_more(&mut client, &mut buf, Instant::now() + HEADER_TIMEOUT).await,
@@ -645,6 +724,7 @@ where
     if first.is_err() {
         return;
     }
+    let t_first = t0.elapsed();
     let deadline = Instant::now() + HEADER_TIMEOUT;
     let kind = loop {
         match classify(&buf, port) {
@@ -694,12 +774,21 @@ where
         }
         Kind::Raw | Kind::Undecided => {}
     }
-    let mut up = match upstream {
+    let t_checked = t0.elapsed();
+    let early = matches!(upstream, Upstream::Early(_));
+    let ready = match upstream {
+        Upstream::Open(u) => Some(u),
+        // Anything but a usable connection: connect as if there had been
+        // no early dial (which also records a refusal).
+        Upstream::Early(e) => e.finish(&flow).await,
+        Upstream::Later => None,
+    };
+    let mut up = match ready {
         Some(u) => u,
         None => {
             let policy = flow.ctx.policy();
-            match upstream::connect(&flow.target, port, &policy, policy.resolver()).await {
-                Ok((s, _)) => s,
+            match flow.ctx.connect(&flow.target, port, &policy).await {
+                Ok(s) => s,
                 Err(r) => {
                     if r.denied {
                         flow.ctx.record("tcp", &flow.target, port, &deny(r.reason));
@@ -714,7 +803,17 @@ where
     if up.write_all(&buf).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+    tracing::debug!(
+        target = %flow.target,
+        via = flow.via,
+        early,
+        first_bytes_us = t_first.as_micros() as u64,
+        checked_us = t_checked.as_micros() as u64,
+        relaying_us = t0.elapsed().as_micros() as u64,
+        "egress timing: tunnel relaying"
+    );
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut up, RELAY_BUF, RELAY_BUF).await;
 }
 
 /// Plain HTTP inside a tunnel or a captured connection: every request's
@@ -851,12 +950,20 @@ pub async fn handle_capture<S: GuestConn>(stream: S, dest: SocketAddr, ctx: Arc<
         }
         return;
     }
-    // On 80 and 443 the client speaks first: look before connecting.
-    let upstream = if port == 80 || port == 443 {
-        None
+    // On 80 and 443 the client speaks first: look before sending it
+    // anything. On 443 a name's kept answer is dialled meanwhile (the
+    // client's TLS setup takes milliseconds); no resolver is asked until
+    // the ClientHello has passed.
+    let upstream = if port == 80 {
+        Upstream::Later
+    } else if port == 443 {
+        match &target {
+            Target::Name(n) => Upstream::Early(EarlyDial::start(&ctx, n, port, policy)),
+            Target::Addr(_) => Upstream::Later,
+        }
     } else {
-        match upstream::connect(&target, port, &policy, policy.resolver()).await {
-            Ok((s, _)) => Some(s),
+        match ctx.connect(&target, port, &policy).await {
+            Ok(s) => Upstream::Open(s),
             Err(r) => {
                 if r.denied {
                     ctx.record("tcp", &target, port, &deny(r.reason));
@@ -901,6 +1008,84 @@ async fn refuse_http<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, body: Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A capture flow to `name` on 443 whose early dial went to a local
+    /// listener; the client's side of the tunnel; what the listener got
+    /// (and whether it was connected at all).
+    async fn early_flow(
+        name: &str,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        TcpStream,
+        tokio::task::JoinHandle<Option<Vec<u8>>>,
+    ) {
+        crate::policy::allow_loopback_rules_for_tests();
+        let policy = crate::policy::Spec {
+            allow: vec![name.to_string(), "127.0.0.0/8:*".into()],
+            ..Default::default()
+        }
+        .compile()
+        .expect("compile");
+        let ctx = Arc::new(Ctx::new(
+            policy,
+            FakePool::in_memory(),
+            DecisionLog::discard(),
+            "testbox",
+        ));
+        let server = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let at = server.local_addr().expect("addr");
+        let got = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.ok()?;
+            let mut all = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
+            Some(all)
+        });
+        let dial = EarlyDial(tokio::spawn(async move {
+            let s = TcpStream::connect(at).await.expect("early dial");
+            Some(Ok((s, at.ip())))
+        }));
+        let guest = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(guest.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (ours, _) = guest.accept().await.expect("accept");
+        let flow = Flow {
+            target: Target::Name(name.to_string()),
+            port: 443,
+            ctx,
+            via: "capture",
+        };
+        let relayed = tokio::spawn(relay(ours, Upstream::Early(dial), flow));
+        (relayed, client, got)
+    }
+
+    #[tokio::test]
+    async fn an_early_dial_is_dropped_unused_when_the_sni_disagrees() {
+        let (relayed, mut client, got) = early_flow("tls.test").await;
+        client
+            .write_all(&sni::build_client_hello(Some("evil.test")))
+            .await
+            .expect("hello");
+        tokio::time::timeout(Duration::from_secs(5), relayed)
+            .await
+            .expect("relay ends")
+            .expect("relay");
+        let got = got.await.expect("server");
+        assert_eq!(got, Some(Vec::new()), "connected early, but sent nothing");
+    }
+
+    #[tokio::test]
+    async fn an_early_dial_carries_the_hello_when_the_sni_agrees() {
+        let (_relayed, mut client, got) = early_flow("tls.test").await;
+        let hello = sni::build_client_hello(Some("tls.test"));
+        client.write_all(&hello).await.expect("hello");
+        client.shutdown().await.expect("shutdown");
+        let got = tokio::time::timeout(Duration::from_secs(5), got)
+            .await
+            .expect("in time")
+            .expect("server");
+        assert_eq!(got, Some(hello));
+    }
 
     #[test]
     fn host_port_split() {

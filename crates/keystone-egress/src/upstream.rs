@@ -1,9 +1,12 @@
 //! Leaving the host: resolve on the host (never in the guest), drop
 //! addresses no sandbox should reach, and connect to one pinned address.
 //!
-//! Every name is resolved once per connection and the connection goes to
-//! an address from that answer, so there is no second lookup a rebinding
-//! DNS server could answer differently (fullsend #265). Loopback, private,
+//! Every connection goes to an address from one answer for its name, so
+//! there is no second lookup a rebinding DNS server could answer
+//! differently (fullsend #265). An answer is reused by later connections
+//! for at most its own TTL and never longer than [`CACHE_MAX_TTL`]
+//! ([`Resolutions`]); every address is checked again on every connection,
+//! cached or not. Loopback, private,
 //! link-local (cloud metadata at 169.254.169.254), CGNAT, multicast, our
 //! own 198.18.0.0/15 and the IPv4-mapped forms of all of them are dropped
 //! from the answer unless a CIDR allow rule covers that address and port:
@@ -14,15 +17,121 @@ use crate::dns;
 use crate::policy::{Policy, Target};
 use crate::HOST_SERVICE_NAME;
 use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::{TcpStream, UdpSocket};
 
 /// How long the configured resolver has to answer.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting (over every candidate address) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a host-side answer is reused, whatever its TTL says: a
+/// name that moves is followed within this.
+pub const CACHE_MAX_TTL: Duration = Duration::from_secs(30);
+/// How long an answer of the host's own resolver (which gives no TTL) is
+/// reused.
+pub const SYSTEM_TTL: Duration = Duration::from_secs(5);
+/// At most this many names are remembered.
+pub const CACHE_ENTRIES: usize = 1024;
+
+/// Host-side answers by (name, resolver), each until its TTL (at most
+/// [`CACHE_MAX_TTL`]) runs out. Only what the resolver said is kept: the
+/// address filter and the policy are applied on every connection. Failed
+/// and empty lookups are not kept.
+pub struct Resolutions {
+    /// By resolver (which changes only on a reload), then by name, so a
+    /// hit is looked up by `&str` without building a key.
+    map: Mutex<HashMap<Option<SocketAddr>, HashMap<String, Cached>>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    addrs: Arc<[IpAddr]>,
+    expires: Instant,
+}
+
+impl Default for Resolutions {
+    fn default() -> Self {
+        Resolutions::new()
+    }
+}
+
+impl Resolutions {
+    pub fn new() -> Resolutions {
+        Resolutions {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The unexpired answer for `name` from `resolver`, as of `now`.
+    pub fn get(
+        &self,
+        name: &str,
+        resolver: Option<SocketAddr>,
+        now: Instant,
+    ) -> Option<Arc<[IpAddr]>> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let c = map.get(&resolver)?.get(name)?;
+        (c.expires > now).then(|| c.addrs.clone())
+    }
+
+    /// Keep `addrs` for `ttl` (capped at [`CACHE_MAX_TTL`]) from `now`.
+    pub fn put(
+        &self,
+        name: &str,
+        resolver: Option<SocketAddr>,
+        addrs: &[IpAddr],
+        ttl: Duration,
+        now: Instant,
+    ) {
+        let ttl = ttl.min(CACHE_MAX_TTL);
+        if addrs.is_empty() || ttl.is_zero() {
+            return;
+        }
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Answers from a resolver a reload replaced are never asked for.
+        map.retain(|r, _| *r == resolver);
+        let names = map.entry(resolver).or_default();
+        if names.len() >= CACHE_ENTRIES {
+            names.retain(|_, c| c.expires > now);
+            if names.len() >= CACHE_ENTRIES {
+                // Still full of live answers: start again rather than
+                // track ages; the next connections resolve afresh.
+                names.clear();
+            }
+        }
+        names.insert(
+            name.to_string(),
+            Cached {
+                addrs: addrs.into(),
+                expires: now + ttl,
+            },
+        );
+    }
+
+    /// Drop the answer for `name` (its addresses did not connect).
+    pub fn forget(&self, name: &str, resolver: Option<SocketAddr>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(names) = map.get_mut(&resolver) {
+            names.remove(name);
+        }
+    }
+
+    /// How many answers are held (expired ones until they are swept).
+    pub fn len(&self) -> usize {
+        self.map
+            .lock()
+            .map(|m| m.values().map(HashMap::len).sum())
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Why no connection was made: for the log and the 403/502 body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +212,15 @@ fn random_id() -> u16 {
 /// Resolve `name` with `resolver` (A and AAAA over UDP, in parallel) or
 /// the host's resolver. Addresses are returned A first.
 pub async fn resolve(name: &str, resolver: Option<SocketAddr>) -> Result<Vec<IpAddr>, String> {
+    resolve_ttl(name, resolver).await.map(|(v, _)| v)
+}
+
+/// [`resolve`], and how long the answer may be reused: the smallest TTL
+/// of the records used ([`SYSTEM_TTL`] for the host's resolver).
+async fn resolve_ttl(
+    name: &str,
+    resolver: Option<SocketAddr>,
+) -> Result<(Vec<IpAddr>, Duration), String> {
     let Some(server) = resolver else {
         let addrs = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((name, 0)))
             .await
@@ -111,23 +229,32 @@ pub async fn resolve(name: &str, resolver: Option<SocketAddr>) -> Result<Vec<IpA
         let mut v: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
         v.sort_by_key(|a| a.is_ipv6());
         v.dedup();
-        return Ok(v);
+        return Ok((v, SYSTEM_TTL));
     };
     let (a, aaaa) = tokio::join!(
         query(server, name, dns::TYPE_A),
         query(server, name, dns::TYPE_AAAA)
     );
+    // A family that failed outright makes the answer one not to keep:
+    // the next connection asks again rather than miss that family.
+    let ttl = match (&a, &aaaa) {
+        (Ok(a), Ok(b)) => [a.ttl, b.ttl].into_iter().flatten().min().unwrap_or(0),
+        _ => 0,
+    };
     match (a, aaaa) {
         (Err(e), Err(_)) => Err(format!("resolving {name} with {server}: {e}")),
-        (a, aaaa) => Ok(a
-            .unwrap_or_default()
-            .into_iter()
-            .chain(aaaa.unwrap_or_default())
-            .collect()),
+        (a, aaaa) => Ok((
+            a.map(|x| x.addrs)
+                .unwrap_or_default()
+                .into_iter()
+                .chain(aaaa.map(|x| x.addrs).unwrap_or_default())
+                .collect(),
+            Duration::from_secs(ttl.into()),
+        )),
     }
 }
 
-async fn query(server: SocketAddr, name: &str, qtype: u16) -> Result<Vec<IpAddr>, String> {
+async fn query(server: SocketAddr, name: &str, qtype: u16) -> Result<dns::Answer, String> {
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -151,7 +278,7 @@ async fn query(server: SocketAddr, name: &str, qtype: u16) -> Result<Vec<IpAddr>
             if n >= 4 && buf[2] & 0x02 != 0 {
                 return query_tcp(server, id, name, qtype).await;
             }
-            return dns::parse_response(&buf[..n], id, name, qtype);
+            return dns::parse_answer(&buf[..n], id, name, qtype);
         }
     })
     .await
@@ -163,7 +290,7 @@ async fn query_tcp(
     id: u16,
     name: &str,
     qtype: u16,
-) -> Result<Vec<IpAddr>, String> {
+) -> Result<dns::Answer, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(server)
         .await
@@ -182,7 +309,7 @@ async fn query_tcp(
     s.read_exact(&mut resp)
         .await
         .map_err(|e| format!("tcp: {e}"))?;
-    dns::parse_response(&resp, id, name, qtype)
+    dns::parse_answer(&resp, id, name, qtype)
 }
 
 /// Connect to `target:port` for a sandbox: host services to their
@@ -195,6 +322,30 @@ pub async fn connect(
     policy: &Policy,
     resolver: Option<SocketAddr>,
 ) -> Result<(TcpStream, IpAddr), Refusal> {
+    connect_with(target, port, policy, resolver, None).await
+}
+
+/// [`connect`], reusing an unexpired answer `cache` holds for the name
+/// (filtered again, as a fresh one would be) and keeping a new one there.
+/// When no address of a kept answer connects, the name is resolved again
+/// once.
+pub async fn connect_cached(
+    target: &Target,
+    port: u16,
+    policy: &Policy,
+    resolver: Option<SocketAddr>,
+    cache: &Resolutions,
+) -> Result<(TcpStream, IpAddr), Refusal> {
+    connect_with(target, port, policy, resolver, Some(cache)).await
+}
+
+async fn connect_with(
+    target: &Target,
+    port: u16,
+    policy: &Policy,
+    resolver: Option<SocketAddr>,
+    cache: Option<&Resolutions>,
+) -> Result<(TcpStream, IpAddr), Refusal> {
     let decision = policy.decide(target, port);
     if !decision.allowed {
         return Err(Refusal::denied(format!(
@@ -202,40 +353,98 @@ pub async fn connect(
             decision.rule
         )));
     }
-    let candidates: Vec<IpAddr> = match target {
+    match target {
         Target::Name(n) if n == HOST_SERVICE_NAME => {
             let Some(addr) = policy.host_service(port) else {
                 return Err(Refusal::denied(format!("no host service on port {port}")));
             };
-            return dial(&[addr.ip()], port).await;
+            dial(&[addr.ip()], port).await
         }
         Target::Name(n) => {
-            let all = resolve(n, resolver).await.map_err(Refusal::failed)?;
-            if all.is_empty() {
-                return Err(Refusal::failed(format!("{n} has no address")));
+            if let Some(all) = cache.and_then(|c| c.get(n, resolver, Instant::now())) {
+                match dial(&filtered(n, &all, port, policy)?, port).await {
+                    Ok(x) => return Ok(x),
+                    Err(r) => {
+                        tracing::debug!(name = %n, "egress upstream: kept answer did not connect ({r}); resolving again");
+                        if let Some(c) = cache {
+                            c.forget(n, resolver);
+                        }
+                    }
+                }
             }
-            let ok: Vec<IpAddr> = all
-                .iter()
-                .copied()
-                .filter(|ip| usable(*ip, port, policy))
-                .collect();
-            if ok.is_empty() {
-                let shown: Vec<String> = all.iter().map(|a| a.to_string()).collect();
-                return Err(Refusal::denied(format!(
-                    "{n} resolves only to addresses a sandbox may not reach ({}); allow them with a CIDR rule if that is intended",
-                    shown.join(", ")
-                )));
+            let t0 = Instant::now();
+            let (all, ttl) = resolve_ttl(n, resolver).await.map_err(Refusal::failed)?;
+            tracing::debug!(
+                name = %n,
+                resolve_us = t0.elapsed().as_micros() as u64,
+                ttl_s = ttl.as_secs(),
+                "egress timing: resolved"
+            );
+            if let Some(c) = cache {
+                c.put(n, resolver, &all, ttl, Instant::now());
             }
-            ok
+            dial(&filtered(n, &all, port, policy)?, port).await
         }
         Target::Addr(a) => {
             if !usable(*a, port, policy) {
                 return Err(Refusal::denied(format!("{a} may not be reached")));
             }
-            vec![*a]
+            dial(&[*a], port).await
         }
+    }
+}
+
+/// Connect to `name:port` only if `cache` holds an unexpired answer for
+/// it: `None` when it does not (nothing is sent to any resolver). For a
+/// connection made before the client's first bytes are checked, which
+/// must not put the name on the wire when those bytes are then refused.
+/// A kept answer that does not connect is forgotten.
+pub async fn dial_kept(
+    name: &str,
+    port: u16,
+    policy: &Policy,
+    resolver: Option<SocketAddr>,
+    cache: &Resolutions,
+) -> Option<Result<(TcpStream, IpAddr), Refusal>> {
+    let target = Target::Name(name.to_string());
+    if name == HOST_SERVICE_NAME || !policy.decide(&target, port).allowed {
+        return None;
+    }
+    let all = cache.get(name, resolver, Instant::now())?;
+    let r = match filtered(name, &all, port, policy) {
+        Ok(ok) => dial(&ok, port).await,
+        Err(r) => Err(r),
     };
-    dial(&candidates, port).await
+    if matches!(&r, Err(e) if !e.denied) {
+        cache.forget(name, resolver);
+    }
+    Some(r)
+}
+
+/// May a sandbox reach `ip` on `port` under `policy` (the address filter
+/// of the module docs)?
+pub fn may_reach(ip: IpAddr, port: u16, policy: &Policy) -> bool {
+    usable(ip, port, policy)
+}
+
+/// The addresses of `n`'s answer `all` a sandbox may reach on `port`.
+fn filtered(n: &str, all: &[IpAddr], port: u16, policy: &Policy) -> Result<Vec<IpAddr>, Refusal> {
+    if all.is_empty() {
+        return Err(Refusal::failed(format!("{n} has no address")));
+    }
+    let ok: Vec<IpAddr> = all
+        .iter()
+        .copied()
+        .filter(|ip| usable(*ip, port, policy))
+        .collect();
+    if ok.is_empty() {
+        let shown: Vec<String> = all.iter().map(|a| a.to_string()).collect();
+        return Err(Refusal::denied(format!(
+            "{n} resolves only to addresses a sandbox may not reach ({}); allow them with a CIDR rule if that is intended",
+            shown.join(", ")
+        )));
+    }
+    Ok(ok)
 }
 
 fn usable(ip: IpAddr, port: u16, policy: &Policy) -> bool {
@@ -243,6 +452,7 @@ fn usable(ip: IpAddr, port: u16, policy: &Policy) -> bool {
 }
 
 async fn dial(candidates: &[IpAddr], port: u16) -> Result<(TcpStream, IpAddr), Refusal> {
+    let t0 = Instant::now();
     let attempt = async {
         let mut last = String::from("no address");
         for ip in candidates {
@@ -256,9 +466,15 @@ async fn dial(candidates: &[IpAddr], port: u16) -> Result<(TcpStream, IpAddr), R
         }
         Err(Refusal::failed(format!("connect {last}")))
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+    let r = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
         .await
-        .map_err(|_| Refusal::failed(format!("connect to port {port} timed out")))?
+        .map_err(|_| Refusal::failed(format!("connect to port {port} timed out")))?;
+    tracing::debug!(
+        port,
+        dial_us = t0.elapsed().as_micros() as u64,
+        "egress timing: dialled"
+    );
+    r
 }
 
 #[cfg(test)]
@@ -319,6 +535,41 @@ mod tests {
         assert!(resolve("a.example.com", Some(addr)).await.is_err());
         assert!(start.elapsed() < RESOLVE_TIMEOUT + Duration::from_secs(1));
         drop(udp);
+    }
+
+    #[test]
+    fn kept_answers_expire_and_are_bounded() {
+        let c = Resolutions::new();
+        let r = Some(SocketAddr::from(([192, 0, 2, 53], 53)));
+        let a = [IpAddr::from([192, 0, 2, 7])];
+        let t = Instant::now();
+        c.put("a.test", r, &a, Duration::from_secs(1), t);
+        assert_eq!(c.get("a.test", r, t).as_deref(), Some(&a[..]));
+        let almost = t + Duration::from_millis(999);
+        assert_eq!(c.get("a.test", r, almost).as_deref(), Some(&a[..]));
+        assert_eq!(c.get("a.test", r, t + Duration::from_secs(1)), None);
+        // Per resolver: another resolver's answer is not this one's.
+        assert_eq!(c.get("a.test", None, t), None);
+        // A TTL over the cap is cut to it.
+        c.put("b.test", r, &a, Duration::from_secs(86400), t);
+        assert!(c
+            .get("b.test", r, t + CACHE_MAX_TTL - Duration::from_millis(1))
+            .is_some());
+        assert_eq!(c.get("b.test", r, t + CACHE_MAX_TTL), None);
+        // TTL 0 and empty answers are not kept; forget drops one.
+        c.put("c.test", r, &a, Duration::ZERO, t);
+        c.put("d.test", r, &[], Duration::from_secs(5), t);
+        assert_eq!((c.get("c.test", r, t), c.get("d.test", r, t)), (None, None));
+        c.forget("a.test", r);
+        assert_eq!(c.get("a.test", r, t), None);
+        // Bounded: full of live answers, it starts again.
+        for i in 0..CACHE_ENTRIES + 1 {
+            c.put(&format!("n{i}.test"), r, &a, Duration::from_secs(5), t);
+        }
+        assert!(c.len() <= CACHE_ENTRIES, "{}", c.len());
+        // A reload to another resolver drops the old one's answers.
+        c.put("a.test", None, &a, Duration::from_secs(5), t);
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

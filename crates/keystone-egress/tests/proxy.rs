@@ -405,3 +405,118 @@ async fn plain_bytes_on_captured_443_are_refused_before_connecting() {
     // Nothing was resolved: refused before any upstream connection.
     assert!(w.resolver.names().is_empty(), "{:?}", w.resolver.names());
 }
+
+/// How many times the resolver was asked about `name` (A and AAAA count
+/// one each).
+fn asked(r: &Resolver, name: &str) -> usize {
+    r.names().iter().filter(|n| *n == name).count()
+}
+
+#[tokio::test]
+async fn an_answer_is_reused_for_its_ttl_then_asked_again() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let resolver = resolver_ttl(&[("tls.test", ECHO_IP)], 1).await;
+    let echo = echo().await;
+    let ctx = ctx(
+        &["tls.test:*", "127.0.0.0/8:*"],
+        &[],
+        resolver.addr,
+        &dir.path().join("log"),
+    );
+    let proxy = proxy(ctx.clone()).await;
+    let hp = format!("tls.test:{}", echo.port);
+    let (_a, status, _) = connect_via(proxy, &hp).await;
+    assert_eq!(status, 200);
+    assert_eq!(asked(&resolver, "tls.test"), 2, "A and AAAA");
+    let (_b, status, _) = connect_via(proxy, &hp).await;
+    assert_eq!(status, 200);
+    assert_eq!(asked(&resolver, "tls.test"), 2, "the kept answer");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_c, status, _) = connect_via(proxy, &hp).await;
+    assert_eq!(status, 200);
+    assert_eq!(asked(&resolver, "tls.test"), 4, "expired, asked again");
+}
+
+#[tokio::test]
+async fn an_answer_with_ttl_zero_is_not_kept() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let resolver = resolver_ttl(&[("tls.test", ECHO_IP)], 0).await;
+    let echo = echo().await;
+    let ctx = ctx(
+        &["tls.test:*", "127.0.0.0/8:*"],
+        &[],
+        resolver.addr,
+        &dir.path().join("log"),
+    );
+    let proxy = proxy(ctx.clone()).await;
+    let hp = format!("tls.test:{}", echo.port);
+    for _ in 0..2 {
+        let (_s, status, _) = connect_via(proxy, &hp).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(asked(&resolver, "tls.test"), 4);
+    assert!(ctx.resolutions.is_empty());
+}
+
+#[tokio::test]
+async fn a_kept_answer_is_filtered_again_after_a_reload() {
+    // Connected while a CIDR rule allowed loopback; the reload drops the
+    // rule, and the answer still kept (127.0.0.3) is refused by the
+    // special-range filter, not reused.
+    let dir = tempfile::tempdir().expect("tmp");
+    let resolver = resolver(&[("tls.test", ECHO_IP)]).await;
+    let echo = echo().await;
+    let ctx = ctx(
+        &["tls.test:*", "127.0.0.0/8:*"],
+        &[],
+        resolver.addr,
+        &dir.path().join("log"),
+    );
+    let proxy = proxy(ctx.clone()).await;
+    let hp = format!("tls.test:{}", echo.port);
+    let (_s, status, _) = connect_via(proxy, &hp).await;
+    assert_eq!(status, 200);
+    assert_eq!(ctx.resolutions.len(), 1);
+    let narrower = keystone_egress::policy::Spec {
+        allow: vec!["tls.test:*".into()],
+        resolver: Some(resolver.addr.to_string()),
+        ..Default::default()
+    }
+    .compile()
+    .expect("compile");
+    ctx.set_policy(narrower);
+    let (_s, status, body) = connect_via(proxy, &hp).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("127.0.0.3"), "{body}");
+    assert_eq!(
+        asked(&resolver, "tls.test"),
+        2,
+        "refused from the kept answer"
+    );
+}
+
+#[tokio::test]
+async fn captured_443_with_a_kept_answer_still_refuses_plain_bytes_unsent() {
+    // The answer for tls.test is kept (a CONNECT resolved it), so the
+    // capture dials early; the plain bytes are refused all the same, and
+    // no resolver is asked again before the check.
+    let w = world().await;
+    let (_s, status, _) = connect_via(w.proxy, &format!("tls.test:{}", w.echo.port)).await;
+    assert_eq!(status, 200);
+    let before = asked(&w.resolver, "tls.test");
+    let ip = w.ctx.pool.assign("tls.test").expect("pool address");
+    let at = capture(w.ctx.clone(), SocketAddr::new(IpAddr::V4(ip), 443)).await;
+    let mut s = TcpStream::connect(at).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: tls.test\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(closed(&mut s).await);
+    let ev = log::tail(&w.log, 10);
+    assert!(
+        ev.iter()
+            .any(|e| e.decision == "deny" && e.rule == "non-TLS bytes on port 443"),
+        "{ev:?}"
+    );
+    assert_eq!(asked(&w.resolver, "tls.test"), before);
+    assert!(w.echo.got.lock().expect("lock").is_empty());
+}

@@ -31,6 +31,11 @@ impl Resolver {
 }
 
 pub async fn resolver(map: &[(&str, Ipv4Addr)]) -> Resolver {
+    resolver_ttl(map, 5).await
+}
+
+/// [`resolver`], its A records with TTL `ttl`.
+pub async fn resolver_ttl(map: &[(&str, Ipv4Addr)], ttl: u32) -> Resolver {
     let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind resolver");
     let addr = sock.local_addr().expect("addr");
     let map: HashMap<String, Ipv4Addr> = map.iter().map(|(n, a)| (n.to_string(), *a)).collect();
@@ -59,7 +64,9 @@ pub async fn resolver(map: &[(&str, Ipv4Addr)]) -> Resolver {
             match (qtype, map.get(&name)) {
                 (1, Some(ip)) => {
                     r[7] = 1;
-                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 5, 0, 4]);
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+                    r.extend_from_slice(&ttl.to_be_bytes());
+                    r.extend_from_slice(&[0, 4]);
                     r.extend_from_slice(&ip.octets());
                 }
                 (_, Some(_)) => {}
