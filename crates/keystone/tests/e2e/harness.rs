@@ -190,7 +190,17 @@ impl Host {
     pub fn ks_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut cmd = self.agent(args);
         cmd.envs(env.iter().copied());
-        run_bounded(cmd, Duration::from_secs(900))
+        let t0 = Instant::now();
+        let r = run_bounded(cmd, Duration::from_secs(900));
+        // Where a test's time goes (`--nocapture`, or a failure's output).
+        eprintln!(
+            "[{:6.1}s] ks {} -> {:?} in {:.1}s",
+            self.started.elapsed().as_secs_f64(),
+            trace_args(args),
+            r.code,
+            t0.elapsed().as_secs_f64()
+        );
+        r
     }
 
     /// `keystone agent ARGS` in the project, not started.
@@ -313,6 +323,20 @@ fn record_timing(project: &str, took: Duration) {
     {
         let _ = f.write_all(line.as_bytes());
     }
+}
+
+/// A command line for the trace: long arguments (scripts) cut short.
+fn trace_args(args: &[&str]) -> String {
+    args.iter()
+        .map(|a| {
+            let a = a.replace('\n', " ");
+            match a.char_indices().nth(60) {
+                Some((i, _)) => format!("{}…", &a[..i]),
+                None => a,
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Processes whose command line mentions `needle` (zombies excluded).
