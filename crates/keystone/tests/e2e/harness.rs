@@ -190,9 +190,15 @@ impl Host {
     pub fn ks_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut cmd = self.agent(args);
         cmd.envs(env.iter().copied());
+        self.run_traced(cmd, args)
+    }
+
+    /// Run a `keystone agent` command (deadline 900 s), printing what it
+    /// was and how long it took: where a test's time goes, with
+    /// `--nocapture` or in a failure's output.
+    fn run_traced(&self, cmd: Command, args: &[&str]) -> Run {
         let t0 = Instant::now();
         let r = run_bounded(cmd, Duration::from_secs(900));
-        // Where a test's time goes (`--nocapture`, or a failure's output).
         eprintln!(
             "[{:6.1}s] ks {} -> {:?} in {:.1}s",
             self.started.elapsed().as_secs_f64(),
@@ -451,7 +457,7 @@ impl Host {
     pub fn ks_at(&self, dir: &Path, args: &[&str]) -> Run {
         let mut cmd = self.agent(args);
         cmd.current_dir(dir);
-        run_bounded(cmd, Duration::from_secs(900))
+        self.run_traced(cmd, args)
     }
 }
 

@@ -718,6 +718,10 @@ pub fn sync_hostile(h: Host) {
         printf 'ref: refs/heads/main\n' > nested.git/HEAD
         printf '[core]\n\tbare = true\n\tfsmonitor = touch {c}\n' > nested.git/config
         head -c 30000000 /dev/urandom > big.bin
+        # Random bytes do not compress: storing them at level 0 spares
+        # seconds of zlib under TCG (here and in the guest's pack for the
+        # host's fetch) and the object is the same 30 MB.
+        git config core.compression 0
         git add -A
         git -c core.hooksPath=/dev/null commit -qm 'hostile content'
         "#
@@ -827,9 +831,14 @@ pub fn env_files(h: Host) {
         "env files must not show as changes in the guest"
     );
     // The session's interactive shells load them too (direnv's hook).
+    // The keys go once the shell shows its prompt, the pane is read once
+    // the answer is there (each wait at most 10 s).
     let pane = h.sh(
-        "tmux new-session -d -s envcheck -c /workspace && sleep 1 && tmux send-keys -t envcheck 'echo VAL=$APP_MODE' Enter \
-         && sleep 1.5 && tmux capture-pane -p -t envcheck; tmux kill-session -t envcheck",
+        "tmux new-session -d -s envcheck -c /workspace && \
+         for i in $(seq 100); do [ -n \"$(tmux capture-pane -p -t envcheck | tr -d '[:space:]')\" ] && break; sleep 0.1; done; \
+         tmux send-keys -t envcheck 'echo VAL=$APP_MODE' Enter && \
+         for i in $(seq 100); do tmux capture-pane -p -t envcheck | grep -q '^VAL=' && break; sleep 0.1; done; \
+         tmux capture-pane -p -t envcheck; tmux kill-session -t envcheck",
     );
     assert!(pane.contains("VAL=from-dotenv"), "{pane}");
     // Changed on the host: the next sync carries it.
