@@ -178,8 +178,18 @@ pub fn agents_work_without_prompts(backend: &str, depth: Depth) {
 
     // Each agent runs as `agent` at its pinned version.
     assert_eq!(h.sh("id -un").trim(), "agent");
+    // (One exec for the three, each output after a marker line.)
+    let script: String = VERSIONS
+        .iter()
+        .map(|(cmd, _)| format!("echo '@@{cmd}'; {cmd} --version 2>/dev/null; "))
+        .collect();
+    let out = h.sh(&format!("set -e; {script}"));
     for (cmd, version) in VERSIONS {
-        let got = h.sh(&format!("{cmd} --version 2>/dev/null"));
+        let got = out
+            .split(&format!("@@{cmd}\n"))
+            .nth(1)
+            .map(|rest| rest.split("@@").next().unwrap_or(""))
+            .unwrap_or_else(|| panic!("no output of {cmd} --version in:\n{out}"));
         assert_eq!(got.trim(), *version, "{cmd} --version");
     }
 
@@ -206,10 +216,14 @@ pub fn agents_work_without_prompts(backend: &str, depth: Depth) {
             .trim(),
         "600 agent"
     );
-    // ...and in the session's shells (an interactive shell in tmux).
+    // ...and in the session's shells (an interactive shell in tmux; the
+    // keys go once it shows its prompt, the pane is read once the answer
+    // is there, each wait at most 10 s).
     let session_env = h.sh(&format!(
-        "tmux new-session -d -s envcheck -x 100 -y 20 'bash -i' && sleep 1 && \
-         tmux send-keys -t envcheck 'echo \"K=${{ANTHROPIC_API_KEY}} U=${{{u}:-absent}}\"' Enter && sleep 1 && \
+        "tmux new-session -d -s envcheck -x 100 -y 20 'bash -i' && \
+         for i in $(seq 100); do [ -n \"$(tmux capture-pane -p -t envcheck | tr -d '[:space:]')\" ] && break; sleep 0.1; done; \
+         tmux send-keys -t envcheck 'echo \"K=${{ANTHROPIC_API_KEY}} U=${{{u}:-absent}}\"' Enter && \
+         for i in $(seq 100); do tmux capture-pane -p -t envcheck | grep -q '^K=' && break; sleep 0.1; done; \
          tmux capture-pane -p -t envcheck; tmux kill-session -t envcheck",
         u = UNLISTED.0
     ));

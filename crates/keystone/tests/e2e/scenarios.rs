@@ -1359,7 +1359,7 @@ pub fn memory_given_back(h: Host) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut now = used();
     while now > before + (300 << 20) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_secs(2));
+        std::thread::sleep(std::time::Duration::from_millis(250));
         now = used();
     }
     assert!(
