@@ -412,10 +412,20 @@ fn asked(r: &Resolver, name: &str) -> usize {
     r.names().iter().filter(|n| *n == name).count()
 }
 
-#[tokio::test]
-async fn an_answer_is_reused_for_its_ttl_then_asked_again() {
+/// A proxy allowing tls.test, whose resolver answers with `ttl`; the
+/// echo upstream's `host:port`.
+async fn ttl_world(
+    ttl: u32,
+) -> (
+    tempfile::TempDir,
+    Resolver,
+    Echo,
+    Arc<Ctx>,
+    SocketAddr,
+    String,
+) {
     let dir = tempfile::tempdir().expect("tmp");
-    let resolver = resolver_ttl(&[("tls.test", ECHO_IP)], 1).await;
+    let resolver = resolver_ttl(&[("tls.test", ECHO_IP)], ttl).await;
     let echo = echo().await;
     let ctx = ctx(
         &["tls.test:*", "127.0.0.0/8:*"],
@@ -425,6 +435,12 @@ async fn an_answer_is_reused_for_its_ttl_then_asked_again() {
     );
     let proxy = proxy(ctx.clone()).await;
     let hp = format!("tls.test:{}", echo.port);
+    (dir, resolver, echo, ctx, proxy, hp)
+}
+
+#[tokio::test]
+async fn an_answer_is_reused_for_its_ttl_then_asked_again() {
+    let (_dir, resolver, _echo, _ctx, proxy, hp) = ttl_world(1).await;
     let (_a, status, _) = connect_via(proxy, &hp).await;
     assert_eq!(status, 200);
     assert_eq!(asked(&resolver, "tls.test"), 2, "A and AAAA");
@@ -439,17 +455,7 @@ async fn an_answer_is_reused_for_its_ttl_then_asked_again() {
 
 #[tokio::test]
 async fn an_answer_with_ttl_zero_is_not_kept() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let resolver = resolver_ttl(&[("tls.test", ECHO_IP)], 0).await;
-    let echo = echo().await;
-    let ctx = ctx(
-        &["tls.test:*", "127.0.0.0/8:*"],
-        &[],
-        resolver.addr,
-        &dir.path().join("log"),
-    );
-    let proxy = proxy(ctx.clone()).await;
-    let hp = format!("tls.test:{}", echo.port);
+    let (_dir, resolver, _echo, ctx, proxy, hp) = ttl_world(0).await;
     for _ in 0..2 {
         let (_s, status, _) = connect_via(proxy, &hp).await;
         assert_eq!(status, 200);
