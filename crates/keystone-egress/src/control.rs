@@ -6,12 +6,19 @@
 //! `error: MESSAGE\n`. A file that does not compile, or a port that cannot
 //! be bound, leaves the old policy in force.
 //!
+//! Two more commands carry credentials ([`crate::inject`]):
+//! `credentials\n` followed by a JSON [`crate::inject::Bundle`] up to EOF
+//! installs them (in memory only), and `usage\n` answers one JSON line of
+//! per-credential counts ([`crate::inject::Usage`]).
+//!
 //! The socket is created mode 0600 (bound under a temporary name, chmod,
 //! renamed into place, so it is never reachable with wider permissions);
 //! it lives in the sandbox's host-side directory, out of the guest's reach.
 
+use crate::inject::{Bundle, Injector, Usage};
 use crate::policy::{Policy, Spec};
 use crate::proxy::{self, Ctx};
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -40,7 +47,7 @@ pub fn load_policy(path: &Path) -> Result<Policy, String> {
 /// The daemon's side of a reload.
 pub struct Reloader {
     policy_file: PathBuf,
-    ctx: Arc<Ctx>,
+    pub(crate) ctx: Arc<Ctx>,
     /// `None` where every port is captured already (the Kubernetes
     /// relay's redirect takes all TCP).
     bind_capture: Option<BindCapture>,
@@ -128,10 +135,41 @@ pub async fn serve(listener: tokio::net::UnixListener, reloader: Arc<Reloader>) 
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
-            let mut r = tokio::io::BufReader::new(r.take(256));
-            let got = tokio::time::timeout(LINE_TIMEOUT, r.read_line(&mut line)).await;
+            let mut r = tokio::io::BufReader::new(r.take(MAX_BUNDLE));
+            let got = tokio::time::timeout(LINE_TIMEOUT, async {
+                let n = (&mut r).take(256).read_line(&mut line).await?;
+                Ok::<_, io::Error>(n)
+            })
+            .await;
             let reply = match got {
                 Ok(Ok(_)) => match line.trim_end_matches(['\n', '\r']) {
+                    "credentials" => {
+                        let mut body = Vec::new();
+                        match tokio::time::timeout(LINE_TIMEOUT, r.read_to_end(&mut body)).await {
+                            Ok(Ok(_)) => match install_credentials(&reloader.ctx, &body) {
+                                Ok(()) => "ok\n".to_string(),
+                                Err(e) => format!("error: {}\n", one_line(&e)),
+                            },
+                            _ => "error: the credentials did not arrive in time\n".to_string(),
+                        }
+                    }
+                    "usage" => {
+                        let counts = reloader.ctx.credentials.counters.snapshot();
+                        let loaded = reloader
+                            .ctx
+                            .credentials
+                            .get()
+                            .map(|i| i.names())
+                            .unwrap_or_default();
+                        let mut all = BTreeMap::new();
+                        for n in loaded {
+                            all.insert(n.clone(), counts.get(&n).cloned().unwrap_or_default());
+                        }
+                        for (n, u) in counts {
+                            all.entry(n).or_insert(u);
+                        }
+                        format!("{}\n", serde_json::to_string(&all).unwrap_or_default())
+                    }
                     "reload" => {
                         let rl = reloader.clone();
                         match tokio::task::spawn_blocking(move || rl.reload()).await {
@@ -147,6 +185,18 @@ pub async fn serve(listener: tokio::net::UnixListener, reloader: Arc<Reloader>) 
             let _ = w.write_all(reply.as_bytes()).await;
         });
     }
+}
+
+/// The largest credentials message accepted.
+const MAX_BUNDLE: u64 = 1024 * 1024;
+
+fn install_credentials(ctx: &Ctx, body: &[u8]) -> Result<(), String> {
+    let bundle: Bundle =
+        serde_json::from_slice(body).map_err(|e| format!("not a credentials message: {e}"))?;
+    let injector = Injector::new(&bundle)?;
+    ctx.credentials.set(injector);
+    tracing::info!(count = bundle.secrets.len(), "egress credentials installed");
+    Ok(())
 }
 
 fn one_line(s: &str) -> String {
@@ -175,4 +225,43 @@ pub fn reload(socket: &Path, timeout: Duration) -> Result<(), String> {
     } else {
         Err(format!("{}: unexpected answer {line:?}", what()))
     }
+}
+
+/// One request and its one-line answer on the control socket.
+fn ask(socket: &Path, message: &[u8], timeout: Duration) -> Result<String, String> {
+    let what = || format!("egress control socket {}", socket.display());
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("{}: {e}", what()))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|_| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("{}: {e}", what()))?;
+    s.write_all(message)
+        .map_err(|e| format!("{}: {e}", what()))?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("{}: {e}", what()))?;
+    let mut line = String::new();
+    BufReader::new(s.take(1024 * 1024))
+        .read_line(&mut line)
+        .map_err(|e| format!("{}: no answer: {e}", what()))?;
+    Ok(line.trim_end().to_string())
+}
+
+/// The CLI's side: install `bundle` in the egress point on `socket`.
+pub fn send_credentials(socket: &Path, bundle: &Bundle, timeout: Duration) -> Result<(), String> {
+    let mut message = b"credentials\n".to_vec();
+    message.extend(serde_json::to_vec(bundle).map_err(|e| e.to_string())?);
+    let line = ask(socket, &message, timeout)?;
+    match line.strip_prefix("error: ") {
+        None if line == "ok" => Ok(()),
+        Some(e) => Err(e.to_string()),
+        None => Err(format!("unexpected answer {line:?}")),
+    }
+}
+
+/// The CLI's side: each credential's counts since the egress point started.
+pub fn usage(socket: &Path, timeout: Duration) -> Result<BTreeMap<String, Usage>, String> {
+    let line = ask(socket, b"usage\n", timeout)?;
+    if let Some(e) = line.strip_prefix("error: ") {
+        return Err(e.to_string());
+    }
+    serde_json::from_str(&line).map_err(|e| format!("unexpected answer {line:?}: {e}"))
 }

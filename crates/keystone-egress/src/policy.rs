@@ -175,6 +175,11 @@ impl fmt::Display for Rule {
 }
 
 impl Rule {
+    /// Does the rule allow `target:port` (a portless rule: 80 and 443)?
+    pub fn matches(&self, target: &Target, port: u16) -> bool {
+        self.matches_host(target) && self.matches_port(port, false)
+    }
+
     fn matches_host(&self, target: &Target) -> bool {
         match (&self.host, target) {
             (HostPattern::Exact(n), Target::Name(t)) => n == t,

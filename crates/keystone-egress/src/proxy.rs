@@ -21,6 +21,8 @@
 //! and is dropped, with nothing sent on it, otherwise. Without a kept
 //! answer nothing is resolved before the hello has passed.
 
+use crate::inject;
+use crate::intercept;
 use crate::log::DecisionLog;
 use crate::policy::{normalize_name, Decision, Policy, Target};
 use crate::pool::{self, FakePool};
@@ -67,6 +69,11 @@ pub struct Ctx {
     pub sandbox: String,
     /// Host-side answers, reused for their TTL by every path.
     pub resolutions: upstream::Resolutions,
+    /// The credentials injected into requests to their hosts, once the
+    /// CLI has sent them ([`crate::control`]), and their counts.
+    pub credentials: inject::Slot,
+    /// Upstream TLS connections of intercepted hosts, for reuse.
+    pub(crate) tls_pool: intercept::Pool,
 }
 
 impl Ctx {
@@ -77,12 +84,14 @@ impl Ctx {
             log,
             sandbox: sandbox.to_string(),
             resolutions: upstream::Resolutions::new(),
+            credentials: inject::Slot::default(),
+            tls_pool: intercept::Pool::default(),
         }
     }
 
     /// [`upstream::connect_cached`] with the current resolver and this
     /// context's [`Ctx::resolutions`].
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         target: &Target,
         port: u16,
@@ -113,7 +122,7 @@ impl Ctx {
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -147,7 +156,7 @@ pub fn denied_text(sandbox: &str, target: &Target, port: u16, rule: &str) -> Str
     s
 }
 
-fn denied(ctx: &Ctx, target: &Target, port: u16, rule: &str) -> Response<Body> {
+pub(crate) fn denied(ctx: &Ctx, target: &Target, port: u16, rule: &str) -> Response<Body> {
     text(
         StatusCode::FORBIDDEN,
         denied_text(&ctx.sandbox, target, port, rule),
@@ -263,7 +272,7 @@ async fn explicit_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Bod
     forward(&ctx, &target, uri_port, req).await
 }
 
-fn deny(rule: String) -> Decision {
+pub(crate) fn deny(rule: String) -> Decision {
     Decision {
         allowed: false,
         rule,
@@ -320,7 +329,7 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
     Response::new(Empty::new().map_err(|n| match n {}).boxed())
 }
 
-fn refusal(
+pub(crate) fn refusal(
     ctx: &Ctx,
     proto: &str,
     target: &Target,
@@ -399,6 +408,18 @@ async fn forward(
         }
     }
     strip_hop_by_hop(req.headers_mut(), upgrade);
+    // Plain HTTP never carries a real value: a placeholder passes as it
+    // is, and the log says so.
+    if let Some(inj) = ctx.credentials.get() {
+        let out = inj.apply(
+            target,
+            port,
+            false,
+            req.headers_mut(),
+            &ctx.credentials.counters,
+        );
+        record_credentials(ctx, "http", target, port, &out);
+    }
     if !req.headers().contains_key(header::HOST) {
         let host = match (target, port) {
             (Target::Addr(IpAddr::V6(a)), 80) => format!("[{a}]"),
@@ -442,7 +463,7 @@ async fn forward(
     resp.map(|b| b.boxed())
 }
 
-fn wants_upgrade(h: &HeaderMap) -> bool {
+pub(crate) fn wants_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION)
             .iter()
@@ -453,7 +474,7 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
 
 /// Remove the headers that describe one hop (RFC 9110 §7.6.1) and the
 /// proxy's own, keeping `Connection: upgrade` + `Upgrade` for a switch.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -485,12 +506,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// An allowed tunnel: where it goes and how it was opened.
-struct Flow {
-    target: Target,
-    port: u16,
-    ctx: Arc<Ctx>,
+pub(crate) struct Flow {
+    pub(crate) target: Target,
+    pub(crate) port: u16,
+    pub(crate) ctx: Arc<Ctx>,
     /// "CONNECT" or "capture", for the log.
-    via: &'static str,
+    pub(crate) via: &'static str,
 }
 
 /// Bytes already read from the client, then the client.
@@ -748,6 +769,19 @@ where
             if !d.allowed {
                 return;
             }
+            // A credential's host: terminate TLS here and inject.
+            if let (Target::Name(n), Some(inj)) = (&flow.target, flow.ctx.credentials.get()) {
+                if inj.intercepts(n, port) {
+                    drop(upstream);
+                    let client = Prefixed {
+                        buf,
+                        pos: 0,
+                        inner: client,
+                    };
+                    intercept::serve(client, flow, inj).await;
+                    return;
+                }
+            }
         }
         Kind::BadTls(e) => {
             let d = deny(format!("not a ClientHello keystone accepts: {e}"));
@@ -842,6 +876,15 @@ where
 }
 
 async fn checked_request(flow: &Flow, req: Request<Incoming>) -> Response<Body> {
+    if let Err(refused) = check_host(flow, &req) {
+        return refused;
+    }
+    forward(&flow.ctx, &flow.target, flow.port, req).await
+}
+
+/// Does the request name the flow's host (URI authority and Host agreeing)?
+/// Otherwise the 403 to answer, already logged.
+pub(crate) fn check_host(flow: &Flow, req: &Request<Incoming>) -> Result<(), Response<Body>> {
     let ctx = &flow.ctx;
     let uri_host = req.uri().authority().map(|a| a.as_str().to_string());
     let header_host = req
@@ -870,15 +913,44 @@ async fn checked_request(flow: &Flow, req: Request<Incoming>) -> Response<Body> 
             flow.via, flow.target
         ));
         ctx.record("http", &flow.target, flow.port, &d);
-        return text(
+        return Err(text(
             StatusCode::FORBIDDEN,
             format!(
                 "keystone egress: this connection is to {} port {}, but the request names {shown}; refused.\n",
                 flow.target, flow.port
             ),
-        );
+        ));
     }
-    forward(ctx, &flow.target, flow.port, req).await
+    Ok(())
+}
+
+/// Log what [`inject::Injector::apply`] did to one request.
+pub(crate) fn record_credentials(
+    ctx: &Ctx,
+    proto: &str,
+    target: &Target,
+    port: u16,
+    out: &inject::Outcome,
+) {
+    for name in &out.injected {
+        let d = Decision {
+            allowed: true,
+            rule: format!("injected {name}"),
+        };
+        ctx.record(proto, target, port, &d);
+    }
+    for name in &out.passed {
+        let why = if proto == "http" {
+            "plain HTTP is never given a real value"
+        } else {
+            "not one of its hosts"
+        };
+        let d = Decision {
+            allowed: true,
+            rule: format!("placeholder of {name} passed unchanged ({why})"),
+        };
+        ctx.record(proto, target, port, &d);
+    }
 }
 
 /// A guest connection as the egress point receives it: a TCP socket in
