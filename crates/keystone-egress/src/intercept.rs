@@ -30,10 +30,13 @@ const IDLE_PER_HOST: usize = 8;
 
 /// Upstream connections waiting for their next request.
 #[derive(Default)]
-pub struct Pool(Mutex<HashMap<(String, u16), Vec<SendRequest<Incoming>>>>);
+pub struct Pool(Mutex<HashMap<HostPort, Vec<SendRequest<Incoming>>>>);
+
+/// An intercepted name and port.
+type HostPort = (String, u16);
 
 impl Pool {
-    fn take(&self, key: &(String, u16)) -> Option<SendRequest<Incoming>> {
+    fn take(&self, key: &HostPort) -> Option<SendRequest<Incoming>> {
         let mut m = self.0.lock().ok()?;
         let list = m.get_mut(key)?;
         while let Some(s) = list.pop() {
@@ -44,7 +47,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, key: (String, u16), s: SendRequest<Incoming>) {
+    fn put(&self, key: HostPort, s: SendRequest<Incoming>) {
         if let Ok(mut m) = self.0.lock() {
             let list = m.entry(key).or_default();
             list.retain(|s| !s.is_closed());
@@ -105,7 +108,7 @@ where
 
 async fn request(flow: &Flow, mut req: Request<Incoming>) -> Response<Body> {
     let ctx = &flow.ctx;
-    if let Err(refused) = proxy::check_host(flow, &req) {
+    if let Some(refused) = proxy::check_host(flow, &req) {
         return refused;
     }
     let policy = ctx.policy();

@@ -876,15 +876,15 @@ where
 }
 
 async fn checked_request(flow: &Flow, req: Request<Incoming>) -> Response<Body> {
-    if let Err(refused) = check_host(flow, &req) {
+    if let Some(refused) = check_host(flow, &req) {
         return refused;
     }
     forward(&flow.ctx, &flow.target, flow.port, req).await
 }
 
 /// Does the request name the flow's host (URI authority and Host agreeing)?
-/// Otherwise the 403 to answer, already logged.
-pub(crate) fn check_host(flow: &Flow, req: &Request<Incoming>) -> Result<(), Response<Body>> {
+/// `None` if so; otherwise the 403 to answer, already logged.
+pub(crate) fn check_host(flow: &Flow, req: &Request<Incoming>) -> Option<Response<Body>> {
     let ctx = &flow.ctx;
     let uri_host = req.uri().authority().map(|a| a.as_str().to_string());
     let header_host = req
@@ -913,7 +913,7 @@ pub(crate) fn check_host(flow: &Flow, req: &Request<Incoming>) -> Result<(), Res
             flow.via, flow.target
         ));
         ctx.record("http", &flow.target, flow.port, &d);
-        return Err(text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             format!(
                 "keystone egress: this connection is to {} port {}, but the request names {shown}; refused.\n",
@@ -921,7 +921,7 @@ pub(crate) fn check_host(flow: &Flow, req: &Request<Incoming>) -> Result<(), Res
             ),
         ));
     }
-    Ok(())
+    None
 }
 
 /// Log what [`inject::Injector::apply`] did to one request.
