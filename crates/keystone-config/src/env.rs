@@ -58,6 +58,7 @@ pub const VARS: &[(&str, &str)] = &[
     ("guest.mirror", "KEYSTONE_AGENT_MIRROR"),
     ("guest.packages", "KEYSTONE_AGENT_PACKAGES"),
     ("guest.forward_env", "KEYSTONE_AGENT_FORWARD_ENV"),
+    ("guest.trust_host_cas", "KEYSTONE_AGENT_TRUST_HOST_CAS"),
     ("guest.agents.claude.enable", "KEYSTONE_AGENT_CLAUDE_ENABLE"),
     (
         "guest.agents.claude.auto_accept",
@@ -83,7 +84,15 @@ pub const VARS: &[(&str, &str)] = &[
         "KEYSTONE_AGENT_EGRESS_HOST_SERVICES",
     ),
     ("egress.resolver", "KEYSTONE_AGENT_EGRESS_RESOLVER"),
+    ("credentials.hosts", "KEYSTONE_AGENT_CREDENTIAL_HOSTS"),
+    ("credentials.headers", "KEYSTONE_AGENT_CREDENTIAL_HEADERS"),
 ];
+
+/// Keys no variable sets, and why.
+pub const WITHOUT_VAR: &[(&str, &str)] = &[(
+    "credentials.commands",
+    "a list variable is comma-separated, and a shell command may contain commas",
+)];
 
 /// The variable that sets `key`, if any.
 pub fn var_for(key: &str) -> Option<&'static str> {

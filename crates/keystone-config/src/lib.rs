@@ -37,14 +37,21 @@ pub mod trust;
 
 pub use error::ConfigError;
 pub use model::{
-    AgentConfig, AgentKind, AgentsConfig, BackendConfig, BackendKind, Config, Defaults,
-    EgressConfig, EgressMode, GuestConfig, Hypervisor, KubernetesConfig, MicrovmConfig,
+    AgentConfig, AgentKind, AgentsConfig, BackendConfig, BackendKind, Config, Credentials,
+    Defaults, EgressConfig, EgressMode, GuestConfig, Hypervisor, KubernetesConfig, MicrovmConfig,
     Multiplexer, NetworkMode, ParseEnumError, Profile, ProxyConfig, PullPolicy, SessionConfig,
-    ShareProto, SyncMode, WorkspaceMode, DEFAULT_EGRESS_PRESETS, DEFAULT_FORWARD_ENV,
+    ShareProto, SyncMode, TrustHostCas, WorkspaceMode, DEFAULT_EGRESS_PRESETS, DEFAULT_FORWARD_ENV,
 };
 pub use trust::{ProjectStatus, TrustStore};
 
 use schema::FIELDS;
+
+/// Splits a `[credentials]` item `VAR=VALUE` at its first `=`: `("VAR",
+/// "VALUE")`; `None` without a `=`. Items of a loaded configuration always
+/// have one, with a valid variable name before it.
+pub fn split_assignment(item: &str) -> Option<(&str, &str)> {
+    item.split_once('=')
+}
 
 /// The project file, relative to the project (git toplevel) directory.
 pub const PROJECT_FILE: &str = ".keystone/agent.toml";

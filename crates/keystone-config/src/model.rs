@@ -173,6 +173,23 @@ config_enum! {
 }
 
 config_enum! {
+    /// Whether the guest trusts the host's extra CA certificates
+    /// (`guest.trust_host_cas`): the ones the host's bundle holds that the
+    /// guest's stock Debian bundle lacks, such as a TLS-inspecting corporate
+    /// proxy's. They are public certificates, so a trusted project file may
+    /// set this key: it can only mirror trust the user's host already has
+    /// (or drop it), never name a certificate of its own.
+    TrustHostCas, "trust_host_cas mode" {
+        /// Add them when there are any, and say so at start.
+        Auto = "auto",
+        /// Add them (the same set as `auto`).
+        Always = "always",
+        /// Add none: the guest trusts the Debian bundle (and keystone's CA).
+        Never = "never",
+    }
+}
+
+config_enum! {
     /// The agents the guest can carry (`[guest.agents.<name>]`, `--agent`).
     AgentKind, "agent" {
         Claude = "claude",
@@ -191,6 +208,7 @@ pub struct Config {
     pub guest: GuestConfig,
     pub session: SessionConfig,
     pub egress: EgressConfig,
+    pub credentials: Credentials,
 }
 
 /// `[defaults]`: what `keystone agent start` uses unless told otherwise.
@@ -345,6 +363,9 @@ pub struct GuestConfig {
     pub packages: Vec<String>,
     /// Host environment variables passed to the agents.
     pub forward_env: Vec<String>,
+    /// Whether the host's extra CA certificates reach the guest's trust
+    /// stores.
+    pub trust_host_cas: TrustHostCas,
     pub agents: AgentsConfig,
 }
 
@@ -365,6 +386,7 @@ impl Default for GuestConfig {
             mirror: "http://deb.debian.org/debian".to_string(),
             packages: Vec::new(),
             forward_env: DEFAULT_FORWARD_ENV.iter().map(|s| s.to_string()).collect(),
+            trust_host_cas: TrustHostCas::Auto,
             agents: AgentsConfig::default(),
         }
     }
@@ -474,6 +496,30 @@ impl Default for EgressConfig {
             resolver: String::new(),
         }
     }
+}
+
+/// `[credentials]`: how the host-side egress proxy treats the forwarded
+/// credentials, which never enter the sandbox (the guest gets
+/// placeholders; the proxy puts the real value into requests to the
+/// credential's hosts). Every item is `VAR=VALUE`, `VAR` an environment
+/// variable name (split it with [`crate::split_assignment`]). Every key is
+/// host-only: they choose where credentials are sent and run host
+/// commands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Credentials {
+    /// `VAR=HOST`, HOST a DNS name or `*.domain`, with an optional `:PORT`:
+    /// the hosts VAR's value may be sent to. Listing any host for VAR
+    /// replaces VAR's built-in default hosts; several items for one VAR
+    /// add up.
+    pub hosts: Vec<String>,
+    /// `VAR=Header-Name`: VAR's value is injected into that header only;
+    /// several items for one VAR allow each of their headers.
+    pub headers: Vec<String>,
+    /// `VAR=shell command`, run on the host at start (by `sh -c`); its
+    /// standard output, trimmed, is VAR's value (`GH_TOKEN=gh auth token`).
+    /// At most one item per VAR.
+    pub commands: Vec<String>,
 }
 
 /// `[session]`.

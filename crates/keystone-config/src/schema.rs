@@ -13,7 +13,7 @@ use toml_edit::Value;
 
 use crate::model::{
     BackendKind, Config, EgressMode, Hypervisor, Multiplexer, NetworkMode, Profile, PullPolicy,
-    ShareProto, SyncMode, WorkspaceMode,
+    ShareProto, SyncMode, TrustHostCas, WorkspaceMode,
 };
 
 /// A rejected value: the message, and (for a list element) the span of the
@@ -40,8 +40,47 @@ type Check = fn(&str, &str) -> Result<(), String>;
 /// Rule of a string field.
 pub(crate) struct StrRule(pub Check);
 
-/// Rule of a list field, applied to each element.
-pub(crate) struct ItemRule(pub Check);
+/// Rule of a list field: `check` is applied to each element; with
+/// `once_per_var`, the elements are `VAR=VALUE` and no `VAR` may appear
+/// twice.
+pub(crate) struct ItemRule {
+    pub check: Check,
+    pub once_per_var: bool,
+}
+
+/// Each element passes `check`.
+const fn each(check: Check) -> ItemRule {
+    ItemRule {
+        check,
+        once_per_var: false,
+    }
+}
+
+/// Each element passes `check`, and no two name the same variable.
+const fn each_var_once(check: Check) -> ItemRule {
+    ItemRule {
+        check,
+        once_per_var: true,
+    }
+}
+
+/// With `once_per_var`, the message for `item` when an earlier element of
+/// `items` already names its variable.
+fn repeated_var(rule: &ItemRule, items: &[String], item: &str, label: &str) -> Result<(), String> {
+    if !rule.once_per_var {
+        return Ok(());
+    }
+    let var = crate::split_assignment(item).map_or(item, |(var, _)| var);
+    if items
+        .iter()
+        .any(|earlier| crate::split_assignment(earlier).is_some_and(|(v, _)| v == var))
+    {
+        return Err(format!(
+            "{label} has two entries for {var}; keep one (a variable gets its value from one command)"
+        ));
+    }
+    Ok(())
+}
 
 /// Inclusive range of an integer field; `max: None` means the type's maximum,
 /// and then messages only mention the lower bound.
@@ -198,7 +237,8 @@ impl Setting for Vec<String> {
                     article(found)
                 ))
             })?;
-            (rule.0)(s, label).map_err(at)?;
+            (rule.check)(s, label).map_err(at)?;
+            repeated_var(rule, &items, s, label).map_err(at)?;
             items.push(s.to_string());
         }
         Ok(items)
@@ -213,8 +253,9 @@ impl Setting for Vec<String> {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect();
-        for item in &items {
-            (rule.0)(item, label)?;
+        for (i, item) in items.iter().enumerate() {
+            (rule.check)(item, label)?;
+            repeated_var(rule, &items[..i], item, label)?;
         }
         Ok(items)
     }
@@ -267,6 +308,7 @@ enum_setting!(
     PullPolicy,
     Profile,
     Multiplexer,
+    TrustHostCas,
 );
 
 /// The seed's option lists three monitors; keystone's microVMs run on QEMU
@@ -376,9 +418,9 @@ pub(crate) static FIELDS: &[Field] = &[
     field!("defaults.network" => defaults.network, ()),
     field!("defaults.sync_mode" => defaults.sync_mode, ()),
     field!("defaults.sync_idle_seconds" => defaults.sync_idle_seconds, at_least(1, "")),
-    field!("defaults.env_files" => defaults.env_files, ItemRule(env_file_glob)),
+    field!("defaults.env_files" => defaults.env_files, each(env_file_glob)),
     field!("defaults.persist" => defaults.persist, ()),
-    field!("defaults.artifacts" => defaults.artifacts, ItemRule(artifact_path)),
+    field!("defaults.artifacts" => defaults.artifacts, each(artifact_path)),
     field!("defaults.strict" => defaults.strict, ()),
     field!("backend.type" => backend.kind, ()),
     field!("backend.microvm.hypervisor" => backend.microvm.hypervisor, ()),
@@ -398,8 +440,9 @@ pub(crate) static FIELDS: &[Field] = &[
     field!("guest.profile" => guest.profile, ()),
     field!("guest.suite" => guest.suite, StrRule(debian_suite)),
     field!("guest.mirror" => guest.mirror, StrRule(http_url)),
-    field!("guest.packages" => guest.packages, ItemRule(debian_package)),
-    field!("guest.forward_env" => guest.forward_env, ItemRule(env_var_name)),
+    field!("guest.packages" => guest.packages, each(debian_package)),
+    field!("guest.forward_env" => guest.forward_env, each(env_var_name)),
+    field!("guest.trust_host_cas" => guest.trust_host_cas, ()),
     field!("guest.agents.claude.enable" => guest.agents.claude.enable, ()),
     field!("guest.agents.claude.auto_accept" => guest.agents.claude.auto_accept, ()),
     field!("guest.agents.gemini.enable" => guest.agents.gemini.enable, ()),
@@ -408,11 +451,14 @@ pub(crate) static FIELDS: &[Field] = &[
     field!("guest.agents.codex.auto_accept" => guest.agents.codex.auto_accept, ()),
     field!("session.multiplexer" => session.multiplexer, ()),
     field!("egress.mode" => egress.mode, ()),
-    field!("egress.presets" => egress.presets, ItemRule(egress_preset)),
-    field!("egress.allow" => egress.allow, ItemRule(egress_rule)),
-    field!("egress.deny" => egress.deny, ItemRule(egress_rule)),
-    field!("egress.host_services" => egress.host_services, ItemRule(host_service)),
+    field!("egress.presets" => egress.presets, each(egress_preset)),
+    field!("egress.allow" => egress.allow, each(egress_rule)),
+    field!("egress.deny" => egress.deny, each(egress_rule)),
+    field!("egress.host_services" => egress.host_services, each(host_service)),
     field!("egress.resolver" => egress.resolver, StrRule(resolver_or_empty)),
+    field!("credentials.hosts" => credentials.hosts, each(credential_host)),
+    field!("credentials.headers" => credentials.headers, each(credential_header)),
+    field!("credentials.commands" => credentials.commands, each_var_once(credential_command)),
 ];
 
 /// Position of a leaf key in [`FIELDS`].
@@ -648,15 +694,169 @@ fn resolver_or_empty(s: &str, label: &str) -> Result<(), String> {
     ))
 }
 
-fn env_var_name(s: &str, label: &str) -> Result<(), String> {
+fn is_env_var_name(s: &str) -> bool {
     let mut chars = s.chars();
-    let ok = chars
+    chars
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !ok {
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn env_var_name(s: &str, label: &str) -> Result<(), String> {
+    if !is_env_var_name(s) {
         return Err(format!(
             "{label} entry \"{s}\" is not an environment variable name (letters, digits and `_`, not starting with a digit)"
+        ));
+    }
+    Ok(())
+}
+
+/// `VAR=VALUE` split, VAR checked; `form` is the item's shape ("VAR=HOST")
+/// and `example` a good item, for the messages.
+fn assignment<'s>(
+    s: &'s str,
+    label: &str,
+    form: &str,
+    example: &str,
+) -> Result<(&'s str, &'s str), String> {
+    let Some((var, value)) = crate::split_assignment(s) else {
+        return Err(format!(
+            "{label} entry \"{s}\" must be {form}, e.g. \"{example}\""
+        ));
+    };
+    if var.is_empty() {
+        return Err(format!(
+            "{label} entry \"{s}\": the variable name before `=` is missing; write {form}, e.g. \"{example}\""
+        ));
+    }
+    if !is_env_var_name(var) {
+        return Err(format!(
+            "{label} entry \"{s}\": \"{var}\" is not an environment variable name \
+             (letters, digits and `_`, not starting with a digit); write {form}, e.g. \"{example}\""
+        ));
+    }
+    Ok((var, value))
+}
+
+/// `VAR=HOST[:PORT]`, HOST a lower-case DNS name or `*.domain`.
+fn credential_host(s: &str, label: &str) -> Result<(), String> {
+    const FORM: &str = "VAR=HOST or VAR=HOST:PORT";
+    const EXAMPLE: &str = "GH_TOKEN=api.github.com";
+    let (var, target) = assignment(s, label, FORM, EXAMPLE)?;
+    let bad = |why: String| format!("{label} entry \"{s}\": {why}");
+    if target.contains("://") || target.contains('/') {
+        return Err(bad(format!(
+            "\"{target}\" is not a host; write the host (and port) alone, without a scheme or path, \
+             e.g. \"{var}=api.github.com\""
+        )));
+    }
+    let (host, port) = match target.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (target, None),
+    };
+    if let Some(port) = port {
+        let ok = !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p));
+        if !ok {
+            return Err(bad(format!(
+                "port \"{port}\" must be a number between 1 and 65535, e.g. \"{var}={host}:443\""
+            )));
+        }
+    }
+    let suffix = port.map(|p| format!(":{p}")).unwrap_or_default();
+    if host.is_empty() {
+        return Err(bad(format!(
+            "the host is missing; write {FORM}, e.g. \"{EXAMPLE}\""
+        )));
+    }
+    let normal = host.trim_end_matches('.').to_ascii_lowercase();
+    let (wildcard, name) = match normal.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, normal.as_str()),
+    };
+    let spelled = if wildcard { "*." } else { "" };
+    if !is_dns_name(name) {
+        let why = if name.contains('*') {
+            format!(
+                "\"{host}\" is not a host: a wildcard may only be a whole first label, as in \"{var}=*.example.com\""
+            )
+        } else {
+            format!(
+                "\"{host}\" is not a DNS name (dot-separated labels of letters, digits and `-`) \
+                 or `*.` and one, e.g. \"{EXAMPLE}\""
+            )
+        };
+        return Err(bad(why));
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad(format!(
+            "\"{host}\" is an IP address; credentials go to hosts by DNS name, e.g. \"{EXAMPLE}\""
+        )));
+    }
+    if normal != host {
+        return Err(bad(format!(
+            "write the host in lower case without a trailing dot: \"{var}={spelled}{name}{suffix}\""
+        )));
+    }
+    Ok(())
+}
+
+/// Headers whose value frames or routes the request: a credential in one
+/// of them would change where or how the request goes.
+const FRAMING_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// `VAR=Header-Name`, an HTTP field name (RFC 9110 token).
+fn credential_header(s: &str, label: &str) -> Result<(), String> {
+    const FORM: &str = "VAR=Header-Name";
+    const EXAMPLE: &str = "GH_TOKEN=Authorization";
+    let (var, header) = assignment(s, label, FORM, EXAMPLE)?;
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if header.is_empty() || !header.bytes().all(tchar) {
+        return Err(format!(
+            "{label} entry \"{s}\": \"{header}\" is not an HTTP header name (letters, digits and \
+             !#$%&'*+-.^_`|~, no spaces or `:`), e.g. \"{var}=Authorization\" or \"{var}=X-Api-Key\""
+        ));
+    }
+    if FRAMING_HEADERS.contains(&header.to_ascii_lowercase().as_str()) {
+        return Err(format!(
+            "{label} entry \"{s}\": {header} routes or frames the request and cannot carry a credential; \
+             name the header the service reads it from, e.g. \"{var}=Authorization\""
+        ));
+    }
+    Ok(())
+}
+
+/// `VAR=shell command`: a non-empty command on one line.
+fn credential_command(s: &str, label: &str) -> Result<(), String> {
+    const FORM: &str = "VAR=shell command";
+    const EXAMPLE: &str = "GH_TOKEN=gh auth token";
+    let (var, command) = assignment(s, label, FORM, EXAMPLE)?;
+    if command.trim().is_empty() {
+        return Err(format!(
+            "{label} entry \"{s}\": the command is empty; write the command whose output is {var}'s value, \
+             e.g. \"{EXAMPLE}\""
+        ));
+    }
+    if command.contains(['\0', '\n', '\r']) {
+        return Err(format!(
+            "{label} entry for {var}: the command must be one line, without NUL or line breaks; \
+             put a longer script in a file and run that, e.g. \"{var}=sh ~/bin/{var_lower}.sh\"",
+            var_lower = var.to_ascii_lowercase()
         ));
     }
     Ok(())

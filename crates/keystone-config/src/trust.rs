@@ -14,6 +14,10 @@
 //! image build, which runs as root on the host. A content review is easy
 //! to get wrong for those, and a project has no need to choose them for
 //! the user; they belong in the user's own file.
+//!
+//! `guest.trust_host_cas` is deliberately not host-only: it can only copy
+//! public certificates the host already trusts into the guest (or leave
+//! them out), never name a certificate or send anything of the host's.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -93,6 +97,15 @@ pub const HOST_ONLY: &[(&str, &str)] = &[
         "guest.forward_env",
         "it sends host variables into the sandbox",
     ),
+    (
+        "credentials.hosts",
+        "it chooses where your credentials are sent",
+    ),
+    (
+        "credentials.headers",
+        "it chooses where your credentials are sent",
+    ),
+    ("credentials.commands", "it runs a command on the host"),
 ];
 
 /// Why a host-only key is refused, or `None` for a key a trusted project
