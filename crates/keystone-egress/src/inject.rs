@@ -5,7 +5,7 @@
 //! - the request goes to one of the credential's hosts ([`Secret::hosts`],
 //!   the policy's rule syntax) over TLS that this egress point terminated
 //!   (see [`crate::tls`]); plain HTTP never gets a real value;
-//! - the placeholder is in a header (the one [`Secret::header`] names, or
+//! - the placeholder is in a header (one [`Secret::headers`] names, or
 //!   any); bodies are never touched. `Authorization: Basic` is decoded,
 //!   so a placeholder used as a password is found too.
 //!
@@ -36,9 +36,9 @@ pub struct Secret {
     /// Where it may go: rules as in the policy (`api.example.com`,
     /// `*.example.com`, `host:8443`).
     pub hosts: Vec<String>,
-    /// Only this header, when set (`x-api-key`).
+    /// Only these headers (`x-api-key`); empty: any header.
     #[serde(default)]
-    pub header: Option<String>,
+    pub headers: Vec<String>,
 }
 
 impl std::fmt::Debug for Secret {
@@ -46,7 +46,7 @@ impl std::fmt::Debug for Secret {
         f.debug_struct("Secret")
             .field("name", &self.name)
             .field("hosts", &self.hosts)
-            .field("header", &self.header)
+            .field("headers", &self.headers)
             .finish_non_exhaustive()
     }
 }
@@ -83,7 +83,7 @@ struct Compiled {
     placeholder: String,
     value: HeaderValueText,
     hosts: Vec<Rule>,
-    header: Option<HeaderName>,
+    headers: Vec<HeaderName>,
 }
 
 /// A real value known to be a valid header value.
@@ -157,18 +157,18 @@ impl Injector {
                 .map(|h| parse_rule(h))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(what)?;
-            let header = s
-                .header
-                .as_deref()
+            let headers = s
+                .headers
+                .iter()
                 .map(|h| HeaderName::from_bytes(h.as_bytes()))
-                .transpose()
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| what(format!("header: {e}")))?;
             secrets.push(Compiled {
                 name: s.name.clone(),
                 placeholder: s.placeholder.clone(),
                 value: HeaderValueText(s.value.clone()),
                 hosts,
-                header,
+                headers,
             });
         }
         Ok(Injector { authority, secrets })
@@ -206,7 +206,7 @@ impl Injector {
             let mut put = false;
             let names: Vec<HeaderName> = headers.keys().cloned().collect();
             for h in names {
-                let allowed_here = ours && s.header.as_ref().is_none_or(|want| *want == h);
+                let allowed_here = ours && (s.headers.is_empty() || s.headers.contains(&h));
                 let values: Vec<HeaderValue> = headers.get_all(&h).iter().cloned().collect();
                 let mut replaced = Vec::with_capacity(values.len());
                 let mut changed = false;
@@ -311,14 +311,14 @@ mod tests {
                     placeholder: "sk-ant-api03-PLACEHOLDERxxxxxxxx".into(),
                     value: "sk-ant-api03-REALVALUEyyyyyyyyyy".into(),
                     hosts: vec!["api.anthropic.com".into()],
-                    header: None,
+                    headers: Vec::new(),
                 },
                 Secret {
                     name: "GH_TOKEN".into(),
                     placeholder: "ghp_PLACEHOLDERzzzzzzzzzzzz".into(),
                     value: "ghp_REALVALUEwwwwwwwwwwwwww".into(),
                     hosts: vec!["github.com".into(), "*.github.com".into()],
-                    header: Some("authorization".into()),
+                    headers: vec!["authorization".into()],
                 },
             ],
         }

@@ -152,7 +152,7 @@ async fn world() -> World {
                 format!("api.test:{api_port}"),
                 format!("rogue.test:{rogue_port}"),
             ],
-            header: None,
+            headers: Vec::new(),
         }],
     };
     ctx.credentials
@@ -350,7 +350,7 @@ async fn credentials_arrive_and_are_counted_over_the_control_socket() {
             placeholder: PLACEHOLDER.into(),
             value: rotated.into(),
             hosts: vec![format!("api.test:{}", w.api_port)],
-            header: Some("x-api-key".into()),
+            headers: vec!["x-api-key".into()],
         }],
     };
     let s2 = sock.clone();

@@ -126,7 +126,8 @@ pub enum Agent {
     /// The dev-server proxy.
     #[command(subcommand)]
     Proxy(Proxy),
-    /// Show which credentials would be forwarded, and from where.
+    /// The credentials a sandbox of this project gets: where each comes
+    /// from, the hosts it is injected for, how often it was used.
     Tokens(TokensArgs),
     /// Let a sandbox reach a host (a rule: `host`, `*.domain`, `host:port`,
     /// `CIDR[:port]`), at once if it is running, and on every later start.
@@ -432,4 +433,8 @@ pub struct TokensArgs {
     pub project_path: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// Read the values again and hand them to the running sandbox's
+    /// egress point (a rotated key takes effect without a restart).
+    #[arg(long)]
+    pub refresh: bool,
 }

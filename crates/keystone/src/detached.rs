@@ -32,6 +32,10 @@ const PASSED_ENV: &[&str] = &[
     "RUST_BACKTRACE",
     // The Kubernetes backend finds the cluster as kubectl does.
     "KUBECONFIG",
+    // The host's trust store, as OpenSSL and rustls-native-certs read it:
+    // the egress point verifies intercepted hosts with it.
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
     // The leak tests' fault points (keystone_backend::fault; read only by
     // debug builds).
     "KEYSTONE_FAULT",

@@ -7,8 +7,6 @@ mod context;
 mod credentials;
 mod detached;
 mod error;
-// Called by `start` once the egress proxy of issue 17 is wired in.
-#[allow(dead_code)]
 mod guest_trust;
 mod session;
 mod ui;

@@ -203,30 +203,25 @@ use one or the other",
     // them. All of it is part of start: a failure undoes the sandbox.
     let result = result.and_then(|sb| {
         let channel = ctx.channel(&sb)?;
-        let creds = credentials::resolve(
-            &cfg.guest.forward_env,
-            Some(&project),
-            &cfg.defaults.env_files,
-            &|k| std::env::var(k).ok(),
-        )?;
-        credentials::write_to_guest(&channel, &creds, &guest_proxy_env(&sb))?;
+        // Real values to the egress point, placeholders and the CA that
+        // signs the intercepted hosts' certificates to the guest.
+        let (plan, ca) = credentials::deliver(&ctx, &sb, cfg, &project, false)?;
+        let trust = crate::guest_trust::install(&channel, ca.as_deref(), cfg.guest.trust_host_cas)?;
+        let mut extra = guest_proxy_env(&sb);
+        extra.extend(trust.env.iter().cloned());
+        credentials::write_to_guest(&channel, &plan.exported, &extra)?;
         // On the live share the env files are already there.
         let env_files = if sb.settings.is_share() {
             Vec::new()
         } else {
             keystone_sync::env_files::copy(&project, &cfg.defaults.env_files, &channel)?
         };
-        let forwarded: Vec<String> = creds
-            .iter()
-            .filter(|c| c.is_available())
-            .map(|c| c.name.clone())
-            .collect();
         if let Some(agent) = agent {
             start_agent(&channel, &sb, agent)?;
         }
-        Ok((sb, forwarded, env_files))
+        Ok((sb, plan, trust, env_files))
     });
-    let (sandbox, forwarded, env_files) = match result {
+    let (sandbox, plan, trust, env_files) = match result {
         Ok(done) => done,
         Err(e) => {
             rollback(&ctx, &*backend, &sandbox, created, &e);
@@ -257,14 +252,24 @@ use one or the other",
             sandbox.settings.share_proto
         );
     }
+    let forwarded = plan.forwarded();
     println!(
         "  credentials: {}",
         if forwarded.is_empty() {
             "none forwarded (see `keystone agent tokens`)".to_string()
         } else {
-            forwarded.join(", ")
+            format!(
+                "{} (placeholders inside; the egress point injects the real values)",
+                forwarded.join(", ")
+            )
         }
     );
+    for n in &plan.notes {
+        println!("    {n}");
+    }
+    if !trust.summary.is_empty() {
+        println!("  trust:     {}", trust.summary);
+    }
     if !env_files.is_empty() {
         println!(
             "  env files: {} (loaded by direnv in /workspace)",
