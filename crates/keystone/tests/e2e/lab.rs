@@ -361,11 +361,6 @@ impl Lab {
         &self.ca_bundle
     }
 
-    /// The environment that makes keystone trust the lab CA.
-    pub fn trust_env(&self) -> (&'static str, String) {
-        ("SSL_CERT_FILE", self.ca_bundle.display().to_string())
-    }
-
     /// Start the scripted model (tests/fixtures/mock-model.js) in the
     /// lab's namespace on 127.0.0.1:[`MODEL_PORT`], requiring one of
     /// `expect_keys` on every request (none: no check); returns once it
