@@ -572,10 +572,10 @@ pub mod credentials {
     use serde_json::Value;
 
     /// Where the keystone CA's private key lives on the host, relative
-    /// to the harness's root (`Host::tmp`): `$XDG_DATA_HOME/keystone/ca/
-    /// ca.key`, the harness leaving XDG_DATA_HOME unset, so under
-    /// `$HOME/.local/share` (HOME is `<tmp>/home`).
-    pub const KEYSTONE_CA_KEY: &str = "home/.local/share/keystone/ca/ca.key";
+    /// to the harness's root (`Host::tmp`): `$XDG_STATE_HOME/keystone/ca/
+    /// ca.key` (credentials.rs `ca_dir`), XDG_STATE_HOME being
+    /// `<tmp>/state`.
+    pub const KEYSTONE_CA_KEY: &str = "state/keystone/ca/ca.key";
 
     /// `keystone agent tokens --json`: an array of objects with these
     /// fields, one per credential.
@@ -636,12 +636,14 @@ pub mod credentials {
     }
 
     /// The part of a real value a placeholder keeps: up to and including
-    /// the last '-' in its first 16 characters (`sk-ant-api03-`,
-    /// `sk-proj-`, `kst-`); nothing when there is none (`AIza...`).
+    /// the last '-' or '_' in its first 16 characters (`sk-ant-api03-`,
+    /// `sk-proj-`, `kst-`); else `AIza` for a Google key; else nothing
+    /// (credentials.rs `placeholder_for`).
     pub fn kept_prefix(real: &str) -> &str {
         let head: String = real.chars().take(16).collect();
-        match head.rfind('-') {
+        match head.rfind(['-', '_']) {
             Some(i) => &real[..=i],
+            None if real.starts_with("AIza") => &real[..4],
             None => "",
         }
     }
