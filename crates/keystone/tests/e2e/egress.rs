@@ -532,16 +532,40 @@ pub fn egress_policy(h: Host) {
     require_open_reach(&h, &reach, &lab);
     h.ks(&["stop"]).ok();
 
-    // (c) allowlist.
+    // (c) allowlist, with a credential of the user's own
+    // (KEYSTONE_TEST_TOKEN) whose hosts are a name the lab CA signs and
+    // one it does not, and keystone trusting the lab CA (SSL_CERT_FILE).
     let listed = HostService::start("listed");
     let unlisted = HostService::start("unlisted");
+    let cred = Credential::new();
+    add_to_guest_table(
+        &h,
+        &format!(
+            "forward_env = [{}]",
+            DEFAULT_FORWARD_ENV
+                .iter()
+                .chain(&[TEST_CREDENTIAL])
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
     set_egress(
         &h,
         &format!(
-            "[egress]\nmode = \"allowlist\"\npresets = []\nallow = [\"allowed.lab.test\", \"*.wild.lab.test\", \"allowed.lab.test:7000\"]\nresolver = \"{LAB_V4}\"\nhost_services = [\"127.0.0.1:{}\"]\n",
+            "[egress]\nmode = \"allowlist\"\npresets = []\nallow = [\"allowed.lab.test\", \"*.wild.lab.test\", \"allowed.lab.test:7000\", \"{CRED_HOST}\", \"{ROGUE_HOST}\"]\nresolver = \"{LAB_V4}\"\nhost_services = [\"127.0.0.1:{}\"]\n\n\
+             [credentials]\nhosts = [\"{TEST_CREDENTIAL}={CRED_HOST}\", \"{TEST_CREDENTIAL}={ROGUE_HOST}\"]\nheaders = [\"{TEST_CREDENTIAL}=x-api-key\"]\n",
             listed.port
         ),
     );
+    let mut h = h;
+    h.extra_env
+        .push((TEST_CREDENTIAL.to_string(), cred.real.clone()));
+    h.extra_env.push((
+        "SSL_CERT_FILE".to_string(),
+        lab.ca_bundle().display().to_string(),
+    ));
+    let h = h;
     h.start(&[]).ok();
     let t = token();
     // Tokens that must never reach the lab, checked again at the end.
@@ -707,6 +731,12 @@ pub fn egress_policy(h: Host) {
             );
         }
     }
+
+    // Issue 17: the credential's placeholder is swapped for the real value
+    // only in the headers of TLS requests to the credential's hosts, only
+    // where keystone verified the upstream; everywhere else it passes as
+    // it is.
+    credential_interception(&h, &lab, &cred, &t);
 
     // A name not on the list: via the proxy a 403 that names the host and
     // the command that allows it; without, the guest's resolver refuses it
@@ -1259,6 +1289,310 @@ pub fn egress_policy(h: Host) {
         "the whole run",
         &secrets.iter().map(String::as_str).collect::<Vec<_>>(),
     );
+}
+
+/// The user's own credential in the egress scenario (on the forward list
+/// beside the defaults, its hosts in `[credentials]`).
+const TEST_CREDENTIAL: &str = "KEYSTONE_TEST_TOKEN";
+/// A credential host the lab CA signs (so keystone's upstream check
+/// passes), answered by the lab itself.
+const CRED_HOST: &str = "api.ca.lab.test";
+/// A credential host whose certificate no CA keystone trusts signed.
+const ROGUE_HOST: &str = "rogue.lab.test";
+/// keystone's default forward list (keystone-config's DEFAULT_FORWARD_ENV).
+const DEFAULT_FORWARD_ENV: &[&str] = &[
+    "ANTHROPIC_API_KEY",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "OPENAI_API_KEY",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+];
+
+/// The real value of [`TEST_CREDENTIAL`], in the host's environment.
+struct Credential {
+    real: String,
+}
+
+impl Credential {
+    fn new() -> Credential {
+        Credential {
+            real: format!("kst-{}{}", token(), token()),
+        }
+    }
+}
+
+/// `line` added to the harness config's `[guest]` table.
+fn add_to_guest_table(h: &Host, line: &str) {
+    let path = config_path(h);
+    let text = std::fs::read_to_string(&path).expect("config");
+    assert!(text.contains("\n[guest]\n"), "no [guest] table:\n{text}");
+    h.write(
+        &path,
+        &text.replacen("\n[guest]\n", &format!("\n[guest]\n{line}\n"), 1),
+    );
+}
+
+/// What a curl in [`credential_interception`]'s script printed under
+/// `@@name`: (`status=` code, curl's exit code, the body).
+fn curl_result(out: &str, name: &str) -> (String, String, String) {
+    let section = out
+        .split(&format!("@@{name}\n"))
+        .nth(1)
+        .map(|rest| rest.split("\n@@").next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("no output of {name} in:\n{out}"));
+    let field = |key: &str| {
+        section
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    (field("status="), field("rc="), section.to_string())
+}
+
+/// The interception checks (one exec for every curl): the placeholder
+/// the guest holds is swapped for the real value in the headers of TLS
+/// requests to a credential host keystone could verify, through the proxy
+/// and captured; never in a body, never to another allowed host, never
+/// over plain HTTP, never to a credential host presenting a certificate
+/// no CA the host trusts signed. Without the defence each fails: a
+/// tunnelled api.ca.lab.test shows the lab the placeholder, a swap
+/// everywhere shows it the real value elsewhere.
+fn credential_interception(h: &Host, lab: &Lab, cred: &Credential, t: &str) {
+    use crate::harness::credentials::{assert_placeholder, sha256_hex, tokens_json, used};
+    let before = used(&tokens_json(h, &[]), TEST_CREDENTIAL);
+    let script = credential_script(t);
+    let r = h.ks(&["exec", "--", "bash", "-c", &script]);
+    let out = r.stdout.clone();
+    eprintln!("credential probes:\n{}", r.text());
+
+    let placeholder = out
+        .split("@@placeholder\n")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert_placeholder(TEST_CREDENTIAL, &cred.real, &placeholder);
+    assert!(
+        !out.contains(&cred.real) && !r.stderr.contains(&cred.real),
+        "the guest saw the real value:\n{}",
+        r.text()
+    );
+
+    // The lab's request event whose path ends in `tag-t`.
+    let event = |tag: &str| -> Option<Value> {
+        let path = format!("/{tag}-{t}");
+        let mut found = None;
+        crate::harness::eventually(Duration::from_secs(5), || {
+            found = lab.events().into_iter().find(|e| {
+                (e["kind"] == "https" || e["kind"] == "http") && e["path"] == path.as_str()
+            });
+            found.is_some()
+        });
+        found
+    };
+    let dump = || lab.dump();
+
+    // Swapped in the header, through the proxy and captured; the body
+    // carries the placeholder still.
+    for tag in ["proxied", "captured"] {
+        let (status, rc, section) = curl_result(&out, tag);
+        assert_eq!(
+            (status.as_str(), rc.as_str()),
+            ("200", "0"),
+            "{tag}: the guest's curl to {CRED_HOST} (keystone's certificate, no -k):\n{section}"
+        );
+        let path = format!("echo-{tag}");
+        let e = event(&path).unwrap_or_else(|| {
+            panic!("{tag}: the lab saw no request for {CRED_HOST}:\n{}", dump())
+        });
+        assert_eq!(e["kind"], "https", "{e}");
+        assert_eq!(e["sni"], CRED_HOST, "{e}");
+        assert_eq!(
+            e["headers"]["x-api-key"].as_str(),
+            Some(cred.real.as_str()),
+            "{tag}: the credential host got {} in x-api-key, not the real value (placeholder {placeholder}): {e}",
+            e["headers"]["x-api-key"]
+        );
+        assert_eq!(
+            e["body"].as_str(),
+            Some(placeholder.as_str()),
+            "{tag}: the body must arrive untouched: {e}"
+        );
+        assert_eq!(
+            e["body_sha256"].as_str(),
+            Some(sha256_hex(&placeholder).as_str()),
+            "{e}"
+        );
+    }
+
+    // Another allowed host, over TLS: the placeholder, as sent (whether
+    // tunnelled or not).
+    for tag in ["other", "other-captured"] {
+        let (status, _, section) = curl_result(&out, tag);
+        assert_eq!(status, "200", "{tag}: allowed.lab.test:\n{section}");
+        let e = event(tag).unwrap_or_else(|| panic!("{tag}: the lab saw no request:\n{}", dump()));
+        assert_eq!(
+            e["headers"]["x-api-key"].as_str(),
+            Some(placeholder.as_str()),
+            "{tag}: another host must get the placeholder: {e}"
+        );
+    }
+
+    // Plain HTTP to the credential host: the placeholder only.
+    for tag in ["cleartext", "cleartext-proxied"] {
+        let (status, _, section) = curl_result(&out, tag);
+        assert_eq!(status, "200", "{tag}: http://{CRED_HOST}:\n{section}");
+        let e = event(tag).unwrap_or_else(|| panic!("{tag}: the lab saw no request:\n{}", dump()));
+        assert_eq!(e["kind"], "http", "{e}");
+        assert_eq!(
+            e["headers"]["x-api-key"].as_str(),
+            Some(placeholder.as_str()),
+            "{tag}: plain HTTP must carry the placeholder only: {e}"
+        );
+    }
+
+    // A credential host with a certificate no trusted CA signed: refused
+    // (a 502 from keystone, or a failed handshake), and no request of it
+    // reached the lab, with or without the real value.
+    for tag in ["rogue", "rogue-captured"] {
+        let (status, rc, section) = curl_result(&out, tag);
+        assert!(
+            status != "200",
+            "{tag}: {ROGUE_HOST} answered through keystone although its certificate is self-signed:\n{section}"
+        );
+        eprintln!("{tag}: status={status} rc={rc}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for tag in ["rogue", "rogue-captured"] {
+        let seen = lab.mentions(&format!("/{tag}-{t}"));
+        assert!(
+            seen.is_empty(),
+            "{tag}: a request reached {ROGUE_HOST}:\n{seen:?}"
+        );
+    }
+
+    // The real value reached the lab in exactly the two swapped headers.
+    let carrying = lab.mentions(&cred.real);
+    let paths: Vec<&str> = carrying
+        .iter()
+        .map(|e| e["path"].as_str().unwrap_or("?"))
+        .collect();
+    let mut expected = vec![format!("/echo-proxied-{t}"), format!("/echo-captured-{t}")];
+    expected.sort();
+    let mut got: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "the real value reached the lab elsewhere than the two swapped headers:\n{carrying:?}"
+    );
+
+    let (status, rc, section) = curl_result(&out, "pristine");
+    if rc != "skipped" {
+        assert!(
+            status != "200" && rc != "0",
+            "Debian's own CA certificates verify keystone's certificate:\n{section}"
+        );
+    }
+
+    // The count: the two swapped requests (none of the others).
+    let after = used(&tokens_json(h, &[]), TEST_CREDENTIAL);
+    assert_eq!(
+        after - before,
+        2,
+        "tokens --json: {TEST_CREDENTIAL} was injected {} times in these probes, not 2",
+        after - before
+    );
+}
+
+/// [`credential_interception`]'s script: the guest's placeholder, then
+/// each curl's `status=`, `rc=` and body under its `@@name`.
+fn credential_script(t: &str) -> String {
+    let curl = |name: &str, args: &str| {
+        format!(
+            "echo '@@{name}'; curl -sS --max-time 10 -o /tmp/ks-cred-body -w 'status=%{{http_code}}\\n' {args} 2>&1; \
+             echo \"rc=$?\"; cat /tmp/ks-cred-body 2>/dev/null; rm -f /tmp/ks-cred-body; echo; "
+        )
+    };
+    let hdr = format!("-H \"x-api-key: ${TEST_CREDENTIAL}\"");
+    let body = format!("-d \"${TEST_CREDENTIAL}\"");
+    [
+        format!("echo '@@placeholder'; printenv {TEST_CREDENTIAL}; "),
+        curl(
+            "proxied",
+            &format!("-x {PROXY} {hdr} {body} https://{CRED_HOST}/echo-proxied-{t}"),
+        ),
+        curl(
+            "captured",
+            &format!("--noproxy '*' {hdr} {body} https://{CRED_HOST}/echo-captured-{t}"),
+        ),
+        curl(
+            "other",
+            &format!("-k -x {PROXY} {hdr} https://allowed.lab.test/other-{t}"),
+        ),
+        curl(
+            "other-captured",
+            &format!("-k --noproxy '*' {hdr} https://allowed.lab.test/other-captured-{t}"),
+        ),
+        curl(
+            "cleartext",
+            &format!("--noproxy '*' {hdr} http://{CRED_HOST}/cleartext-{t}"),
+        ),
+        curl(
+            "cleartext-proxied",
+            &format!("-x {PROXY} {hdr} http://{CRED_HOST}/cleartext-proxied-{t}"),
+        ),
+        curl(
+            "rogue",
+            &format!("-x {PROXY} {hdr} https://{ROGUE_HOST}/rogue-{t}"),
+        ),
+        curl(
+            "rogue-captured",
+            &format!("--noproxy '*' {hdr} https://{ROGUE_HOST}/rogue-captured-{t}"),
+        ),
+        // The keystone CA is in the guest's managed bundle only: Debian's
+        // own certificates (ca-certificates' sources) do not verify it.
+        format!(
+            "if ls /usr/share/ca-certificates/mozilla/*.crt >/dev/null 2>&1; then \
+             cat /usr/share/ca-certificates/mozilla/*.crt > /tmp/ks-pristine.pem; \
+             {} else echo '@@pristine'; echo 'status=none'; echo 'rc=skipped'; fi",
+            curl(
+                "pristine",
+                &format!(
+                    "--cacert /tmp/ks-pristine.pem --noproxy '*' https://{CRED_HOST}/pristine-{t}"
+                )
+            )
+        ),
+    ]
+    .concat()
+}
+
+/// The script's shell is sound and [`curl_result`] reads what it prints
+/// (curl replaced by a stub; on the host).
+#[test]
+fn credential_script_parses() {
+    let stub = "curl() { case \"$*\" in *rogue*) echo 'curl: (35) handshake'; return 35;; esac; \
+                printf 'body-of-%s' \"${@: -1}\" > /tmp/ks-cred-body; echo 'status=200'; }; \
+                printenv() { echo kst-placeholder; }; ls() { return 1; }; ";
+    let script = format!("{stub}{}", credential_script("T1"));
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash");
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.starts_with("@@placeholder\nkst-placeholder\n"), "{out}");
+    let (status, rc, body) = curl_result(&out, "proxied");
+    assert_eq!((status.as_str(), rc.as_str()), ("200", "0"), "{out}");
+    assert!(
+        body.contains("body-of-https://api.ca.lab.test/echo-proxied-T1"),
+        "{body}"
+    );
+    let (status, rc, _) = curl_result(&out, "rogue-captured");
+    assert_eq!((status.as_str(), rc.as_str()), ("", "35"), "{out}");
+    let (status, rc, _) = curl_result(&out, "pristine");
+    assert_eq!((status.as_str(), rc.as_str()), ("none", "skipped"), "{out}");
 }
 
 /// An address in 198.18.0.0/15.

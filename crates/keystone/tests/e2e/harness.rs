@@ -565,3 +565,161 @@ impl Drop for HostTerminal {
         self.tmux(&["kill-server"]);
     }
 }
+
+/// Issue 17's interface, as the tests assume it (one place to adjust).
+pub mod credentials {
+    use super::Host;
+    use serde_json::Value;
+
+    /// Where the keystone CA's private key lives on the host, relative
+    /// to the harness's root (`Host::tmp`): `$XDG_STATE_HOME/keystone/ca/
+    /// ca.key` (credentials.rs `ca_dir`), XDG_STATE_HOME being
+    /// `<tmp>/state`.
+    pub const KEYSTONE_CA_KEY: &str = "state/keystone/ca/ca.key";
+
+    /// `keystone agent tokens --json`: an array of objects with these
+    /// fields, one per credential.
+    pub const TOKENS_ARGS: &[&str] = &["tokens", "--json"];
+    pub const FIELD_NAME: &str = "name";
+    pub const FIELD_SOURCE: &str = "source";
+    pub const FIELD_HOSTS: &str = "hosts";
+    /// Requests the egress point injected the credential into since the
+    /// sandbox started.
+    pub const FIELD_USED: &str = "used";
+
+    /// The host path of the keystone CA's key.
+    pub fn ca_key_path(h: &Host) -> std::path::PathBuf {
+        h.tmp.path().join(KEYSTONE_CA_KEY)
+    }
+
+    /// `tokens --json` in the project, with `env`; the entries by name.
+    /// Fails on anything but an array of objects with a string `name`.
+    #[track_caller]
+    pub fn tokens_json(h: &Host, env: &[(&str, &str)]) -> Vec<Value> {
+        let r = h.ks_env(TOKENS_ARGS, env);
+        r.ok();
+        let v: Value = serde_json::from_str(&r.stdout)
+            .unwrap_or_else(|e| panic!("tokens --json is not JSON ({e}):\n{}", r.text()));
+        // An array, or an object holding one (`{"credentials": [...]}`).
+        let list = match &v {
+            Value::Array(a) => a.clone(),
+            Value::Object(o) => o
+                .values()
+                .find_map(|x| x.as_array().cloned())
+                .unwrap_or_else(|| panic!("tokens --json has no list:\n{v}")),
+            _ => panic!("tokens --json is not a list:\n{v}"),
+        };
+        for e in &list {
+            assert!(
+                e[FIELD_NAME].is_string(),
+                "a tokens --json entry without a {FIELD_NAME}: {e}"
+            );
+        }
+        list
+    }
+
+    /// The entry for `var` in [`tokens_json`]'s list.
+    #[track_caller]
+    pub fn entry<'a>(list: &'a [Value], var: &str) -> &'a Value {
+        list.iter()
+            .find(|e| e[FIELD_NAME] == var)
+            .unwrap_or_else(|| panic!("tokens --json lists no {var}: {list:?}"))
+    }
+
+    /// How many requests `var` was injected into.
+    #[track_caller]
+    pub fn used(list: &[Value], var: &str) -> u64 {
+        let e = entry(list, var);
+        e[FIELD_USED]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{var}: no numeric {FIELD_USED}: {e}"))
+    }
+
+    /// The part of a real value a placeholder keeps: up to and including
+    /// the last '-' or '_' in its first 16 characters (`sk-ant-api03-`,
+    /// `sk-proj-`, `kst-`); else `AIza` for a Google key; else nothing
+    /// (credentials.rs `placeholder_for`).
+    pub fn kept_prefix(real: &str) -> &str {
+        let head: String = real.chars().take(16).collect();
+        match head.rfind(['-', '_']) {
+            Some(i) => &real[..=i],
+            None if real.starts_with("AIza") => &real[..4],
+            None => "",
+        }
+    }
+
+    /// `placeholder` is what the guest got for `var` instead of `real`:
+    /// another value of the same length and shape.
+    #[track_caller]
+    pub fn assert_placeholder(var: &str, real: &str, placeholder: &str) {
+        assert_ne!(
+            placeholder, real,
+            "{var}: the guest got the real value, not a placeholder"
+        );
+        assert!(!placeholder.is_empty(), "{var}: the guest got nothing");
+        assert!(
+            !placeholder.contains(real) && !real.contains(placeholder),
+            "{var}: the placeholder {placeholder:?} holds the real value or is part of it"
+        );
+        assert_eq!(
+            placeholder.len(),
+            real.len(),
+            "{var}: the placeholder {placeholder:?} is not as long as the real value"
+        );
+        let prefix = kept_prefix(real);
+        assert!(
+            placeholder.starts_with(prefix),
+            "{var}: the placeholder {placeholder:?} does not keep the prefix {prefix:?}"
+        );
+        let rest = &placeholder[prefix.len()..];
+        assert!(
+            rest.len() >= 8 && rest != &real[prefix.len()..],
+            "{var}: the placeholder {placeholder:?} keeps too much"
+        );
+    }
+
+    /// A fresh random string of `n` characters from `alphabet` (a key's
+    /// body).
+    pub fn random(alphabet: &[u8], n: usize) -> String {
+        use std::hash::{BuildHasher, Hasher};
+        let state = std::collections::hash_map::RandomState::new();
+        (0..n)
+            .map(|i| {
+                let mut h = state.build_hasher();
+                h.write_usize(i);
+                h.write_u128(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos())
+                        .unwrap_or(0),
+                );
+                alphabet[(h.finish() % alphabet.len() as u64) as usize] as char
+            })
+            .collect()
+    }
+
+    pub const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+    /// The SHA-256 of `data`, hex (what the lab logs of a body), by
+    /// `sha256sum` (coreutils).
+    pub fn sha256_hex(data: &str) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sha256sum (coreutils)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(data.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("sha256sum");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+}
