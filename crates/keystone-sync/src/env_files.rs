@@ -9,9 +9,15 @@
 //! `dotenv_if_exists`; it and the env files are listed in the guest
 //! repository's `.git/info/exclude`, so they never show up as changes the
 //! agent might commit.
+//!
+//! A variable on the credentials' forward list never reaches the guest
+//! through these files: its lines are rewritten on the way in to the
+//! sandbox's placeholder (or to an empty value), by key, so no real value
+//! is needed to do it ([`rewrite`]).
 
 use crate::SyncError;
 use keystone_channel::{Channel, ExecOptions};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
@@ -62,9 +68,74 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
-/// Copy the env files into `/workspace` and make direnv load them; returns
-/// the files copied.
-pub fn copy(project: &Path, globs: &[String], channel: &Channel) -> Result<Vec<String>, SyncError> {
+/// `text` (a dotenv file) with the value of every `KEY=` line whose key is
+/// in `replace` set to the replacement: `KEY='placeholder'`, keeping an
+/// `export ` prefix; a quoted value that spans lines is dropped whole.
+pub fn rewrite(text: &str, replace: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut skipping: Option<char> = None;
+    for line in text.split_inclusive('\n') {
+        if let Some(q) = skipping {
+            if closes(line, q) {
+                skipping = None;
+            }
+            continue;
+        }
+        let trimmed = line.trim_start();
+        let body = trimmed.strip_prefix("export ").unwrap_or(trimmed);
+        let Some((key, value)) = body.split_once('=') else {
+            out.push_str(line);
+            continue;
+        };
+        let Some(new) = replace.get(key.trim()) else {
+            out.push_str(line);
+            continue;
+        };
+        let indent = &line[..line.len() - trimmed.len()];
+        let export = if trimmed.starts_with("export ") {
+            "export "
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "{indent}{export}{}={}\n",
+            key.trim(),
+            shell_words_quote(new)
+        ));
+        let v = value.trim_start();
+        if let Some(q) = v.chars().next().filter(|c| *c == '"' || *c == '\'') {
+            if !closes(&v[1..], q) {
+                skipping = Some(q);
+            }
+        }
+    }
+    out
+}
+
+/// Does `s` hold an unescaped closing quote `q`?
+fn closes(s: &str, q: char) -> bool {
+    let mut escaped = false;
+    for c in s.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' && q == '"' {
+            escaped = true;
+        } else if c == q {
+            return true;
+        }
+    }
+    false
+}
+
+/// Copy the env files into `/workspace` and make direnv load them, each
+/// [`rewrite`]n with `replace` (credential name → its placeholder, or
+/// empty); returns the files copied.
+pub fn copy(
+    project: &Path,
+    globs: &[String],
+    channel: &Channel,
+    replace: &BTreeMap<String, String>,
+) -> Result<Vec<String>, SyncError> {
     let files = matching(project, globs);
     if files.is_empty() {
         return Ok(files);
@@ -85,11 +156,29 @@ pub fn copy(project: &Path, globs: &[String], channel: &Channel) -> Result<Vec<S
         envrc = shell_words_quote(&envrc),
         exclude = shell_words_quote(&exclude),
     );
+    // The files as the guest may see them, in a private directory (0700):
+    // never the host's bytes when a credential is in them.
+    let staged = tempfile::Builder::new()
+        .prefix("keystone-env-")
+        .tempdir()
+        .map_err(|e| SyncError::Refused(format!("cannot stage the env files: {e}")))?;
+    for f in &files {
+        let text = std::fs::read(project.join(f))
+            .map_err(|e| SyncError::Refused(format!("cannot read the env file {f}: {e}")))?;
+        let text = rewrite(&String::from_utf8_lossy(&text), replace);
+        let dest = staged.path().join(f);
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d)
+                .map_err(|e| SyncError::Refused(format!("cannot stage the env files: {e}")))?;
+        }
+        std::fs::write(&dest, text)
+            .map_err(|e| SyncError::Refused(format!("cannot stage the env files: {e}")))?;
+    }
     let mut tar = std::process::Command::new("tar");
     tar.arg("-cf")
         .arg("-")
         .arg("-C")
-        .arg(project)
+        .arg(staged.path())
         .arg("--")
         .args(&files);
     let tar_out = tar
@@ -132,6 +221,25 @@ fn shell_words_quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_lines_are_rewritten_by_key() {
+        let replace: BTreeMap<String, String> = [
+            (
+                "ANTHROPIC_API_KEY".to_string(),
+                "sk-ant-PLACEHOLDER".to_string(),
+            ),
+            ("GONE".to_string(), String::new()),
+        ]
+        .into();
+        let text = "# c\nANTHROPIC_API_KEY=sk-ant-real\n  export GONE=\"multi\nline real\"\nKEEP=1\nexport ANTHROPIC_API_KEY='sk-ant-real2' # note\n";
+        let out = rewrite(text, &replace);
+        assert_eq!(
+            out,
+            "# c\nANTHROPIC_API_KEY='sk-ant-PLACEHOLDER'\n  export GONE=''\nKEEP=1\nexport ANTHROPIC_API_KEY='sk-ant-PLACEHOLDER'\n"
+        );
+        assert!(!out.contains("real"));
+    }
 
     #[test]
     fn globs_match_within_a_component() {

@@ -377,6 +377,21 @@ pub fn plan(
             }
             continue;
         };
+        // Every available value long enough gets a placeholder, exported
+        // or not: the env files copied into the guest carry it in place
+        // of the value.
+        let long_enough = value.chars().count() >= MIN_VALUE_LEN;
+        let placeholder = long_enough.then(|| match kept.get(&c.name) {
+            Some(p) if (keep || same_shape(p, value)) && p != value => p.clone(),
+            _ => {
+                let mut p = placeholder_for(value, &mut random);
+                while p == *value {
+                    p = placeholder_for(value, &mut random);
+                }
+                kept.insert(c.name.clone(), p.clone());
+                p
+            }
+        });
         if !egress_point {
             plan.notes.push(format!(
                 "{}: not forwarded: only keystone's egress point can put it into requests, and this sandbox has none (egress mode allowlist has one)",
@@ -391,23 +406,12 @@ pub fn plan(
             ));
             continue;
         }
-        if value.chars().count() < MIN_VALUE_LEN {
+        let Some(placeholder) = placeholder else {
             plan.notes.push(format!(
                 "{}: not forwarded: its value is shorter than {MIN_VALUE_LEN} characters, too short to stand for by a placeholder",
                 c.name
             ));
             continue;
-        }
-        let placeholder = match kept.get(&c.name) {
-            Some(p) if (keep || same_shape(p, value)) && p != value => p.clone(),
-            _ => {
-                let mut p = placeholder_for(value, &mut random);
-                while p == *value {
-                    p = placeholder_for(value, &mut random);
-                }
-                kept.insert(c.name.clone(), p.clone());
-                p
-            }
         };
         plan.exported.push((c.name.clone(), placeholder.clone()));
         plan.secrets.push(keystone_egress::inject::Secret {
@@ -611,6 +615,24 @@ pub fn placeholders_file(ctx: &crate::context::Ctx, sb: &keystone_registry::Sand
     ctx.sandbox_dir(sb)
         .join("credentials")
         .join("placeholders.json")
+}
+
+/// What the env files copied into the guest say for each variable of the
+/// forward list: the sandbox's placeholder, or nothing (a value that has
+/// none, e.g. too short, is blanked). Read from the placeholders file, so
+/// `sync` needs no real value to do it.
+pub fn env_file_replacements(
+    forward: &[String],
+    placeholders: &Path,
+) -> std::collections::BTreeMap<String, String> {
+    let kept: std::collections::BTreeMap<String, String> = std::fs::read_to_string(placeholders)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    forward
+        .iter()
+        .map(|n| (n.clone(), kept.get(n).cloned().unwrap_or_default()))
+        .collect()
 }
 
 /// How long the egress point may take to take the credentials.

@@ -380,13 +380,16 @@ fn tokens_name_sources_never_values() {
     for (var, source, host) in [
         ("ANTHROPIC_API_KEY", "host environment", "api.anthropic.com"),
         ("OPENAI_API_KEY", ".env ", "api.openai.com"),
-        ("GEMINI_API_KEY", ".env.local", "generativelanguage.googleapis.com"),
+        (
+            "GEMINI_API_KEY",
+            ".env.local",
+            "generativelanguage.googleapis.com",
+        ),
         ("CLAUDE_CODE_OAUTH_TOKEN", "not set", "api.anthropic.com"),
     ] {
         assert!(
-            t.lines().any(|l| l.starts_with(var)
-                && l.contains(source)
-                && l.trim_end().ends_with(host)),
+            t.lines()
+                .any(|l| l.starts_with(var) && l.contains(source) && l.trim_end().ends_with(host)),
             "{var} from {source}, injected for {host}:\n{t}"
         );
     }

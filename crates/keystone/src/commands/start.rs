@@ -214,7 +214,11 @@ use one or the other",
         let env_files = if sb.settings.is_share() {
             Vec::new()
         } else {
-            keystone_sync::env_files::copy(&project, &cfg.defaults.env_files, &channel)?
+            let replace = credentials::env_file_replacements(
+                &cfg.guest.forward_env,
+                &credentials::placeholders_file(&ctx, &sb),
+            );
+            keystone_sync::env_files::copy(&project, &cfg.defaults.env_files, &channel, &replace)?
         };
         if let Some(agent) = agent {
             start_agent(&channel, &sb, agent)?;

@@ -68,7 +68,16 @@ pub fn sync_sandbox(
     let channel = ctx.channel(sb)?;
     if !dry_run {
         let cfg = crate::context::load_config(Some(&sb.project_path), Vec::new())?;
-        keystone_sync::env_files::copy(&sb.project_path, &cfg.config.defaults.env_files, &channel)?;
+        let replace = crate::credentials::env_file_replacements(
+            &cfg.config.guest.forward_env,
+            &crate::credentials::placeholders_file(ctx, sb),
+        );
+        keystone_sync::env_files::copy(
+            &sb.project_path,
+            &cfg.config.defaults.env_files,
+            &channel,
+            &replace,
+        )?;
     }
     let result = keystone_sync::sync(&git, &channel, &sb.name, branch, dry_run);
     // "No changes" is not an event worth recording (the automatic modes

@@ -436,6 +436,9 @@ pub fn agents_work_without_prompts(backend: &str, depth: Depth) {
     // here, everything once the agents have run below).
     let mut needles: Vec<String> = reals.iter().map(|r| r.to_string()).collect();
     needles.extend(ca_key_needles(&h));
+    // The env file's copy in /workspace carries a placeholder in place of
+    // the listed variable's value.
+    needles.push(env_file_value.clone());
     let needle_refs: Vec<&str> = needles.iter().map(String::as_str).collect();
     let leaks = guest_holds(&h, &needle_refs, false);
     assert!(
