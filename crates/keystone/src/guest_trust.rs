@@ -11,8 +11,8 @@
 //!   TLS-inspecting corporate proxy's, without which nothing in the guest
 //!   reaches the network the host reaches.
 //!
-//! One ssh exec, as root, does all of it (each exec costs about a second on
-//! an emulated VM). The host never reads the guest's bundle: it sends every
+//! One ssh exec, as root (the agent's sudo), does all of it (each exec
+//! costs about a second on an emulated VM). The host never reads the guest's bundle: it sends every
 //! candidate over ssh's stdin (never on a command line), the keystone CA
 //! first and then each host certificate, and the guest script (POSIX `sh`
 //! and `awk`, both in the minimal image, which has no `openssl`) keeps the
@@ -148,12 +148,15 @@ pub fn install(
     })
 }
 
-/// Runs the guest script as root, `payload` on its stdin; its stdout.
+/// Runs the guest script as root (sudo), `payload` on its stdin; its stdout.
 fn run_in_guest(channel: &Channel, payload: &str) -> Result<String> {
+    // As the agent through its passwordless sudo, not as root: the agent's
+    // ssh connection is already up (its control master), while root's
+    // would be a new handshake, seconds under software emulation.
     let mut cmd = channel.command(
-        &guest_script(""),
+        &format!("sudo -n sh -c {}", shell_words::quote(&guest_script(""))),
         &ExecOptions {
-            user: Some("root".into()),
+            user: Some("agent".into()),
             cwd: Some("/".into()),
             tty: false,
         },
