@@ -509,6 +509,19 @@ pub fn agents_work_without_prompts(backend: &str, depth: Depth) {
         lab.model_events()
     );
 
+    // Codex believes it is logged in: keystone wrote the `auth.json` that
+    // `codex login --with-api-key` writes, holding the placeholder.
+    let status = h.sh("codex login status 2>&1; true");
+    assert!(
+        status.contains("API key") && !status.contains("Not logged in"),
+        "codex login status:\n{status}"
+    );
+    let auth = h.sh("cat ~/.codex/auth.json");
+    assert!(
+        auth.contains("\"apikey\"") && auth.contains(&placeholders[1]),
+        "~/.codex/auth.json holds the placeholder:\n{auth}"
+    );
+
     // Codex: a model provider at OpenAI's real endpoint, reading
     // OPENAI_API_KEY (the built-in provider takes its key from a login
     // instead); its header shows the policy it read from
