@@ -1505,6 +1505,31 @@ fn credential_interception(h: &Host, lab: &Lab, cred: &Credential, t: &str) {
         "tokens --json: {TEST_CREDENTIAL} was injected {} times in these probes, not 2",
         after - before
     );
+
+    // Rotation: a new value on the host, handed over by `tokens
+    // --refresh`, goes out with the next request, without a restart; the
+    // guest keeps its placeholder.
+    let rotated = format!(
+        "kst-{}",
+        crate::harness::credentials::random(crate::harness::credentials::ALNUM, 32)
+    );
+    h.ks_env(&["tokens", "--refresh"], &[(TEST_CREDENTIAL, &rotated)])
+        .ok();
+    let out = h.sh(&format!(
+        "curl -sS --max-time 10 -o /dev/null -w 'status=%{{http_code}}\\n' -x {PROXY} \
+         -H \"x-api-key: ${TEST_CREDENTIAL}\" https://{CRED_HOST}/echo-rotated-{t}; printenv {TEST_CREDENTIAL}"
+    ));
+    assert!(out.contains("status=200"), "after the rotation:\n{out}");
+    assert!(
+        out.contains(&placeholder),
+        "the placeholder changed:\n{out}"
+    );
+    let e = event("echo-rotated").unwrap_or_else(|| panic!("no rotated request:\n{}", dump()));
+    assert_eq!(
+        e["headers"]["x-api-key"].as_str(),
+        Some(rotated.as_str()),
+        "the rotated value did not go out: {e}"
+    );
 }
 
 /// [`credential_interception`]'s script: the guest's placeholder, then
