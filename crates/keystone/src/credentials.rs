@@ -667,11 +667,22 @@ pub fn deliver(
         secrets: plan.secrets.clone(),
     };
     let control = keystone_backend::egress::paths(&ctx.sandbox_dir(sb)).control;
-    keystone_egress::control::send_credentials(&control, &bundle, SEND_TIMEOUT).map_err(|e| {
-        CliError::failed(format!(
-            "cannot hand the credentials to the sandbox's egress point: {e}"
-        ))
-    })?;
+    // The egress point may still be binding its socket just after start.
+    let deadline = std::time::Instant::now() + SEND_TIMEOUT;
+    loop {
+        match keystone_egress::control::send_credentials(&control, &bundle, SEND_TIMEOUT) {
+            Ok(()) => break,
+            Err(e) if !control.exists() && std::time::Instant::now() < deadline => {
+                tracing::debug!("egress control socket not there yet: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => {
+                return Err(CliError::failed(format!(
+                    "cannot hand the credentials to the sandbox's egress point: {e}"
+                )))
+            }
+        }
+    }
     Ok((plan, Some(cert)))
 }
 
