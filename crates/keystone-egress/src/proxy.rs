@@ -20,6 +20,10 @@
 //! milliseconds); that connection is used only once the hello has passed
 //! and is dropped, with nothing sent on it, otherwise. Without a kept
 //! answer nothing is resolved before the hello has passed.
+//!
+//! A TLS flow to a credential's host is not relayed: once its hello has
+//! passed, [`crate::intercept`] terminates it and injects the credential;
+//! it connects upstream itself, so such a flow is never dialled here.
 
 use crate::inject;
 use crate::intercept;
@@ -114,6 +118,14 @@ impl Ctx {
         match self.policy.write() {
             Ok(mut g) => *g = p,
             Err(poisoned) => *poisoned.into_inner() = p,
+        }
+    }
+
+    /// Is TLS to `target:port` terminated here (a credential's host)?
+    fn intercepts(&self, target: &Target, port: u16) -> bool {
+        match (target, self.credentials.get()) {
+            (Target::Name(n), Some(inj)) => inj.intercepts(n, port),
+            _ => false,
         }
     }
 
@@ -304,9 +316,16 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
         return denied(&ctx, &target, port, &d.rule);
     }
     let t1 = std::time::Instant::now();
-    let up = match ctx.connect(&target, port, &policy).await {
-        Ok(s) => s,
-        Err(r) => return refusal(&ctx, "connect", &target, port, &r),
+    // A credential's host is connected by the interception itself (its
+    // pooled TLS connections); every other is dialled before the 200, so
+    // a failed upstream gets a 502 with the reason.
+    let up = if ctx.intercepts(&target, port) {
+        Upstream::Later
+    } else {
+        match ctx.connect(&target, port, &policy).await {
+            Ok(s) => Upstream::Open(s),
+            Err(r) => return refusal(&ctx, "connect", &target, port, &r),
+        }
     };
     tracing::debug!(
         %target,
@@ -322,7 +341,7 @@ async fn connect_request(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body
     };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {
-            Ok(client) => relay(TokioIo::new(client), Upstream::Open(up), flow).await,
+            Ok(client) => relay(TokioIo::new(client), up, flow).await,
             Err(e) => tracing::debug!("egress CONNECT upgrade: {e}"),
         }
     });
@@ -1030,6 +1049,7 @@ pub async fn handle_capture<S: GuestConn>(stream: S, dest: SocketAddr, ctx: Arc<
         Upstream::Later
     } else if port == 443 {
         match &target {
+            _ if ctx.intercepts(&target, port) => Upstream::Later,
             Target::Name(n) => Upstream::Early(EarlyDial::start(&ctx, n, port, policy)),
             Target::Addr(_) => Upstream::Later,
         }
